@@ -1,0 +1,187 @@
+"""The small interface every model family implements over its real diffusers class.
+
+A family adapter wraps one diffusers transformer and exposes it as: `embed` (everything before
+block 0), an ordered list of blocks in one index space, `run_blocks` on a state, and `head`
+(everything after the last block). States and conditioning are plain dicts of tensors so they
+can be cached in safetensors as they are.
+
+- state: what flows between blocks (FLUX: image and text streams; SANA: image tokens).
+- cond: what every block and the head read but never change (timestep embedding, rotary ids,
+  projected text, token grid).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import hashlib
+import json
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+State = dict[str, torch.Tensor]
+Cond = dict[str, torch.Tensor]
+
+
+class Family(abc.ABC):
+    """One model family over its diffusers transformer class."""
+
+    name: str  # registry key, e.g. "flux"
+    model_cls: type[nn.Module]  # the diffusers class
+    image_key: str = "hidden_states"  # the state entry holding image tokens (what the head reads)
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # ---- construction --------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def tiny_config(cls) -> dict:
+        """A small configuration of this family for tests and the demo."""
+
+    @classmethod
+    def tiny(cls, seed: int = 0, **overrides) -> "Family":
+        """A tiny model of this family with seeded random weights (fp32, CPU)."""
+        config = {**cls.tiny_config(), **overrides}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = cls.model_cls(**config)
+            _randomize_zero_inits(model, seed)
+        return cls(model.eval())
+
+    @classmethod
+    def from_pretrained(cls, path: str, torch_dtype: torch.dtype = torch.float32) -> "Family":
+        """Load a transformer from a local diffusers directory; never touches a hub."""
+        from pathlib import Path
+
+        from blockskip.errors import InputError
+
+        root = Path(path)
+        if not root.is_dir():
+            raise InputError(f"model directory {path!r} does not exist (point --model at a local diffusers folder)")
+        subfolder = "transformer" if (root / "transformer" / "config.json").is_file() else None
+        if subfolder is None and not (root / "config.json").is_file():
+            raise InputError(f"{path!r} has neither config.json nor transformer/config.json")
+        model = cls.model_cls.from_pretrained(
+            str(root), subfolder=subfolder, torch_dtype=torch_dtype, local_files_only=True
+        )
+        return cls(model.eval())
+
+    @property
+    def config(self) -> dict:
+        return dict(self.model.config)
+
+    def config_hash(self) -> str:
+        """A short identity of the architecture (not of the weights)."""
+        blob = json.dumps({"family": self.name, **_jsonable(self.config)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    # ---- blocks --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def block_names(self) -> list[str]:
+        """Module path of every block, in execution order (one index space)."""
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_names())
+
+    def block(self, index: int) -> nn.Module:
+        return self.model.get_submodule(self.block_names()[index])
+
+    @abc.abstractmethod
+    def lora_targets(self, index: int) -> list[str]:
+        """Full-model names of the Linear modules in block `index` that carry LoRA."""
+
+    @abc.abstractmethod
+    def head_module_names(self) -> list[str]:
+        """Top-level parameters/modules used by `head` (the edge keeps their weights)."""
+
+    # ---- the forward, decomposed ---------------------------------------------------------
+    @abc.abstractmethod
+    def embed(self, **inputs) -> tuple[State, Cond]:
+        """Everything before block 0, from the diffusers forward's own inputs."""
+
+    def block_context(self, cond: Cond) -> dict:
+        """Per-call values derived from `cond` once for a run of blocks (e.g. rotary tables)."""
+        return cond
+
+    @abc.abstractmethod
+    def run_block(self, index: int, state: State, context: dict) -> State:
+        """Run one block on a state; `context` comes from `block_context(cond)`."""
+
+    @abc.abstractmethod
+    def head(self, state: State, cond: Cond) -> torch.Tensor:
+        """Everything after the last block; returns what the diffusers forward returns."""
+
+    def run_blocks(self, state: State, cond: Cond, start: int, end: int) -> State:
+        """Run blocks [start, end) in order."""
+        if not 0 <= start <= end <= self.num_blocks:
+            raise IndexError(f"block range [{start}, {end}) outside [0, {self.num_blocks})")
+        context = self.block_context(cond) if start < end else None
+        for index in range(start, end):
+            state = self.run_block(index, state, context)
+        return state
+
+    def forward(self, **inputs) -> torch.Tensor:
+        """embed -> every block -> head; equals the diffusers model's own forward."""
+        state, cond = self.embed(**inputs)
+        return self.head(self.run_blocks(state, cond, 0, self.num_blocks), cond)
+
+    def diffusers_forward(self, **inputs) -> torch.Tensor:
+        """The diffusers model's own forward, for comparison."""
+        return self.model(**inputs, return_dict=False)[0]
+
+    # ---- sensitivity profile -------------------------------------------------------------
+    @abc.abstractmethod
+    def _text_mask_processor(self, index: int, original):
+        """An attention processor for block `index` that hides text keys from image queries."""
+
+    @abc.abstractmethod
+    def _text_attention(self, index: int) -> nn.Module:
+        """The attention module of block `index` where image queries meet text keys."""
+
+    @contextlib.contextmanager
+    def mask_text_attention(self, blocks: Iterable[int]) -> Iterator[None]:
+        """Within the context, image queries cannot attend to text keys in `blocks`."""
+        saved = []
+        try:
+            for index in sorted(set(blocks)):
+                attn = self._text_attention(index)
+                saved.append((attn, attn.processor))
+                attn.set_processor(self._text_mask_processor(index, attn.processor))
+            yield
+        finally:
+            for attn, processor in reversed(saved):
+                close = getattr(attn.processor, "close", None)
+                if close is not None:
+                    close()
+                attn.set_processor(processor)
+
+    # ---- inputs for tests and profiling --------------------------------------------------
+    @abc.abstractmethod
+    def example_inputs(self, batch: int = 1, height: int = 8, width: int = 8, text_len: int = 5,
+                       seed: int = 0) -> dict:
+        """Random diffusers-forward inputs of the right shapes (latent grid height x width)."""
+
+
+def _randomize_zero_inits(model: nn.Module, seed: int) -> None:
+    """diffusers zero-inits some output layers (adaLN-Zero style); random tiny models need
+    them non-zero or whole branches are dead and equivalence tests prove nothing."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.abs().max() == 0:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+
+
+def _jsonable(config: dict) -> dict:
+    out = {}
+    for key, value in config.items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, tuple):
+            value = list(value)
+        out[key] = value
+    return out

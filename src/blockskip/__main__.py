@@ -1,0 +1,5 @@
+import sys
+
+from blockskip.cli import main
+
+sys.exit(main())
