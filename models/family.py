@@ -159,6 +159,22 @@ class Family(abc.ABC):
                     close()
                 attn.set_processor(processor)
 
+    # ---- latents <-> model inputs --------------------------------------------------------
+    token_patch: int  # latent pixels per token side
+    text_keys: tuple[str, ...]  # entries of the text conditioning this family reads
+
+    @abc.abstractmethod
+    def text_shapes(self) -> dict:
+        """Feature width of each text-conditioning tensor ({key: dim})."""
+
+    @abc.abstractmethod
+    def make_inputs(self, latents: torch.Tensor, sigma: torch.Tensor, text: dict) -> dict:
+        """Diffusers-forward inputs for noisy latents (B, C, H, W) at flow-matching sigma (B,)."""
+
+    @abc.abstractmethod
+    def output_to_latents(self, output: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The forward's output as a (B, C, H, W) velocity on the latent grid."""
+
     # ---- inputs for tests and profiling --------------------------------------------------
     @abc.abstractmethod
     def example_inputs(self, batch: int = 1, height: int = 8, width: int = 8, text_len: int = 5,

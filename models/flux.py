@@ -71,7 +71,7 @@ class Flux(Family):
     def tiny_config(cls) -> dict:
         return dict(
             patch_size=1,
-            in_channels=16,  # 4 latent channels x 2 x 2 packing
+            in_channels=12,  # pixel space: 3 channels x 2 x 2 packing
             num_layers=2,
             num_single_layers=4,
             attention_head_dim=16,
@@ -142,6 +142,33 @@ class Flux(Family):
 
     def _text_mask_processor(self, index: int, original):
         return _ImageToTextMask(original, block=None if self.is_double(index) else self.block(index))
+
+    # ---- latents <-> model inputs --------------------------------------------------------
+    token_patch = 2  # pixels of the latent grid per token side (the 2x2 packing)
+    text_keys = ("encoder_hidden_states", "pooled_projections")
+
+    def text_shapes(self) -> dict:
+        cfg = self.model.config
+        return {"encoder_hidden_states": cfg.joint_attention_dim, "pooled_projections": cfg.pooled_projection_dim}
+
+    def make_inputs(self, latents: torch.Tensor, sigma: torch.Tensor, text: dict,
+                    guidance: float = 3.5) -> dict:
+        """Diffusers-forward inputs for noisy latents (B, C, H, W) at flow-matching sigma (B,)."""
+        batch, _, height, width = latents.shape
+        inputs = dict(
+            hidden_states=pack_latents(latents),
+            encoder_hidden_states=text["encoder_hidden_states"].expand(batch, -1, -1),
+            pooled_projections=text["pooled_projections"].expand(batch, -1),
+            timestep=sigma.to(latents.dtype),  # FLUX scales by 1000 itself
+            img_ids=image_ids(height // 2, width // 2).to(latents.device),
+            txt_ids=torch.zeros(text["encoder_hidden_states"].shape[1], 3, device=latents.device),
+        )
+        if self.model.config.guidance_embeds:
+            inputs["guidance"] = torch.full((batch,), guidance, device=latents.device)
+        return inputs
+
+    def output_to_latents(self, output: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return unpack_latents(output, height, width)
 
     # ---- inputs --------------------------------------------------------------------------
     def example_inputs(self, batch=1, height=8, width=8, text_len=5, seed=0) -> dict:

@@ -34,8 +34,8 @@ class Sana(Family):
     @classmethod
     def tiny_config(cls) -> dict:
         return dict(
-            in_channels=4,
-            out_channels=4,
+            in_channels=3,  # pixel space
+            out_channels=3,
             num_attention_heads=2,
             attention_head_dim=8,
             num_layers=6,
@@ -118,6 +118,33 @@ class Sana(Family):
 
     def _text_mask_processor(self, index: int, original):
         return _NoTextAttention()
+
+    text_keys = ("encoder_hidden_states", "encoder_attention_mask")
+
+    @property
+    def token_patch(self) -> int:
+        return self.model.config.patch_size
+
+    def text_shapes(self) -> dict:
+        return {"encoder_hidden_states": self.model.config.caption_channels}
+
+    def make_inputs(self, latents: torch.Tensor, sigma: torch.Tensor, text: dict,
+                    guidance: float = 4.5) -> dict:
+        """Diffusers-forward inputs for noisy latents (B, C, H, W) at flow-matching sigma (B,)."""
+        batch = latents.shape[0]
+        inputs = dict(
+            hidden_states=latents,
+            encoder_hidden_states=text["encoder_hidden_states"].expand(batch, -1, -1),
+            timestep=sigma.to(latents.dtype) * 1000,  # SANA takes the scheduler's 0..1000 timestep
+        )
+        if "encoder_attention_mask" in text:
+            inputs["encoder_attention_mask"] = text["encoder_attention_mask"].expand(batch, -1)
+        if self.model.config.guidance_embeds:
+            inputs["guidance"] = torch.full((batch,), guidance, device=latents.device)
+        return inputs
+
+    def output_to_latents(self, output: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return output
 
     def example_inputs(self, batch=1, height=8, width=8, text_len=5, seed=0) -> dict:
         cfg = self.model.config

@@ -1,0 +1,175 @@
+"""A model as the tools use it: transformer family + image codec + text conditioning +
+flow-matching scheduler, loaded from a local folder (diffusers layout), never from a hub.
+
+Folder layout (diffusers' own, plus one optional file of ours):
+    transformer/            config.json + weights (required)
+    vae/                    AutoencoderKL / AutoencoderDC (absent: pixel space)
+    scheduler/              scheduler_config.json (absent: the family's default)
+    text_encoder*/, tokenizer*/   the pipeline's text encoders (absent: prompt bank or hash encoder)
+    blockskip.json          {"family": ..., "text_encoder": {"kind": "hash", ...}} (optional)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from blockskip.errors import InputError
+from blockskip.models import FAMILIES, Family, family_class
+from blockskip.models.codec import PixelCodec, VaeCodec
+from blockskip.models.text import DiffusersTextEncoder, HashTextEncoder
+
+# The families' own flow-matching schedulers (FLUX.1-dev, SANA 1.0 configs).
+DEFAULT_SCHEDULERS = {
+    "flux": dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                 base_image_seq_len=256, max_image_seq_len=4096),
+    "sana": dict(shift=3.0, use_dynamic_shifting=False),
+}
+CLASS_TO_FAMILY = {cls.model_cls.__name__: name for name, cls in FAMILIES.items()}
+
+
+@dataclass
+class Model:
+    family: Family
+    codec: PixelCodec | VaeCodec = field(default_factory=PixelCodec)
+    text_encoder: HashTextEncoder | DiffusersTextEncoder | None = None
+    scheduler_config: dict = field(default_factory=dict)
+    path: str | None = None
+
+    @property
+    def granularity(self) -> int:
+        """Pixels per token side: crops and image sizes must be multiples of it."""
+        return self.codec.factor * self.family.token_patch
+
+    def encode_text(self, prompt: str) -> dict[str, torch.Tensor]:
+        if self.text_encoder is None:
+            raise InputError(f"no text encoder in model {self.path!r}: use a prompt from the bundle's prompt bank")
+        return self.text_encoder.encode(prompt)
+
+    def scheduler(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(**self.scheduler_config)
+
+    def shift_for(self, height: int, width: int) -> float:
+        """The timestep shift at this image size (FLUX shifts with the token count)."""
+        cfg = self.scheduler_config
+        if not cfg.get("use_dynamic_shifting"):
+            return float(cfg.get("shift", 1.0))
+        return math.exp(_mu(self, height, width))
+
+    def describe(self) -> dict:
+        return {"family": self.family.name, "config": _jsonable(self.family.config),
+                "config_hash": self.family.config_hash(), "codec": self.codec.config(),
+                "text_encoder": self.text_encoder.config() if self.text_encoder else None,
+                "scheduler": self.scheduler_config, "granularity": self.granularity}
+
+
+def _mu(model: Model, height: int, width: int) -> float:
+    cfg = model.scheduler_config
+    patch = model.granularity
+    seq_len = (height // patch) * (width // patch)
+    slope = (cfg["max_shift"] - cfg["base_shift"]) / (cfg["max_image_seq_len"] - cfg["base_image_seq_len"])
+    return seq_len * slope + cfg["base_shift"] - slope * cfg["base_image_seq_len"]
+
+
+def _jsonable(config: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if not k.startswith("_")}
+
+
+def tiny_model(family_name: str = "flux", seed: int = 0) -> Model:
+    """A tiny pixel-space model with the hash text encoder (tests and the demo)."""
+    family = family_class(family_name).tiny(seed=seed)
+    text = HashTextEncoder(family_name, family.text_shapes(), seed=seed)
+    return Model(family, PixelCodec(), text, dict(DEFAULT_SCHEDULERS[family_name]))
+
+
+def save_model(model: Model, path: str | Path) -> Path:
+    """Write a model folder that `load_model` reads (transformer + our small config)."""
+    root = Path(path)
+    model.family.model.save_pretrained(root / "transformer")
+    meta = {"family": model.family.name, "scheduler": model.scheduler_config}
+    if isinstance(model.text_encoder, HashTextEncoder):
+        meta["text_encoder"] = model.text_encoder.config()
+    (root / "blockskip.json").write_text(json.dumps(meta, indent=2))
+    return root
+
+
+def load_model(path: str | Path, torch_dtype: torch.dtype = torch.float32, text_encoder: bool = True) -> Model:
+    root = Path(path)
+    config_path = root / "transformer" / "config.json"
+    if not config_path.is_file():
+        raise InputError(f"{str(root)!r} is not a model folder: {config_path} is missing "
+                         "(expected a diffusers layout with a transformer/ subfolder)")
+    meta = json.loads((root / "blockskip.json").read_text()) if (root / "blockskip.json").is_file() else {}
+    class_name = json.loads(config_path.read_text()).get("_class_name")
+    name = meta.get("family") or CLASS_TO_FAMILY.get(class_name)
+    if name is None:
+        raise InputError(f"{config_path}: transformer class {class_name!r} is not a supported family "
+                         f"({', '.join(sorted(CLASS_TO_FAMILY))})")
+    family = family_class(name).from_pretrained(str(root), torch_dtype=torch_dtype)
+    codec = VaeCodec.from_pretrained(str(root / "vae")) if (root / "vae" / "config.json").is_file() else PixelCodec()
+    encoder = None
+    if text_encoder:
+        text_meta = meta.get("text_encoder")
+        if text_meta and text_meta.get("kind") == "hash":
+            encoder = HashTextEncoder(name, text_meta["dims"], text_meta["max_length"], text_meta["seed"])
+        elif (root / "text_encoder").is_dir():
+            encoder = DiffusersTextEncoder(name, str(root))
+    scheduler_file = root / "scheduler" / "scheduler_config.json"
+    if scheduler_file.is_file():
+        scheduler = {k: v for k, v in json.loads(scheduler_file.read_text()).items() if not k.startswith("_")}
+    else:
+        scheduler = meta.get("scheduler") or dict(DEFAULT_SCHEDULERS[name])
+    return Model(family, codec, encoder, scheduler, str(root))
+
+
+# ---- flow matching ------------------------------------------------------------------------
+def training_sigmas(gen: torch.Generator, count: int, shift: float = 1.0) -> torch.Tensor:
+    """Timesteps from the FLUX/SD3 training distribution: logit-normal(0, 1), then the
+    model's shift `s * u / (1 + (s - 1) * u)`."""
+    u = torch.sigmoid(torch.randn(count, generator=gen))
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor):
+    """Rectified-flow interpolation and its velocity target: x_t = (1 - s) x0 + s noise,
+    v = noise - x0."""
+    s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - s) * x0 + s * noise, noise - x0
+
+
+@torch.no_grad()
+def sample(model: Model, text: dict, *, seed: int, steps: int, height: int, width: int,
+           batch: int = 1, predict: Callable[[dict], torch.Tensor] | None = None,
+           on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Flow-matching Euler sampling with diffusers' scheduler; returns images (B, 3, H, W).
+
+    `predict(inputs) -> output` runs the transformer (default: the torch model); other
+    backends (ONNX Runtime, TensorRT) pass their own.
+    """
+    g = model.granularity
+    if height % g or width % g:
+        raise InputError(f"image size {width}x{height} must be a multiple of {g} for this model")
+    family = model.family
+    predict = predict or (lambda inputs: family.diffusers_forward(**inputs))
+    f = model.codec.factor
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, model.codec.channels, height // f, width // f, generator=gen)
+    scheduler = model.scheduler()
+    kwargs = {"mu": _mu(model, height, width)} if model.scheduler_config.get("use_dynamic_shifting") else {}
+    scheduler.set_timesteps(num_inference_steps=steps, **kwargs)
+    for i, t in enumerate(scheduler.timesteps):
+        sigma = (t / 1000).expand(batch)
+        inputs = family.make_inputs(latents, sigma, text)
+        output = predict(inputs)
+        velocity = family.output_to_latents(output, latents.shape[2], latents.shape[3])
+        latents = scheduler.step(velocity, t, latents).prev_sample
+        if on_step:
+            on_step(i + 1, steps)
+    return model.codec.decode(latents)
