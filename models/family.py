@@ -162,6 +162,7 @@ class Family(abc.ABC):
     # ---- latents <-> model inputs --------------------------------------------------------
     token_patch: int  # latent pixels per token side
     text_keys: tuple[str, ...]  # entries of the text conditioning this family reads
+    prompt_cond_keys: tuple[str, ...]  # cond entries that depend on the prompt alone (cached once)
 
     @abc.abstractmethod
     def text_shapes(self) -> dict:

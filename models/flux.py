@@ -146,6 +146,7 @@ class Flux(Family):
     # ---- latents <-> model inputs --------------------------------------------------------
     token_patch = 2  # pixels of the latent grid per token side (the 2x2 packing)
     text_keys = ("encoder_hidden_states", "pooled_projections")
+    prompt_cond_keys = ("txt_ids",)  # conditioning that depends on the prompt alone
 
     def text_shapes(self) -> dict:
         cfg = self.model.config

@@ -120,6 +120,7 @@ class Sana(Family):
         return _NoTextAttention()
 
     text_keys = ("encoder_hidden_states", "encoder_attention_mask")
+    prompt_cond_keys = ("encoder_hidden_states", "encoder_attention_mask")  # projected caption: per prompt
 
     @property
     def token_patch(self) -> int:

@@ -1,0 +1,168 @@
+"""`blockskip plan`: from a sensitivity profile and a skip budget, the skip plan.
+
+For a budget of k blocks the plan skips the first n and the last m blocks with n + m = k,
+choosing the split that minimizes `Dpre[n] + Dsuf[m]`. The plan JSON also carries the patch
+schedule, the LoRA config, the sample count and estimates of edge training memory and of the
+feature cache on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from blockskip.errors import ConfigError, InputError
+from blockskip.models.skip import SkipPlan
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 16  # LoRA rank r
+    alpha: float = 16.0  # LoRA alpha (scale = alpha / r)
+    scope: str = "attention"  # "attention": attention projections; "all": also the MLPs
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ConfigError(f"lora rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora alpha must be > 0, got {self.alpha}")
+        if self.scope not in ("attention", "all"):
+            raise ConfigError(f"lora scope must be 'attention' or 'all', got {self.scope!r}")
+
+
+def skip_budget(num_blocks: int, ratio: float | None = None, blocks: int | None = None) -> int:
+    """Blocks to skip: `blocks`, or `ratio` of the model rounded half up (FLUX 57 x 0.5 -> 29)."""
+    if (ratio is None) == (blocks is None):
+        raise ConfigError("give exactly one of a skip ratio or a block count")
+    if ratio is not None:
+        if not 0 <= ratio < 1:
+            raise ConfigError(f"skip ratio must be in [0, 1), got {ratio}")
+        blocks = math.floor(ratio * num_blocks + 0.5)
+    if not 0 <= blocks < num_blocks:
+        raise ConfigError(f"cannot skip {blocks} blocks of a {num_blocks}-block model: at least one must be kept")
+    return blocks
+
+
+def choose_split(d_pre: list[float], d_suf: list[float], k: int) -> tuple[int, int]:
+    """(n, m) with n + m = k minimizing Dpre[n] + Dsuf[m]; ties go to the larger n."""
+    if len(d_pre) != len(d_suf):
+        raise ConfigError(f"profile Dpre and Dsuf lengths differ ({len(d_pre)} vs {len(d_suf)})")
+    if k > len(d_pre) - 1:
+        raise ConfigError(f"cannot skip {k} blocks: the profile covers {len(d_pre) - 1}")
+    best = min(range(k + 1), key=lambda n: (d_pre[n] + d_suf[k - n], -n))
+    return best, k - best
+
+
+def estimate(model_desc: dict, family, plan: SkipPlan, lora: LoraSettings, s_min: int, text_len: int,
+             precision: str = "bf16") -> dict:
+    """Analytic estimates for one batch-1 draw at s_min: edge training memory (kept weights +
+    LoRA + its AdamW state + kept-block activations, Korthikanti et al. per-layer rule
+    s*b*h*(34 + 5*a*s/h) half-precision bytes) and the feature cache bytes per draw."""
+    bytes_per = BYTES[precision]
+    granularity = model_desc["granularity"]
+    n_img = (s_min // granularity) ** 2
+    hidden = getattr(family.model, "inner_dim", None) or (
+        family.config["num_attention_heads"] * family.config["attention_head_dim"])
+    heads = family.config["num_attention_heads"]
+    seq = n_img + (text_len if family.name == "flux" else 0)
+    kept_params = sum(p.numel() for i in plan.kept for p in family.block(i).parameters())
+    head_params = sum(p.numel() for name in family.head_module_names()
+                      for p in _params(family.model, name))
+    lora_params = 0
+    modules = dict(family.model.named_modules())
+    for i in plan.kept:
+        for name in family.lora_targets(i, lora.scope):
+            weight = modules[name].weight
+            lora_params += lora.rank * (weight.shape[0] + weight.shape[1])
+    activations = len(plan.kept) * seq * hidden * (34 + 5 * heads * seq / hidden) * bytes_per / 2
+    memory = (kept_params + head_params) * bytes_per + lora_params * (4 + 4 + 8) + activations
+    state_width = {"flux": n_img + text_len, "sana": n_img}[family.name]
+    entry = state_width * hidden
+    residual = sum((n_img if end == plan.num_blocks else state_width) * hidden
+                   for _, end in plan.residual_spans)
+    target = n_img * model_desc["config"].get("in_channels", 4)
+    per_draw = (entry + residual + target + hidden * 7) * 4  # fp32 features
+    return {"train_memory_bytes": int(memory), "kept_params": kept_params, "lora_params": lora_params,
+            "activation_bytes": int(activations), "cache_bytes_per_draw": int(per_draw),
+            "precision": precision, "assumes": f"batch 1 at {s_min}x{s_min}, {text_len} text tokens"}
+
+
+def _params(model, name):
+    obj = model.get_submodule(name) if name in dict(model.named_modules()) else getattr(model, name)
+    return obj.parameters() if hasattr(obj, "parameters") else [obj]
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "plan", help="turn a sensitivity profile and a skip budget into a skip plan",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", required=True, help="profile JSON from `blockskip profile`")
+    parser.add_argument("--model", required=True, help="the same model folder (or tiny-flux / tiny-sana)")
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--skip-ratio", type=float, help="fraction of blocks to skip (paper: 0.3, 0.4, 0.5)")
+    budget.add_argument("--skip-blocks", type=int, help="number of blocks to skip")
+    parser.add_argument("--out", required=True, help="plan JSON to write")
+    parser.add_argument("--s-min", type=int, default=256, help="training resolution (FLUX paper: 256)")
+    parser.add_argument("--s-max", type=int, default=512, help="largest crop side (FLUX paper: 512)")
+    parser.add_argument("--schedule", default="low-to-high",
+                        help="patch schedule: low-to-high (paper), high-to-low, random, resize")
+    parser.add_argument("--samples", type=int, default=2000, help="training draws to cache (default: %(default)s)")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
+    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default: %(default)s)")
+    parser.add_argument("--lora-scope", default="attention", choices=["attention", "all"],
+                        help="LoRA on attention projections only, or on the MLPs too")
+    parser.add_argument("--text-len", type=int, default=512, help="text tokens, for the estimates")
+    parser.add_argument("--precision", default="bf16", choices=sorted(BYTES), help="for the memory estimate")
+    parser.set_defaults(func=run)
+
+
+def make_plan(profile: dict, model, k: int, schedule, lora: LoraSettings, samples: int,
+              text_len: int = 512, precision: str = "bf16") -> dict:
+    family = model.family
+    if profile.get("model", {}).get("config_hash") != family.config_hash():
+        raise InputError("the profile was measured on another model (config hash "
+                         f"{profile.get('model', {}).get('config_hash')} != {family.config_hash()})")
+    if samples < 1:
+        raise ConfigError(f"samples must be >= 1, got {samples}")
+    n, m = choose_split(profile["d_pre"], profile["d_suf"], k)
+    plan = SkipPlan.first_last(family.num_blocks, n, m)
+    targets = [t for i in plan.kept for t in family.lora_targets(i, lora.scope)]
+    desc = model.describe()
+    return {
+        "kind": "blockskip-plan",
+        "model": desc,
+        "plan": {**plan.to_dict(), "n": n, "m": m, "score": profile["d_pre"][n] + profile["d_suf"][m]},
+        "patch_schedule": schedule.to_dict(),
+        "lora": {**asdict(lora), "target_modules": targets},
+        "samples": samples,
+        "estimates": estimate(desc, family, plan, lora, schedule.s_min, text_len, precision),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from blockskip.host.patches import PatchSchedule
+    from blockskip.host.profile import resolve_model
+
+    profile_path = Path(args.profile)
+    if not profile_path.is_file():
+        raise InputError(f"profile {args.profile!r} does not exist (run `blockskip profile` first)")
+    profile = json.loads(profile_path.read_text())
+    model = resolve_model(args.model, text_encoder=False)
+    k = skip_budget(model.family.num_blocks, args.skip_ratio, args.skip_blocks)
+    schedule = PatchSchedule(s_min=args.s_min, s_max=args.s_max, granularity=model.granularity,
+                             schedule=args.schedule)
+    plan = make_plan(profile, model, k, schedule, LoraSettings(args.rank, args.alpha, args.lora_scope),
+                     args.samples, args.text_len, args.precision)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(plan, indent=2))
+    est = plan["estimates"]
+    print(f"skip first {plan['plan']['n']} and last {plan['plan']['m']} of {model.family.num_blocks} blocks; "
+          f"est. edge training memory {est['train_memory_bytes'] / 2**30:.2f} GiB, cache "
+          f"{est['cache_bytes_per_draw'] * args.samples / 2**20:.1f} MiB for {args.samples} draws -> {out}")
+    return 0
