@@ -1,0 +1,583 @@
+"""The bundle: what the host hands to the edge board, checksummed and optionally signed.
+
+A bundle is a directory (or one plain tar of it) holding `manifest.json` and the files the
+producer staged (kept blocks' weights, feature shards, prompt bank, JSON). The manifest lists
+every other file with its sha256 and size; `manifest.sig`, when present, is an ed25519 signature
+over the exact bytes of `manifest.json`. Layout, manifest fields, signature format and every
+verification error are documented in host/BUNDLE.md.
+
+Commands: `blockskip bundle`, `blockskip verify`, `blockskip keygen`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+
+from blockskip.errors import BundleError, ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "blockskip-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+RESERVED = (MANIFEST, SIGNATURE)
+# Manifest keys that the bundle itself owns; producer metadata may not use them.
+OWN_KEYS = ("format", "format_version", "created", "files", "content_sha256")
+CHUNK = 1 << 20  # hash and copy in 1 MiB chunks: feature shards can be many GiB
+
+
+# ---------------------------------------------------------------- manifest bytes and hashing
+
+def _canonical(data: dict, compact: bool = False) -> bytes:
+    if compact:
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+        return text.encode("ascii")
+    return (json.dumps(data, sort_keys=True, indent=2, ensure_ascii=True, allow_nan=False) + "\n").encode("ascii")
+
+
+def _content_sha256(manifest: dict) -> str:
+    """Checksum of the manifest's own content, so that an unsigned manifest is also tamper-evident."""
+    body = {key: value for key, value in manifest.items() if key != "content_sha256"}
+    return hashlib.sha256(_canonical(body, compact=True)).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _copy_hashing(source: Path, target: Path) -> tuple[str, int]:
+    """Copy one file and hash it in the same pass."""
+    digest, size = hashlib.sha256(), 0
+    with open(source, "rb") as src, open(target, "xb") as dst:
+        while chunk := src.read(CHUNK):
+            digest.update(chunk)
+            dst.write(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- keys
+
+def _fingerprint(public_key) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "ed25519:" + hashlib.sha256(raw).hexdigest()[:16]
+
+
+def generate_keypair(private_path: Path, public_path: Path) -> str:
+    """Write a new ed25519 key pair as PEM (private: PKCS8, unencrypted, mode 0600; public:
+    SubjectPublicKeyInfo). Never overwrites. Returns the public key's fingerprint."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    private_path, public_path = Path(private_path), Path(public_path)
+    private_path.parent.mkdir(parents=True, exist_ok=True)
+    public_path.parent.mkdir(parents=True, exist_ok=True)
+    for path in (private_path, public_path):
+        if path.exists():
+            raise InputError(f"{path} already exists; keygen never overwrites a key, choose another --out")
+    key = Ed25519PrivateKey.generate()
+    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(private_pem)
+    public_path.write_bytes(public_pem)
+    return _fingerprint(key.public_key())
+
+
+def _read_key_file(path: Path, what: str) -> bytes:
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise InputError(f"cannot read {what} {path}: {err.strerror or err}") from err
+
+
+def load_private_key(path: Path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    data = _read_key_file(path, "private key")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError as err:
+        raise InputError(f"{path}: the private key is encrypted; blockskip needs an unencrypted PEM "
+                         f"key (protect it with file permissions)") from err
+    except ValueError as err:
+        hint = " (this is a public key; sign with the .key file)" if b"PUBLIC KEY" in data else ""
+        raise InputError(f"{path}: not a PEM private key{hint}") from err
+    if not isinstance(key, Ed25519PrivateKey):
+        raise InputError(f"{path}: is a {type(key).__name__}, bundles are signed with ed25519 keys "
+                         f"(make one with `blockskip keygen`)")
+    return key
+
+
+def load_public_key(path: Path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    data = _read_key_file(path, "public key")
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError as err:
+        hint = " (this is a private key; verify with the .pub file)" if b"PRIVATE KEY" in data else ""
+        raise InputError(f"{path}: not a PEM public key{hint}") from err
+    if not isinstance(key, Ed25519PublicKey):
+        raise InputError(f"{path}: is a {type(key).__name__}, bundles are signed with ed25519 keys")
+    return key
+
+
+# ---------------------------------------------------------------- build
+
+def _staged_files(staging: Path) -> list[str]:
+    """Relative posix paths of every regular file under staging, sorted."""
+    found = []
+    for root, dirs, files in os.walk(staging):
+        for name in sorted(dirs + files):
+            path = Path(root) / name
+            rel = path.relative_to(staging).as_posix()
+            if path.is_symlink():
+                raise InputError(f"{staging}: {rel} is a symbolic link; stage regular files only")
+            if name in files and not stat.S_ISREG(path.lstat().st_mode):
+                raise InputError(f"{staging}: {rel} is not a regular file")
+            if name in files:
+                found.append(rel)
+    for name in RESERVED:
+        if name in found:
+            raise InputError(f"{staging}: {name} is reserved for the bundle itself; rename or remove it")
+    return sorted(found)
+
+
+def _check_out(path: Path, overwrite: bool, is_dir: bool) -> None:
+    if not (path.exists() or path.is_symlink()):
+        return
+    if is_dir and path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+        return
+    if not overwrite:
+        raise InputError(f"{path} already exists; choose another --out or pass overwrite")
+
+
+def build_bundle(staging: Path, out: Path, metadata: dict, signing_key: Path | None = None,
+                 tar: bool = False, overwrite: bool = False) -> Path:
+    """Copy staging's files into a new bundle directory `out`, write manifest.json (and
+    manifest.sig when signing_key is given); with tar=True also write `out.tar`. Returns out.
+
+    The bundle is assembled in a hidden sibling folder and renamed into place, so an
+    interrupted build never leaves something that looks like a bundle.
+    """
+    staging, out = Path(staging), Path(out)
+    if not staging.is_dir():
+        raise InputError(f"staging folder {staging} does not exist or is not a folder")
+    if not isinstance(metadata, dict):
+        raise ConfigError(f"metadata must be a JSON object, got {type(metadata).__name__}")
+    clash = sorted(set(metadata) & set(OWN_KEYS))
+    if clash:
+        raise ConfigError(f"metadata may not set {', '.join(clash)}: the bundle writes those fields itself")
+    tar_path = out.with_name(out.name + ".tar")
+    _check_out(out, overwrite, is_dir=True)
+    if tar:
+        _check_out(tar_path, overwrite, is_dir=False)
+    key = load_private_key(signing_key) if signing_key is not None else None
+    names = _staged_files(staging)
+    if not names:
+        raise InputError(f"staging folder {staging} holds no files; run the cache step first")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        files = {}
+        for rel in names:
+            target = work / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            sha256, size = _copy_hashing(staging / rel, target)
+            files[rel] = {"sha256": sha256, "size": size}
+        manifest = {**metadata, "format": FORMAT, "format_version": FORMAT_VERSION,
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": files}
+        try:
+            manifest["content_sha256"] = _content_sha256(manifest)
+            manifest_bytes = _canonical(manifest)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"metadata is not plain JSON (objects, lists, strings, finite numbers): {err}") from err
+        _write_atomic(work / MANIFEST, manifest_bytes)
+        if key is not None:
+            signature = base64.b64encode(key.sign(manifest_bytes)) + b"\n"
+            _write_atomic(work / SIGNATURE, signature)
+            logger.info("signed %s with %s", out, _fingerprint(key.public_key()))
+        os.chmod(work, 0o755)
+        if out.exists() or out.is_symlink():
+            if out.is_dir() and not out.is_symlink():
+                shutil.rmtree(out)
+            else:
+                out.unlink()
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if tar:
+        _write_tar(out, tar_path, names)
+    return out
+
+
+def _write_tar(bundle: Path, tar_path: Path, names: list[str]) -> None:
+    """A plain, reproducible tar: manifest first, then signature, then files sorted; regular files
+    only, with zeroed owner and time, so the same bundle always gives the same bytes."""
+    members = [MANIFEST] + ([SIGNATURE] if (bundle / SIGNATURE).exists() else []) + names
+    tmp = tar_path.with_name(f".{tar_path.name}.tmp")
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as archive:
+        for rel in members:
+            info = tarfile.TarInfo(rel)
+            info.size = (bundle / rel).stat().st_size
+            info.mode, info.mtime, info.uid, info.gid, info.uname, info.gname = 0o644, 0, 0, 0, "", ""
+            with open(bundle / rel, "rb") as handle:
+                archive.addfile(info, handle)
+    os.replace(tmp, tar_path)
+
+
+# ---------------------------------------------------------------- verify
+
+def _safe_rel(name: str) -> bool:
+    path = PurePosixPath(name)
+    return (bool(name) and not path.is_absolute() and "\\" not in name and ":" not in path.parts[0]
+            and all(part not in ("", ".", "..") for part in name.split("/")))
+
+
+def _check_signature(manifest_bytes: bytes, root: Path, public_key: Path | None, require: bool) -> None:
+    sig_path = root / SIGNATURE
+    if not (sig_path.exists() or sig_path.is_symlink()):
+        if require:
+            raise BundleError("bundle is not signed but a signature is required")
+        if public_key is not None:
+            raise BundleError(f"bundle is not signed, so it cannot be verified with key {public_key}")
+        return
+    if public_key is None:
+        if require:
+            raise BundleError("a signature is required but no public key was given to check it (--key)")
+        return
+    from cryptography.exceptions import InvalidSignature
+
+    key = load_public_key(public_key)
+    if sig_path.is_symlink() or not sig_path.is_file():
+        raise BundleError(f"{SIGNATURE} is not a regular file")
+    try:
+        signature = base64.b64decode(sig_path.read_bytes().strip(), validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise BundleError(f"{SIGNATURE} is malformed: not base64 ({err})") from err
+    if len(signature) != 64:
+        raise BundleError(f"{SIGNATURE} is malformed: an ed25519 signature is 64 bytes, got {len(signature)}")
+    try:
+        key.verify(signature, manifest_bytes)
+    except InvalidSignature as err:
+        raise BundleError(f"signature does not verify with key {public_key} ({_fingerprint(key)}): "
+                          f"the manifest was changed or signed with another key") from err
+
+
+def _parse_manifest(manifest_bytes: bytes) -> dict:
+    try:
+        manifest = json.loads(manifest_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(f"{MANIFEST} is not valid JSON ({err}); the bundle is corrupt") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{MANIFEST} is not a blockskip bundle manifest (format is not {FORMAT!r})")
+    try:
+        canonical, content_sha256 = _canonical(manifest), _content_sha256(manifest)
+    except ValueError as err:
+        raise BundleError(f"{MANIFEST} holds non-finite numbers ({err}); the bundle is corrupt") from err
+    if manifest.get("content_sha256") != content_sha256:
+        raise BundleError(f"{MANIFEST}: content checksum mismatch (expected {manifest.get('content_sha256')}, "
+                          f"got {content_sha256}); the manifest was edited or corrupted")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{MANIFEST}: format_version {version!r} is not supported by this blockskip "
+                          f"(supports {FORMAT_VERSION}); update blockskip or rebuild the bundle")
+    if manifest_bytes != canonical:
+        raise BundleError(f"{MANIFEST} is not byte-for-byte as written (whitespace or escaping changed); "
+                          f"the manifest was edited or corrupted")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("size"), int)
+            for e in files.values()):
+        raise BundleError(f"{MANIFEST}: `files` must map each path to {{sha256, size}}")
+    for rel in files:
+        if not _safe_rel(rel) or rel in RESERVED:
+            raise BundleError(f"{MANIFEST} lists an unsafe path {rel!r} (absolute, '..' or reserved)")
+    return manifest
+
+
+def _present_files(root: Path) -> set[str]:
+    present = set()
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                raise BundleError(f"{rel} is a symbolic link; a bundle holds regular files only")
+            if name in files:
+                if not stat.S_ISREG(mode):
+                    raise BundleError(f"{rel} is not a regular file")
+                present.add(rel)
+    return present
+
+
+def verify_bundle(path: Path, public_key: Path | None = None, require_signature: bool = False) -> dict:
+    """Check a bundle directory (or a .tar, unpacked into a temporary folder) and return its manifest.
+
+    Raises BundleError naming the first structural problem, or every missing, unexpected, resized
+    and changed file at once.
+    """
+    path = Path(path)
+    if path.is_file() and tarfile.is_tarfile(path):
+        with tempfile.TemporaryDirectory(prefix="blockskip-verify-") as tmp:
+            return _verify_dir(unpack_bundle(path, Path(tmp) / "bundle", verify=False), public_key,
+                               require_signature)
+    return _verify_dir(path, public_key, require_signature)
+
+
+def _verify_dir(root: Path, public_key: Path | None, require_signature: bool) -> dict:
+    if not root.is_dir():
+        raise BundleError(f"{root} is not a bundle folder or tar")
+    manifest_path = root / MANIFEST
+    if manifest_path.is_symlink() or not manifest_path.is_file():
+        raise BundleError(f"{root}: no {MANIFEST}; this is not a bundle (or an incomplete one)")
+    manifest_bytes = manifest_path.read_bytes()
+    _check_signature(manifest_bytes, root, public_key, require_signature)
+    manifest = _parse_manifest(manifest_bytes)
+    present = _present_files(root) - set(RESERVED)
+    listed = manifest["files"]
+    problems = [f"missing file {rel}" for rel in sorted(set(listed) - present)]
+    problems += [f"unexpected file {rel} not listed in the manifest" for rel in sorted(present - set(listed))]
+    for rel in sorted(set(listed) & present):
+        entry = listed[rel]
+        size = (root / rel).stat().st_size
+        if size != entry["size"]:
+            problems.append(f"{rel}: size mismatch (expected {entry['size']} bytes, got {size})")
+            continue
+        sha256 = _sha256_file(root / rel)
+        if sha256 != entry["sha256"]:
+            problems.append(f"{rel}: sha256 mismatch (expected {entry['sha256']}, got {sha256})")
+    if problems:
+        shown = problems[:10] + ([f"and {len(problems) - 10} more"] if len(problems) > 10 else [])
+        raise BundleError(f"bundle {root} failed verification: " + "; ".join(shown))
+    return manifest
+
+
+# ---------------------------------------------------------------- unpack
+
+def unpack_bundle(tar_path: Path, dest: Path, verify: bool = True, public_key: Path | None = None,
+                  require_signature: bool = False) -> Path:
+    """Extract a bundle tar into dest (which must not exist or be empty), then verify it.
+
+    Every member is checked before anything is written: absolute paths, '..' components, links,
+    devices and anything resolving outside dest are rejected with a BundleError naming the member.
+    """
+    tar_path, dest = Path(tar_path), Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise BundleError(f"cannot unpack into {dest}: it exists and is not an empty folder")
+    try:
+        archive = tarfile.open(tar_path, "r:")
+    except (OSError, tarfile.TarError) as err:
+        raise BundleError(f"{tar_path} is not a readable tar ({err})") from err
+    with archive:
+        try:
+            members = archive.getmembers()
+        except tarfile.TarError as err:
+            raise BundleError(f"{tar_path} is corrupt ({err})") from err
+        base = dest.resolve()
+        seen = set()
+        for member in members:
+            name = member.name
+            if name.startswith("/") or PurePosixPath(name).is_absolute():
+                raise BundleError(f"{tar_path}: member {name!r} has an absolute path")
+            if ".." in name.split("/") or "\\" in name:
+                raise BundleError(f"{tar_path}: member {name!r} has a '..' component")
+            if not (member.isreg() or member.isdir()):
+                kind = "a symlink" if member.issym() else "a hardlink" if member.islnk() else "not a regular file"
+                raise BundleError(f"{tar_path}: member {name!r} is {kind}; bundles hold regular files only")
+            target = (base / name).resolve()
+            if target != base and base not in target.parents:
+                raise BundleError(f"{tar_path}: member {name!r} resolves outside {dest}")
+            if member.isreg() and target in seen:
+                raise BundleError(f"{tar_path}: member {name!r} appears twice")
+            seen.add(target)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        try:
+            for member in members:
+                target = work / member.name
+                try:
+                    if member.isdir():
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with archive.extractfile(member) as src, open(target, "xb") as dst:
+                        shutil.copyfileobj(src, dst, CHUNK)
+                except (OSError, tarfile.TarError) as err:
+                    raise BundleError(f"{tar_path}: cannot extract member {member.name!r} ({err})") from err
+            os.chmod(work, 0o755)
+            if dest.exists():
+                dest.rmdir()
+            os.replace(work, dest)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    if verify:
+        verify_bundle(dest, public_key, require_signature)
+    return dest
+
+
+def _tar_manifest(tar_path: Path) -> bytes | None:
+    with tarfile.open(tar_path, "r:") as archive:
+        try:
+            member = archive.getmember(MANIFEST)
+        except KeyError:
+            return None
+        handle = archive.extractfile(member)
+        return handle.read() if handle else None
+
+
+def open_bundle(path: Path, cache_dir: Path | None = None, public_key: Path | None = None,
+                require_signature: bool = False) -> Path:
+    """A verified bundle folder from a folder or a .tar.
+
+    A tar X.tar is unpacked into `cache_dir/X` (default: the sibling folder X). If that folder
+    already holds the same bundle (identical manifest.json) it is verified and reused.
+    """
+    path = Path(path)
+    if path.is_dir():
+        verify_bundle(path, public_key, require_signature)
+        return path
+    if not path.is_file():
+        raise InputError(f"bundle {path} does not exist")
+    if not tarfile.is_tarfile(path):
+        raise BundleError(f"{path} is neither a bundle folder nor a tar")
+    name = path.name[:-4] if path.name.endswith(".tar") else path.name + ".d"
+    dest = (Path(cache_dir) if cache_dir is not None else path.parent) / name
+    if dest.is_dir() and any(dest.iterdir()):
+        existing = dest / MANIFEST
+        if not existing.is_file() or existing.read_bytes() != _tar_manifest(path):
+            raise BundleError(f"{dest} exists and holds something other than {path}; remove it or pass "
+                              f"another cache folder")
+        verify_bundle(dest, public_key, require_signature)
+        return dest
+    return unpack_bundle(path, dest, public_key=public_key, require_signature=require_signature)
+
+
+# ---------------------------------------------------------------- command line
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bundle", help="pack a staging folder into a checksummed (optionally signed) bundle",
+        description="Copy every file of STAGING into the bundle folder --out, write manifest.json with "
+                    "the sha256 and size of each, and sign it with --sign. The metadata (model family and "
+                    "config, plan, patch schedule, LoRA config, sample count) comes from --metadata or, "
+                    "by default, STAGING/bundle.json, which the cache step writes; that file also stays "
+                    "in the bundle as a listed file. See host/BUNDLE.md.")
+    parser.add_argument("staging", type=Path, metavar="STAGING", help="folder the cache step filled")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="bundle folder to create")
+    parser.add_argument("--tar", action="store_true", help="also write DIR.tar (plain, reproducible tar)")
+    parser.add_argument("--sign", type=Path, metavar="KEY", help="ed25519 private key (PEM) from `blockskip keygen`")
+    parser.add_argument("--metadata", type=Path, metavar="JSON_FILE",
+                        help="JSON object of manifest metadata (default: STAGING/bundle.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR (and DIR.tar)")
+    parser.set_defaults(func=run_bundle)
+
+    parser = subparsers.add_parser(
+        "verify", help="check a bundle's checksums (and signature) before using it",
+        description="Check that BUNDLE (a folder or a .tar) holds exactly the files its manifest lists, "
+                    "with matching sizes and sha256, no links and no extra files; with --key also check "
+                    "the ed25519 signature. Prints OK or the problem (exit code 2).")
+    parser.add_argument("bundle", type=Path, metavar="BUNDLE", help="bundle folder or .tar")
+    parser.add_argument("--key", type=Path, metavar="PUB", help="public key (PEM) to check the signature with")
+    parser.add_argument("--require-signature", action="store_true",
+                        help="fail when the bundle is not signed (needs --key)")
+    parser.set_defaults(func=run_verify)
+
+    parser = subparsers.add_parser(
+        "keygen", help="create an ed25519 key pair for signing bundles",
+        description="Write PREFIX.key (private, PEM, mode 0600: keep it on the host) and PREFIX.pub "
+                    "(public, PEM: copy it to the boards). Existing files are never overwritten.")
+    parser.add_argument("--out", required=True, metavar="PREFIX", help="path prefix of the two key files")
+    parser.set_defaults(func=run_keygen)
+
+
+def _read_metadata(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise InputError(f"metadata file {path} does not exist (run the cache step or pass --metadata)") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"metadata file {path} is not readable JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise InputError(f"metadata file {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def run_bundle(args: argparse.Namespace) -> int:
+    metadata = _read_metadata(args.metadata or args.staging / "bundle.json")
+    out = build_bundle(args.staging, args.out, metadata, signing_key=args.sign, tar=args.tar,
+                       overwrite=args.overwrite)
+    manifest = json.loads((out / MANIFEST).read_text())
+    total = sum(entry["size"] for entry in manifest["files"].values())
+    signed = f", signed with {_fingerprint(load_private_key(args.sign).public_key())}" if args.sign else ", unsigned"
+    tar_note = f"; tar {out.with_name(out.name + '.tar')}" if args.tar else ""
+    print(f"wrote bundle {out}: {len(manifest['files'])} files, {_human(total)}{signed}{tar_note}")
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    manifest = verify_bundle(args.bundle, public_key=args.key, require_signature=args.require_signature)
+    total = sum(entry["size"] for entry in manifest["files"].values())
+    if args.key is not None:
+        signature = f"signature verified with {args.key} ({_fingerprint(load_public_key(args.key))})"
+    elif args.bundle.is_dir() and (args.bundle / SIGNATURE).exists():
+        signature = "signed, signature not checked (pass --key)"
+    else:
+        signature = "signature not checked (pass --key)" if not args.bundle.is_dir() else "not signed"
+    print(f"OK {args.bundle}: {len(manifest['files'])} files, {total} bytes ({_human(total)}); {signature}")
+    return 0
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    private_path, public_path = Path(args.out + ".key"), Path(args.out + ".pub")
+    fingerprint = generate_keypair(private_path, public_path)
+    print(f"wrote {private_path} (private, keep it secret) and {public_path} (public); {fingerprint}")
+    return 0
