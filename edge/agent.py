@@ -1,0 +1,512 @@
+"""`blockskip agent`: the edge board's MQTT agent (paho-mqtt 2.x, MQTT v5).
+
+Topics live under `blockskip/<device_id>/`: retained `status` (with a last will), `cmd` ->
+`reply/<id>`, `error` (errors for commands without a usable id), `progress`, `result`,
+`capture/<camera_id>` -> `capture/ack`. Every QoS 1 publish goes through the disk outbox
+(edge/outbox.py); captures are stored by the spool (edge/spool.py) before they are acked.
+One job (train or generate) at a time, in a worker thread; a second one is refused with `busy`.
+Payloads, error codes and configuration keys: edge/AGENT.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import signal
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from blockskip import __version__
+from blockskip.edge import messages
+from blockskip.edge.messages import Command, CommandError
+from blockskip.edge.outbox import Outbox, OutboxSender
+from blockskip.edge.spool import CaptureError, Spool
+from blockskip.errors import BlockskipError, ConfigError, NotAvailableError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BrokerConfig:
+    """How to reach the broker (shared with `blockskip capture`)."""
+
+    host: str = "localhost"  # broker host name or address
+    port: int = 8883  # 8883 for TLS, 1883 for plain TCP
+    keepalive: int = 30  # seconds; the will fires after ~1.5x this without traffic
+    ca_file: str | None = None  # CA certificate (PEM): enables TLS
+    cert_file: str | None = None  # optional client certificate (PEM)
+    key_file: str | None = None  # its private key (PEM)
+    username: str | None = None  # usually the device id (the ACL pattern uses %u)
+    password_file: str | None = None  # file holding the password (first line)
+    password_env: str | None = None  # or: the environment variable holding it
+    reconnect_min_s: float = 1.0  # first reconnect delay; doubled per failure ...
+    reconnect_max_s: float = 60.0  # ... up to this cap
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"broker.port must be 1-65535, got {self.port}")
+        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
+            raise ConfigError("broker.reconnect_min_s must be > 0 and <= broker.reconnect_max_s")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("broker.cert_file and broker.key_file go together")
+
+    def password(self) -> str | None:
+        """The password from its file or environment variable (never logged)."""
+        if self.password_file:
+            try:
+                return Path(self.password_file).read_text().splitlines()[0]
+            except (OSError, IndexError) as err:
+                raise ConfigError(f"broker.password_file {self.password_file} cannot be read") from err
+        if self.password_env:
+            if self.password_env not in os.environ:
+                raise ConfigError(f"broker.password_env: ${self.password_env} is not set")
+            return os.environ[self.password_env]
+        return None
+
+
+@dataclass
+class AgentConfig:
+    """The agent's YAML configuration (deploy/agent.example.yaml documents every key)."""
+
+    device_id: str  # topics live under blockskip/<device_id>/
+    data_dir: str  # every path a command names must be inside it; spool and outbox live here
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    max_command_bytes: int = messages.MAX_COMMAND_BYTES  # larger commands get `too_large`
+    max_capture_bytes: int = 16 * 1024 * 1024  # larger captures are acked stored=false, too_large
+    progress_interval_s: float = 1.0  # at most one progress event per interval (first and last always)
+    outbox_max_messages: int = 10_000  # outbox bound (oldest progress dropped first when full)
+    outbox_max_bytes: int = 64 * 1024 * 1024
+    session_expiry_s: int = 86_400  # broker keeps our subscriptions and queued commands this long
+    job_stop_timeout_s: float = 300.0  # on SIGTERM, wait this long for the job to checkpoint
+    thumbnails: bool = False  # add a small base64 PNG thumbnail to each `result`
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device_id, str) or not messages.ID_PATTERN.match(self.device_id):
+            raise ConfigError("device_id must be 1-64 characters of [A-Za-z0-9_.:-]")
+        if isinstance(self.broker, dict):
+            self.broker = BrokerConfig(**self.broker)
+        for name in ("max_command_bytes", "max_capture_bytes", "outbox_max_messages", "outbox_max_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+
+    @property
+    def prefix(self) -> str:
+        return f"blockskip/{self.device_id}/"
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping or raise ConfigError."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping")
+    return data
+
+
+def load_config(path: Path) -> AgentConfig:
+    """AgentConfig from a YAML file; unknown keys are an error."""
+    try:
+        return AgentConfig(**load_yaml(path))
+    except TypeError as err:
+        raise ConfigError(f"config {path}: {err}") from err
+
+
+def make_client(broker: BrokerConfig, client_id: str, manual_ack: bool = False) -> mqtt.Client:
+    """A paho v2 MQTT v5 client with TLS, credentials and capped exponential reconnect backoff."""
+    client = mqtt.Client(
+        callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5,
+        manual_ack=manual_ack,
+    )
+    if broker.ca_file:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=broker.ca_file)
+        if broker.cert_file:
+            context.load_cert_chain(broker.cert_file, broker.key_file)
+        client.tls_set_context(context)
+    if broker.username:
+        client.username_pw_set(broker.username, broker.password())
+    client.reconnect_delay_set(broker.reconnect_min_s, broker.reconnect_max_s)
+    return client
+
+
+def connect_properties(session_expiry_s: int) -> Properties:
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = session_expiry_s
+    return props
+
+
+JobFn = Callable[["JobContext"], Any]
+JobFactory = Callable[[], JobFn]  # raises NotAvailableError when the job's module is missing
+
+
+@dataclass
+class JobContext:
+    """What a running job sees: its validated args (paths resolved) and the agent's channels."""
+
+    id: str
+    action: str
+    args: dict[str, Any]
+    emit: Callable[[dict[str, Any]], None]  # a progress event (rate-limited when type == progress)
+    publish_result: Callable[[dict[str, Any]], None]  # one generated image
+    stop: threading.Event
+
+    def should_stop(self) -> bool:
+        return self.stop.is_set()
+
+
+def _import_job(module: str, what: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name == module:
+            raise NotAvailableError(f"{what} is not available in this build ({module} is missing)") from err
+        raise NotAvailableError(f"{what} is not available in this build: {err}") from err
+
+
+def train_job() -> JobFn:
+    """The `train` action over blockskip.edge.train (imported now, so a missing module is `not_available`)."""
+    mod = _import_job("blockskip.edge.train", "training")
+
+    def run(ctx: JobContext) -> Any:
+        keys = ("steps", "grad_accum", "lr", "seed", "checkpoint_every", "resume")
+        config = mod.TrainConfig(**{k: ctx.args[k] for k in keys if k in ctx.args})
+        return mod.train(ctx.args["bundle"], ctx.args["out"], config, on_event=ctx.emit, should_stop=ctx.should_stop)
+
+    return run
+
+
+def generate_job() -> JobFn:
+    """The `generate` action over blockskip.edge.generate; each image is also published on `result`."""
+    mod = _import_job("blockskip.edge.generate", "generation")
+
+    def run(ctx: JobContext) -> Any:
+        fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in ctx.args.items() if k != "out"}
+        config = mod.GenerateConfig(out_dir=str(ctx.args["out"]), **fields)
+        images = mod.generate(config, on_event=ctx.emit, should_stop=ctx.should_stop)
+        for image in images:
+            ctx.publish_result(image)
+        return {"images": len(images)}
+
+    return run
+
+
+DEFAULT_JOBS: dict[str, JobFactory] = {"train": train_job, "generate": generate_job}
+# Where a job writes when the command gives no `out` (relative to the data directory).
+DEFAULT_OUT = {"train": "adapters", "generate": "generated"}
+
+
+def thumbnail_b64(path: str, side: int = 64) -> str | None:
+    """A small PNG thumbnail of an image file, base64 encoded (None when it cannot be read)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.thumbnail((side, side))
+            buf = io.BytesIO()
+            img.convert("RGB").save(buf, format="PNG")
+    except OSError:
+        return None
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+class Agent:
+    """One device's agent: MQTT client, outbox sender, dispatcher thread, at most one job thread."""
+
+    def __init__(self, config: AgentConfig, jobs: Mapping[str, JobFactory] | None = None):
+        self.config = config
+        self.jobs = dict(DEFAULT_JOBS if jobs is None else jobs)
+        self.data_dir = Path(config.data_dir).resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix = config.prefix
+        self.spool = Spool(self.data_dir / "spool", max_bytes=config.max_capture_bytes)
+        self.outbox = Outbox(self.data_dir / "outbox.sqlite3", config.outbox_max_messages, config.outbox_max_bytes)
+        self.client = make_client(config.broker, client_id=config.device_id, manual_ack=True)
+        self.client.will_set(self.prefix + "status", messages.status_payload("offline", None, __version__), qos=1, retain=True)
+        self.sender = OutboxSender(self.outbox, self.client)
+        self._inbox: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue()
+        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="agent-dispatch", daemon=True)
+        self._job_lock = threading.Lock()
+        self._job: dict[str, Any] | None = None  # {"id", "action", "started"} of the running job
+        self._job_thread: threading.Thread | None = None
+        self._job_stop = threading.Event()
+        self._last_progress = 0.0
+        self.connected = threading.Event()
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect in the background (retrying with backoff) and start serving."""
+        self.sender.start()
+        self._dispatcher.start()
+        broker = self.config.broker
+        logger.info("agent %s connecting to %s:%d", self.config.device_id, broker.host, broker.port)
+        self.client.connect_async(
+            broker.host, broker.port, broker.keepalive, clean_start=False,
+            properties=connect_properties(self.config.session_expiry_s),
+        )
+        self.client.loop_start()
+
+    def stop(self, flush_timeout_s: float = 5.0) -> None:
+        """Clean shutdown: stop (checkpoint) the job, publish `offline`, flush the outbox, disconnect."""
+        thread = self._job_thread
+        if thread is not None and thread.is_alive():
+            logger.info("stopping job %s before shutdown", (self._job or {}).get("id"))
+            self._job_stop.set()
+            thread.join(timeout=self.config.job_stop_timeout_s)
+        self._inbox.put(None)
+        self._dispatcher.join(timeout=5)
+        self.sender.put(self.prefix + "status", messages.status_payload("offline", None, __version__), retain=True, kind="status")
+        deadline = time.monotonic() + flush_timeout_s
+        while self.connected.is_set() and not self.sender.idle() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.sender.stop()
+        self.outbox.close()
+
+    # ---- paho callbacks (network thread: never block) ---------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            logger.error("broker refused the connection: %s", reason_code)
+            return
+        logger.info("connected (session present: %s)", flags.session_present)
+        options = SubscribeOptions(qos=1, noLocal=True)
+        client.subscribe([(self.prefix + "cmd", options), (self.prefix + "capture/+", options)])
+        self.connected.set()
+        self.sender.set_connected(True)
+        self._publish_status()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        self.connected.clear()
+        self.sender.set_connected(False)
+        logger.warning("disconnected from broker (%s); reconnecting with backoff", reason_code)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self._inbox.put(msg)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        self.sender.on_publish(mid, not reason_code.is_failure)
+
+    # ---- dispatcher -----------------------------------------------------------------------
+    def _dispatch_loop(self) -> None:
+        while True:
+            msg = self._inbox.get()
+            if msg is None:
+                return
+            try:
+                self._handle(msg)
+            except Exception:  # the loop boundary: log and keep serving
+                logger.exception("error handling a message on %s", msg.topic)
+            finally:
+                if msg.qos > 0:
+                    self.client.ack(msg.mid, msg.qos)  # only now: the capture is on disk
+
+    def _handle(self, msg: mqtt.MQTTMessage) -> None:
+        rest = msg.topic[len(self.prefix):]
+        if rest == "cmd":
+            self._handle_command(msg.payload)
+        elif rest.startswith("capture/") and rest != "capture/ack":
+            self._handle_capture(rest[len("capture/"):], msg)
+
+    def _reply(self, command_id: str | None, payload: bytes) -> None:
+        topic = self.prefix + ("error" if command_id is None else f"reply/{command_id}")
+        self.sender.put(topic, payload, kind="reply")
+
+    def _handle_command(self, payload: bytes) -> None:
+        cmd: Command | None = None
+        try:
+            cmd = messages.parse_command(payload, self.config.max_command_bytes)
+            result = self._execute(cmd)
+            self._reply(cmd.id, messages.reply_ok(cmd.id, result))
+        except CommandError as err:
+            cid = cmd.id if cmd else err.command_id
+            logger.info("command %s refused (%s): %s", cid, err.code, err.message)
+            self._reply(cid, messages.reply_error(cid, err.code, err.message))
+        except Exception as err:
+            logger.exception("command failed")
+            cid = cmd.id if cmd else None
+            self._reply(cid, messages.reply_error(cid, "internal", f"{type(err).__name__}: {err}"))
+
+    def _execute(self, cmd: Command) -> Any:
+        if cmd.action == "status":
+            return self._status_result()
+        if cmd.action == "captures":
+            total, records = self.spool.list(cmd.args.get("limit", 100), cmd.args.get("camera_id"))
+            return {"total": total, "captures": records}
+        if cmd.action == "cancel":
+            return self._cancel(cmd.args.get("job"))
+        return self._start_job(cmd)
+
+    def _status_result(self) -> dict[str, Any]:
+        job = self._job
+        return {
+            "state": "busy" if job else "online", "job": job, "version": __version__,
+            "outbox": len(self.outbox), "outbox_dropped": self.outbox.dropped, "captures": self.spool.count(),
+        }
+
+    def _publish_status(self) -> None:
+        job = self._job
+        payload = messages.status_payload("busy" if job else "online", job, __version__)
+        self.sender.put(self.prefix + "status", payload, retain=True, kind="status")
+
+    # ---- captures -------------------------------------------------------------------------
+    def _handle_capture(self, camera_id: str, msg: mqtt.MQTTMessage) -> None:
+        props = dict(getattr(msg.properties, "UserProperty", None) or [])
+        expected = props.get("sha256")
+        ack: dict[str, Any] = {"camera_id": camera_id, "sha256": expected}
+        try:
+            if not messages.ID_PATTERN.match(camera_id):
+                raise CaptureError("bad_properties", "camera id in the topic must be 1-64 of [A-Za-z0-9_.:-]")
+            if props.get("camera_id", camera_id) != camera_id:
+                raise CaptureError("bad_properties", "camera_id property does not match the topic")
+            if expected is not None and not isinstance(expected, str):
+                raise CaptureError("bad_properties", "sha256 property must be a string")
+            meta = {"camera_id": camera_id, "capture_time": props.get("capture_time"), "gps": props.get("gps")}
+            stored = self.spool.store(msg.payload, meta, expected)
+            ack.update(sha256=stored.sha256, stored=True, duplicate=stored.duplicate)
+        except CaptureError as err:
+            logger.info("capture from %s refused (%s): %s", camera_id, err.code, err.message)
+            if ack["sha256"] is None:
+                import hashlib
+
+                ack["sha256"] = hashlib.sha256(msg.payload).hexdigest()
+            ack.update(stored=False, error={"code": err.code, "message": err.message})
+        self.sender.put(self.prefix + "capture/ack", messages.dumps(ack), kind="ack")
+
+    # ---- jobs -----------------------------------------------------------------------------
+    def _cancel(self, job_id: str | None) -> dict[str, Any]:
+        job = self._job
+        if job is None or (job_id is not None and job_id != job["id"]):
+            raise CommandError("no_job", "no job is running" if job is None else f"job {job_id} is not the running job")
+        self._job_stop.set()
+        return {"cancelled": job["id"]}
+
+    def _resolve_paths(self, cmd: Command) -> dict[str, Any]:
+        args = dict(cmd.args)
+        for name in messages.PATH_ARGS:
+            if name in args:
+                args[name] = messages.resolve_in(self.data_dir, args[name], must_exist=name != "out")
+        args["out"] = args.get("out") or messages.resolve_in(self.data_dir, f"{DEFAULT_OUT[cmd.action]}/{cmd.id}")
+        return args
+
+    def _start_job(self, cmd: Command) -> dict[str, Any]:
+        with self._job_lock:
+            if self._job is not None:
+                raise CommandError("busy", f"job {self._job['id']} ({self._job['action']}) is running; cancel it or wait")
+            if cmd.action not in self.jobs:
+                raise CommandError("not_available", f"{cmd.action} is not available in this build")
+            args = self._resolve_paths(cmd)
+            try:
+                fn = self.jobs[cmd.action]()
+            except NotAvailableError as err:
+                raise CommandError("not_available", str(err)) from err
+            self._job = {"id": cmd.id, "action": cmd.action, "started": time.time()}
+            self._job_stop = threading.Event()
+            self._last_progress = 0.0
+            ctx = JobContext(cmd.id, cmd.action, args, self._emit, self._publish_result, self._job_stop)
+            self._job_thread = threading.Thread(target=self._run_job, args=(fn, ctx), name=f"job-{cmd.id}", daemon=True)
+            self._job_thread.start()
+        self._publish_status()
+        return {"job": cmd.id, "action": cmd.action, "state": "started"}
+
+    def _run_job(self, fn: JobFn, ctx: JobContext) -> None:
+        event: dict[str, Any] = {"job": ctx.id, "action": ctx.action}
+        try:
+            result = fn(ctx)
+            stopped = ctx.should_stop() or (isinstance(result, dict) and bool(result.get("stopped")))
+            event.update(type="cancelled" if stopped else "done", result=_jsonable(result))
+        except BlockskipError as err:
+            logger.error("job %s failed: %s", ctx.id, err)
+            event.update(type="failed", error={"code": "job_failed", "message": f"{type(err).__name__}: {err}"})
+        except Exception as err:  # the job boundary: report, keep serving
+            logger.exception("job %s crashed", ctx.id)
+            event.update(type="failed", error={"code": "internal", "message": f"{type(err).__name__}: {err}"})
+        self.sender.put(self.prefix + "progress", messages.dumps(event), kind="job")
+        with self._job_lock:
+            self._job = None
+        self._publish_status()
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        """Publish a job event on `progress`; progress events at most once per interval (first/last kept)."""
+        event = dict(event, job=self._job["id"] if self._job else None)
+        if event.get("type", "progress") == "progress":
+            now = time.monotonic()
+            last = event.get("step") is not None and event.get("step") == event.get("total")
+            if not last and self._last_progress and now - self._last_progress < self.config.progress_interval_s:
+                return
+            self._last_progress = now
+        self.sender.put(self.prefix + "progress", messages.dumps(_jsonable(event)), kind="progress")
+
+    def _publish_result(self, item: dict[str, Any]) -> None:
+        body = dict(_jsonable(item), job=self._job["id"] if self._job else None)
+        if self.config.thumbnails and "path" in item:
+            body["thumbnail_png_b64"] = thumbnail_b64(str(item["path"]))
+        self.sender.put(self.prefix + "result", messages.dumps(body), kind="result")
+
+
+def _jsonable(value: Any) -> Any:
+    """Paths to strings, recursively; anything else JSON cannot hold to its repr."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT, then shut down cleanly."""
+    config = load_config(Path(args.config))
+    agent = Agent(config)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    agent.start()
+    while not done.wait(timeout=1.0):
+        pass
+    logger.info("shutting down")
+    agent.stop()
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add `blockskip agent`."""
+    parser = subparsers.add_parser(
+        "agent",
+        help="run the edge MQTT agent (commands, progress, captures, results)",
+        description=(
+            "Connect to an MQTT v5 broker as one device and serve until SIGTERM/SIGINT. Topics are under "
+            "blockskip/<device_id>/: status (retained, last will 'offline'), cmd -> reply/<id> "
+            "(actions: train, generate, cancel, status, captures), error, progress, result, "
+            "capture/<camera_id> -> capture/ack. Everything published at QoS 1 goes through a disk outbox "
+            "in the data directory and is delivered after a reconnect. See edge/AGENT.md."
+        ),
+        epilog="Example config: deploy/agent.example.yaml. Passwords come from a file or an environment variable.",
+    )
+    parser.add_argument("--config", required=True, metavar="YAML", help="agent configuration (device_id, data_dir, broker, limits)")
+    parser.set_defaults(func=run)

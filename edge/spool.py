@@ -1,0 +1,115 @@
+"""Capture spool: validated field-camera images stored durably, one file per distinct sha256.
+
+Layout under the spool directory: `<sha256>.<jpg|png>` (the exact bytes received) and
+`<sha256>.json` (metadata: camera id, capture time, GPS, size, received time). Each file is
+written to a temporary name, fsynced, renamed into place, and the directory is fsynced; the
+metadata file is written last, so its presence means the capture is complete. Only after
+`Spool.store` returns does the agent acknowledge the capture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+FORMATS = {"JPEG": "jpg", "PNG": "png"}
+
+
+class CaptureError(Exception):
+    """A capture that is refused; `code` goes into the ack's error."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Outcome of a successful store."""
+
+    sha256: str
+    path: Path
+    duplicate: bool  # the same bytes were already in the spool (stored once, acked again)
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically: temporary file, fsync, rename, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def image_format(data: bytes) -> str:
+    """Return "JPEG" or "PNG" if `data` decodes as such an image, else raise CaptureError(not_image)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format
+            img.load()  # decode the pixels: a truncated or corrupt file fails here
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise CaptureError("not_image", f"payload does not decode as an image: {err}") from err
+    if fmt not in FORMATS:
+        raise CaptureError("not_image", f"image format {fmt} is not accepted (JPEG or PNG)")
+    return fmt
+
+
+class Spool:
+    """The spool directory. Stores are serialized by the caller (the agent's dispatcher thread)."""
+
+    def __init__(self, root: Path, max_bytes: int = 16 * 1024 * 1024):
+        self.root = root
+        self.max_bytes = max_bytes  # largest accepted capture payload
+        root.mkdir(parents=True, exist_ok=True)
+
+    def store(self, data: bytes, meta: dict[str, Any], expected_sha256: str | None = None) -> Stored:
+        """Validate and store one capture; raise CaptureError with a code when refused."""
+        if len(data) > self.max_bytes:
+            raise CaptureError("too_large", f"capture is {len(data)} bytes; the limit is {self.max_bytes}")
+        digest = hashlib.sha256(data).hexdigest()
+        if expected_sha256 is not None and expected_sha256.lower() != digest:
+            raise CaptureError("bad_sha256", f"sha256 of the payload is {digest}, not the {expected_sha256[:64]} sent")
+        fmt = image_format(data)
+        path = self.root / f"{digest}.{FORMATS[fmt]}"
+        meta_path = self.root / f"{digest}.json"
+        if meta_path.exists() and path.exists():
+            return Stored(digest, path, duplicate=True)
+        _fsync_write(path, data)
+        record = dict(meta, sha256=digest, size=len(data), format=fmt, file=path.name, received=time.time())
+        _fsync_write(meta_path, json.dumps(record, sort_keys=True).encode())
+        return Stored(digest, path, duplicate=False)
+
+    def list(self, limit: int = 100, camera_id: str | None = None) -> tuple[int, list[dict[str, Any]]]:
+        """(total matching, newest `limit` metadata records)."""
+        records = []
+        for meta_path in self.root.glob("*.json"):
+            try:
+                record = json.loads(meta_path.read_text())
+            except (OSError, ValueError):
+                continue
+            if camera_id is None or record.get("camera_id") == camera_id:
+                records.append(record)
+        records.sort(key=lambda r: r.get("received", 0), reverse=True)
+        return len(records), records[:limit]
+
+    def count(self) -> int:
+        return sum(1 for _ in self.root.glob("*.json"))
