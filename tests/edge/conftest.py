@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
+
+from blockskip.edge.agent import Agent, AgentConfig, BrokerConfig
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -215,3 +217,34 @@ def mq():
 
     return types.SimpleNamespace(Broker=Broker, Probe=Probe, free_port=free_port, wait_until=wait_until,
                                  mosquitto_passwd=mosquitto_passwd)
+
+
+# ---- the agent under test ------------------------------------------------------------------
+
+def make_config(tmp_path: Path, broker, **kw) -> AgentConfig:
+    fields = dict(device_id="dev-a", data_dir=str(tmp_path / "data"), progress_interval_s=0.0,
+                  broker=BrokerConfig(host="127.0.0.1", port=broker.port, keepalive=5,
+                                      reconnect_min_s=0.1, reconnect_max_s=0.5))
+    fields.update(kw)
+    return AgentConfig(**fields)
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path, broker):
+    """start_agent(jobs=None, **config) -> a started Agent for device dev-a on the test broker."""
+    agents: list[Agent] = []
+
+    def start(jobs=None, **kw) -> Agent:
+        agent = Agent(make_config(tmp_path, broker, **kw), jobs=jobs)
+        (agent.data_dir / "model").mkdir(exist_ok=True)
+        agent.start()
+        wait_until(agent.connected.is_set)
+        agents.append(agent)
+        return agent
+
+    yield start
+    for a in agents:
+        if a.client.is_connected() or a._dispatcher.is_alive():
+            a.stop(flush_timeout_s=1)
+
+

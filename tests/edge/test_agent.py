@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from blockskip.edge.agent import Agent, AgentConfig, BrokerConfig, JobContext, _import_job
+from blockskip.edge.agent import JobContext, _import_job
 
 
-DEV = "dev-a"
+DEV = "dev-a"  # the device id of the start_agent fixture
 
 
 def png_job(delay: float = 0.0):
@@ -46,32 +46,6 @@ def png_job(delay: float = 0.0):
         return run
 
     return factory
-
-
-def make_config(tmp_path: Path, broker, **kw) -> AgentConfig:
-    fields = dict(device_id=DEV, data_dir=str(tmp_path / "data"), progress_interval_s=0.0,
-                  broker=BrokerConfig(host="127.0.0.1", port=broker.port, keepalive=5,
-                                      reconnect_min_s=0.1, reconnect_max_s=0.5))
-    fields.update(kw)
-    return AgentConfig(**fields)
-
-
-@pytest.fixture
-def start_agent(tmp_path: Path, broker, wait_until):
-    agents: list[Agent] = []
-
-    def start(jobs=None, **kw) -> Agent:
-        agent = Agent(make_config(tmp_path, broker, **kw), jobs=jobs)
-        (agent.data_dir / "model").mkdir(exist_ok=True)
-        agent.start()
-        wait_until(agent.connected.is_set)
-        agents.append(agent)
-        return agent
-
-    yield start
-    for a in agents:
-        if a.client.is_connected() or a._dispatcher.is_alive():
-            a.stop(flush_timeout_s=1)
 
 
 def gen(cid: str, **args) -> dict:
