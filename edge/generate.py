@@ -1,0 +1,311 @@
+"""`blockskip generate`: images of the personalized subject, offline, on the best backend here.
+
+Flow-matching Euler sampling with diffusers' scheduler and the model's own timestep shift
+(`blockskip.models.pipeline.sample`); the transformer runs on a backend (`edge/backends.py`:
+tensorrt, onnxruntime or torch; `auto` picks the best available and logs it). Text comes from
+the bundle's prompt bank when the prompt is in it, else from the model's text encoder on disk;
+with neither, the error lists the bank's prompts.
+
+Writes `<out>/<nnn>-seed<seed>.png` (tEXt: prompt, seed, adapter hash, steps, backend, size),
+`<out>/contact_sheet.png` and `<out>/generate.json` (the config, the backend, every image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from blockskip.errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE = os.environ.get("BLOCKSKIP_CACHE", str(Path.home() / ".cache" / "blockskip"))
+
+
+@dataclass
+class GenerateConfig:
+    model: str  # local model folder (diffusers layout, see models/pipeline.py)
+    prompts: list[str]  # prompts to render, in order; bank prompts need no text encoder
+    out_dir: str  # where the PNGs, the contact sheet and generate.json go
+    adapter: str | None = None  # LoRA adapter folder or file (None: the base model)
+    bundle: str | None = None  # bundle folder whose prompts/bank.* supplies text conditioning
+    seed: int = 0  # image k of each prompt uses seed + k
+    steps: int = 20  # Euler steps
+    height: int = 512  # pixels; a multiple of the model's granularity (16 for FLUX)
+    width: int = 512  # pixels; a multiple of the model's granularity
+    count: int = 1  # images per prompt
+    backend: str = "auto"  # auto | tensorrt | onnxruntime | torch
+    cache_dir: str = DEFAULT_CACHE  # ONNX exports and TensorRT engines ($BLOCKSKIP_CACHE)
+    precision: str | None = None  # None: fp32 for onnxruntime, fp16 for tensorrt
+    prompt_indices: list[int] = field(default_factory=list)  # bank entries to render as well
+
+    def __post_init__(self):
+        from blockskip.edge.backends import BACKENDS
+
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError("model must be the path of a model folder")
+        if not isinstance(self.prompts, list) or not all(isinstance(p, str) and p.strip() for p in self.prompts):
+            raise ConfigError("prompts must be a list of non-empty strings")
+        if not self.prompts and not self.prompt_indices:
+            raise ConfigError("prompts is empty: give at least one prompt (or prompt_indices with a bundle)")
+        if self.prompt_indices and not self.bundle:
+            raise ConfigError("prompt_indices needs bundle (the prompt bank they index)")
+        if not isinstance(self.out_dir, str) or not self.out_dir:
+            raise ConfigError("out_dir must be a folder path")
+        for name, low in (("seed", 0), ("steps", 1), ("height", 1), ("width", 1), ("count", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.precision not in (None, "fp32", "fp16"):
+            raise ConfigError(f"precision must be fp32 or fp16, got {self.precision!r}")
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def resolve_texts(config: GenerateConfig) -> tuple[list[tuple[str, dict]], object | None]:
+    """[(prompt, text conditioning)] and the model loaded with its text encoder (or None when
+    the bank covered every prompt)."""
+    from blockskip.edge.prompt_bank import load_prompt_bank
+    from blockskip.models.pipeline import load_model
+
+    bank = load_prompt_bank(config.bundle) if config.bundle else {}
+    names = list(bank)
+    prompts = list(config.prompts)
+    for i in config.prompt_indices:
+        if not 0 <= i < len(names):
+            raise ConfigError(f"prompt_indices: {i} is not in the bank (it has {len(names)} prompts)")
+        prompts.append(names[i])
+    missing = [p for p in prompts if p not in bank]
+    model = None
+    if missing:
+        model = load_model(config.model, text_encoder=True)
+        if model.text_encoder is None:
+            listed = "\n".join(f"  [{i}] {p}" for i, p in enumerate(names)) or "  (no bundle prompt bank given)"
+            raise InputError(f"prompt {missing[0]!r} is not in the prompt bank and model {config.model!r} has no "
+                             f"text encoder on disk; use one of the bank's prompts:\n{listed}")
+    texts = [(p, bank[p] if p in bank else model.encode_text(p)) for p in prompts]
+    return texts, model
+
+
+def sampling_model(model_dir: str, loaded=None):
+    """The Model for the sampler. Non-torch backends need only the transformer's config (for
+    input building), so its weights stay on the meta device and never fill memory."""
+    from blockskip.models import family_class
+    from blockskip.models.codec import PixelCodec, VaeCodec
+    from blockskip.models.pipeline import CLASS_TO_FAMILY, DEFAULT_SCHEDULERS, Model
+
+    if loaded is not None:
+        return loaded
+    root = Path(model_dir)
+    config_path = root / "transformer" / "config.json"
+    if not config_path.is_file():
+        raise InputError(f"{model_dir!r} is not a model folder: {config_path} is missing")
+    config = json.loads(config_path.read_text())
+    meta = json.loads((root / "blockskip.json").read_text()) if (root / "blockskip.json").is_file() else {}
+    name = meta.get("family") or CLASS_TO_FAMILY.get(config.get("_class_name"))
+    cls = family_class(name)
+    with torch.device("meta"):
+        transformer = cls.model_cls.from_config(config)
+    codec = VaeCodec.from_pretrained(str(root / "vae")) if (root / "vae" / "config.json").is_file() else PixelCodec()
+    scheduler_file = root / "scheduler" / "scheduler_config.json"
+    if scheduler_file.is_file():
+        scheduler = {k: v for k, v in json.loads(scheduler_file.read_text()).items() if not k.startswith("_")}
+    else:
+        scheduler = meta.get("scheduler") or dict(DEFAULT_SCHEDULERS[name])
+    return Model(cls(transformer.eval()), codec, None, scheduler, str(root))
+
+
+def to_pil(image: torch.Tensor):
+    """(3, H, W) in [-1, 1] -> PIL RGB."""
+    from PIL import Image
+
+    array = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array, "RGB")
+
+
+def save_png(image, path: Path, text: dict) -> str:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, "" if value is None else str(value))
+    tmp = path.with_name(path.name + ".tmp")
+    image.save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def contact_sheet(paths: list[Path], out: Path, thumb: int = 256) -> Path:
+    """All images in a grid, each fit into thumb x thumb."""
+    from PIL import Image
+
+    cols = max(1, math.ceil(math.sqrt(len(paths))))
+    rows = max(1, math.ceil(len(paths) / cols))
+    sheet = Image.new("RGB", (cols * thumb, rows * thumb), "white")
+    for i, path in enumerate(paths):
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            scale = thumb / max(image.size)
+            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                 Image.NEAREST if scale >= 1 else Image.LANCZOS)
+            sheet.paste(image, ((i % cols) * thumb, (i // cols) * thumb))
+    sheet.save(out, format="PNG")
+    return out
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+# ---- the job ---------------------------------------------------------------------------------
+def generate(config: GenerateConfig, on_event: Callable[[dict], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> list[dict]:
+    """Render every prompt `count` times; returns [{"path", "sha256", "prompt", "seed"}]."""
+    from blockskip.edge.backends import pick_backend
+    from blockskip.edge.lora import adapter_hash
+    from blockskip.edge.onnx_export import Shapes
+    from blockskip.models.pipeline import load_model, sample
+
+    texts, loaded = resolve_texts(config)
+    chosen_torch = config.backend == "torch"
+    full = loaded if loaded is not None else (load_model(config.model, text_encoder=False) if chosen_torch else None)
+    model = sampling_model(config.model, full)
+    g = model.granularity
+    if config.height % g or config.width % g:
+        raise ConfigError(f"height and width must be multiples of {g} for this model, got {config.width}x{config.height}")
+    adapter_id = adapter_hash(config.adapter) if config.adapter else None
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    backends = {}  # one per text length (exports have static shapes)
+    def backend_for(text_len: int):
+        if text_len not in backends:
+            shapes = Shapes(config.height, config.width, text_len)
+            load = (lambda: full) if full is not None else None
+            backends[text_len] = pick_backend(config.backend, config.model, config.adapter, shapes,
+                                              config.cache_dir, config.precision, load=load)
+        return backends[text_len]
+
+    total = len(texts) * config.count * config.steps
+    done, start, results = 0, time.perf_counter(), []
+
+    def on_step(step: int, steps: int) -> None:
+        nonlocal done
+        done += 1
+        rate = done / max(time.perf_counter() - start, 1e-9)
+        if on_event:
+            on_event({"type": "progress", "step": done, "total": total, "steps_per_s": rate,
+                      "peak_mem_bytes": peak_memory_bytes(), "eta_s": (total - done) / rate})
+
+    stopped = False
+    for prompt, text in texts:
+        backend = backend_for(text["encoder_hidden_states"].shape[1])
+        for k in range(config.count):
+            seed = config.seed + k
+            images = sample(model, text, seed=seed, steps=config.steps, height=config.height,
+                            width=config.width, predict=backend.predict, on_step=on_step)
+            path = out / f"{len(results):03d}-seed{seed}.png"
+            meta = {"prompt": prompt, "seed": seed, "adapter_hash": adapter_id, "steps": config.steps,
+                    "backend": backend.name, "height": config.height, "width": config.width,
+                    "model": config.model}
+            digest = save_png(to_pil(images[0]), path, meta)
+            results.append({"path": str(path), "sha256": digest, "prompt": prompt, "seed": seed})
+            logger.info("wrote %s", path)
+            if should_stop and should_stop():
+                stopped = True
+                break
+        if stopped:
+            break
+    if results:
+        contact_sheet([Path(r["path"]) for r in results], out / "contact_sheet.png")
+    report = {"config": asdict(config), "backends": [b.describe() for b in backends.values()],
+              "adapter_hash": adapter_id, "stopped": stopped, "images": results,
+              "seconds": time.perf_counter() - start, "peak_mem_bytes": peak_memory_bytes()}
+    (out / "generate.json").write_text(json.dumps(report, indent=2))
+    return results
+
+
+# ---- command line ----------------------------------------------------------------------------
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="generate images offline (TensorRT / ONNX Runtime / torch)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="local model folder (diffusers layout)")
+    parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                        help="a prompt (repeatable); needs a text encoder unless it is in the bundle's bank")
+    parser.add_argument("--bank-index", action="append", type=int, default=[], metavar="I",
+                        help="render entry I of the bundle's prompt bank (repeatable)")
+    parser.add_argument("--bundle", help="bundle folder with prompts/bank.* (offline text conditioning)")
+    parser.add_argument("--list-prompts", action="store_true", help="print the bundle's prompt bank and exit")
+    parser.add_argument("--adapter", help="LoRA adapter folder or .safetensors (default: the base model)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image of each prompt (default: 0)")
+    parser.add_argument("--steps", type=int, default=20, help="Euler steps (default: %(default)s)")
+    parser.add_argument("--height", type=int, default=512, help="pixels (default: %(default)s)")
+    parser.add_argument("--width", type=int, default=512, help="pixels (default: %(default)s)")
+    parser.add_argument("--count", type=int, default=1, help="images per prompt, seeds seed..seed+count-1")
+    parser.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"],
+                        help="where the transformer runs; auto: tensorrt, else onnxruntime, else torch")
+    parser.add_argument("--precision", choices=["fp32", "fp16"],
+                        help="export/engine precision (default: fp32 onnxruntime, fp16 tensorrt)")
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE,
+                        help="ONNX exports and engines (default: $BLOCKSKIP_CACHE or %(default)s)")
+    parser.add_argument("--out", default="blockskip-images", help="output folder (default: %(default)s)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_prompts:
+        from blockskip.edge.prompt_bank import load_prompt_bank
+
+        if not args.bundle:
+            raise ConfigError("--list-prompts needs --bundle")
+        for i, prompt in enumerate(load_prompt_bank(args.bundle)):
+            print(f"[{i}] {prompt}")
+        return 0
+    config = GenerateConfig(model=args.model, prompts=args.prompt, out_dir=args.out, adapter=args.adapter,
+                            bundle=args.bundle, seed=args.seed, steps=args.steps, height=args.height,
+                            width=args.width, count=args.count, backend=args.backend,
+                            cache_dir=args.cache_dir, precision=args.precision,
+                            prompt_indices=args.bank_index)
+    progress = _Progress()
+    results = generate(config, on_event=progress)
+    progress.close()
+    report = json.loads((Path(config.out_dir) / "generate.json").read_text())
+    print(f"backend: {', '.join(b['backend'] for b in report['backends'])}")
+    for item in results:
+        print(f"{item['path']}  seed {item['seed']}  {item['prompt']!r}")
+    print(f"contact sheet: {Path(config.out_dir) / 'contact_sheet.png'}")
+    return 0
+
+
+class _Progress:
+    """tqdm on a terminal, driven by the progress events."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, event: dict) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=event["total"], unit="step", desc="generate")
+        self.bar.n = event["step"]
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

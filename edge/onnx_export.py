@@ -1,0 +1,262 @@
+"""The full transformer as ONNX, with the LoRA adapter merged into its weights.
+
+One ONNX file per (model weights, adapter, precision, shapes), cached under a cache folder:
+
+    <cache>/onnx/<key>/transformer.onnx        the graph (opset 20)
+    <cache>/onnx/<key>/transformer.onnx.data   the weights (external data, one initializer per
+                                               parameter, named exactly as the torch parameter)
+    <cache>/onnx/<key>/transformer.json        the config it came from: model hash, adapter
+                                               hash, family, precision, input names and shapes
+
+Shapes are static: one (height, width, text length, batch) per file; another size is another
+file. The exporter is torch's dynamo exporter (`torch.onnx.export(..., dynamo=True)`) with its
+graph optimizer off: the onnxscript optimizer drops SANA's `+ 1e-15` in linear attention and the
+graph then yields NaN (found on onnxscript shipped with torch 2.13); ONNX Runtime and TensorRT run
+their own graph optimizations anyway. Every export is checked against torch before it is kept.
+
+A new adapter does not need a new export: because initializer names are the parameter names,
+`refit_onnx` writes the newly merged weights into a copy of an existing export of the same model
+and shapes (seconds, no tracing). That is the same by-name refit TensorRT does on an engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from blockskip.errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+
+OPSET = 20  # TensorRT 10 parses opsets 9..20
+ONNX_FILE = "transformer.onnx"
+SIDECAR = "transformer.json"
+PRECISIONS = ("fp32", "fp16")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The static shapes one export (and one engine) serves."""
+
+    height: int  # image height in pixels
+    width: int  # image width in pixels
+    text_len: int  # text tokens of the conditioning
+    batch: int = 1  # images per transformer call
+
+    def __post_init__(self):
+        for name in ("height", "width", "text_len", "batch"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def key(self) -> str:
+        return f"{self.batch}x{self.height}x{self.width}t{self.text_len}"
+
+    def to_dict(self) -> dict:
+        return {"height": self.height, "width": self.width, "text_len": self.text_len, "batch": self.batch}
+
+
+# ---- identities ----------------------------------------------------------------------------
+def model_hash(model_dir: str | Path) -> str:
+    """sha256 (16 hex) over the transformer's config and weight files, memoized per file by
+    (size, mtime) in `transformer/.blockskip-hash.json` when the folder is writable."""
+    root = Path(model_dir) / "transformer"
+    if not root.is_dir():
+        raise InputError(f"{str(model_dir)!r} has no transformer/ folder")
+    files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    memo = root / ".blockskip-hash.json"
+    if memo.is_file():
+        saved = json.loads(memo.read_text())
+        if saved.get("stamp") == stamp:
+            return saved["hash"]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(chunk)
+    value = digest.hexdigest()[:16]
+    try:
+        memo.write_text(json.dumps({"stamp": stamp, "hash": value}))
+    except OSError:
+        pass
+    return value
+
+
+def export_key(model_id: str, adapter_id: str | None, precision: str, shapes: Shapes) -> str:
+    return f"{model_id}-{adapter_id or 'base'}-{precision}-{shapes.key()}"
+
+
+# ---- the merged transformer ------------------------------------------------------------------
+def merge_adapter(transformer: torch.nn.Module, adapter: str | Path | None) -> torch.nn.Module:
+    """Load the adapter with diffusers' own loader, fuse it into the base weights, drop the
+    LoRA layers. The result is a plain diffusers transformer; non-finite weights are refused."""
+    from blockskip.edge.lora import load_adapter
+
+    if adapter is not None:
+        load_adapter(transformer, adapter)
+        transformer.fuse_lora(lora_scale=1.0)
+        transformer.unload_lora()
+    for name, param in transformer.named_parameters():
+        if not torch.isfinite(param).all():
+            raise InputError(f"weight {name} is not finite after merging adapter {str(adapter)!r}; "
+                             "the adapter (or the model) is broken and cannot be exported")
+    return transformer.eval()
+
+
+def example_inputs(model, shapes: Shapes, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Diffusers-forward inputs of the export's static shapes (values do not matter)."""
+    family = model.family
+    f = model.codec.factor
+    latents = torch.zeros(shapes.batch, model.codec.channels, shapes.height // f, shapes.width // f)
+    text = {"encoder_hidden_states": torch.zeros(1, shapes.text_len, family.text_shapes()["encoder_hidden_states"])}
+    if "pooled_projections" in family.text_shapes():
+        text["pooled_projections"] = torch.zeros(1, family.text_shapes()["pooled_projections"])
+    if "encoder_attention_mask" in family.text_keys:
+        text["encoder_attention_mask"] = torch.ones(1, shapes.text_len, dtype=torch.long)
+    inputs = family.make_inputs(latents, torch.full((shapes.batch,), 0.5), text)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+
+
+# ---- export ----------------------------------------------------------------------------------
+def export_onnx(model, adapter: str | Path | None, out_dir: str | Path, shapes: Shapes,
+                precision: str = "fp32", model_id: str | None = None, check: bool = True) -> Path:
+    """Export `model`'s transformer (a `blockskip.models.pipeline.Model`, loaded in full) with
+    `adapter` merged to `out_dir/transformer.onnx`, check it against torch, write the sidecar."""
+    from blockskip.edge.lora import adapter_hash
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    g = model.granularity
+    if shapes.height % g or shapes.width % g:
+        raise ConfigError(f"height and width must be multiples of {g} for this model, got "
+                          f"{shapes.width}x{shapes.height}")
+    transformer = _cast(merge_adapter(model.family.model, adapter), precision)
+    inputs = example_inputs(model, shapes, DTYPES[precision])
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    logger.info("exporting %s transformer (%s) to ONNX at %s", model.family.name, shapes.key(), out)
+    with torch.no_grad():
+        torch.onnx.export(transformer, (), str(tmp / ONNX_FILE), kwargs={**inputs, "return_dict": False},
+                          input_names=list(inputs), output_names=["output"], dynamo=True,
+                          optimize=False, external_data=True, opset_version=OPSET)
+    meta = {"model_hash": model_id, "adapter": str(adapter) if adapter else None,
+            "adapter_hash": adapter_hash(adapter) if adapter else None, "family": model.family.name,
+            "precision": precision, "shapes": shapes.to_dict(), "opset": OPSET,
+            "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                       for k, v in inputs.items()},
+            "output": "output", "torch": torch.__version__}
+    (tmp / SIDECAR).write_text(json.dumps(meta, indent=2))
+    if check:
+        check_onnx(tmp / ONNX_FILE, transformer, inputs)
+    _replace_dir(tmp, out)
+    return out / ONNX_FILE
+
+
+def check_onnx(onnx_path: Path, transformer: torch.nn.Module, inputs: dict, atol: float | None = None) -> float:
+    """Run the export on ONNX Runtime (CPU) and torch on random inputs; raise if they differ."""
+    import onnxruntime as ort
+
+    if atol is None:
+        atol = 1e-3 if next(transformer.parameters()).dtype == torch.float32 else 5e-2
+    gen = torch.Generator().manual_seed(0)
+    feeds = {k: (torch.randn(v.shape, generator=gen).to(v.dtype) if v.is_floating_point() else v)
+             for k, v in inputs.items() if k not in ("img_ids", "txt_ids")}
+    feeds = {**inputs, **feeds}
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {i.name: feeds[i.name].numpy() for i in session.get_inputs()})[0]
+    with torch.no_grad():
+        want = transformer(**feeds, return_dict=False)[0]
+    diff = float((torch.from_numpy(got).float() - want.float()).abs().max())
+    if not diff <= atol * max(1.0, float(want.abs().max())):
+        raise RuntimeError(f"ONNX export of {onnx_path} disagrees with torch (max |diff| {diff:.3g}); "
+                           "not keeping it")
+    return diff
+
+
+def refit_onnx(src_dir: str | Path, transformer: torch.nn.Module, out_dir: str | Path,
+               meta_update: dict) -> Path:
+    """Copy an export, replacing every initializer named like a parameter of `transformer`
+    (already merged) with that parameter's value. No tracing; the graph is unchanged."""
+    import onnx
+    from onnx import numpy_helper
+
+    src = Path(src_dir)
+    model = onnx.load(str(src / ONNX_FILE))
+    meta = json.loads((src / SIDECAR).read_text())
+    params = {name: p.detach() for name, p in transformer.state_dict().items()}
+    replaced = 0
+    for init in model.graph.initializer:
+        if init.name in params:
+            value = params[init.name].to(DTYPES[meta["precision"]]).cpu().numpy()
+            init.CopyFrom(numpy_helper.from_array(value, init.name))
+            replaced += 1
+    assert replaced, f"no initializer of {src} matches a parameter name; was it exported by export_onnx?"
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    onnx.save(model, str(tmp / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=ONNX_FILE + ".data", size_threshold=0)
+    meta.update(meta_update, refit_from=str(src), refit_initializers=replaced)
+    (tmp / SIDECAR).write_text(json.dumps(meta, indent=2))
+    _replace_dir(tmp, out)
+    logger.info("refit %d initializers of %s into %s", replaced, src, out)
+    return out / ONNX_FILE
+
+
+def _cast(transformer: torch.nn.Module, precision: str) -> torch.nn.Module:
+    dtype = DTYPES[precision]
+    return transformer if next(transformer.parameters()).dtype == dtype else transformer.to(dtype)
+
+
+def read_sidecar(onnx_path: str | Path) -> dict:
+    path = Path(onnx_path).with_name(SIDECAR)
+    if not path.is_file():
+        raise InputError(f"{path} is missing: an ONNX file for blockskip comes with the JSON it was "
+                         "exported from (run `blockskip export`)")
+    return json.loads(path.read_text())
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+# ---- the cache -------------------------------------------------------------------------------
+def cached_onnx(model_dir: str | Path, adapter: str | Path | None, shapes: Shapes, cache_dir: str | Path,
+                precision: str = "fp32", load=None) -> Path:
+    """The ONNX for (model, adapter, precision, shapes) from the cache: as it is, else refit from
+    an export of the same model and shapes with another adapter, else a fresh export.
+    `load()` returns the full Model (only called when a file has to be written)."""
+    from blockskip.edge.lora import adapter_hash
+    from blockskip.models.pipeline import load_model
+
+    mid = model_hash(model_dir)
+    aid = adapter_hash(adapter) if adapter else None
+    root = Path(cache_dir) / "onnx"
+    target = root / export_key(mid, aid, precision, shapes)
+    if (target / ONNX_FILE).is_file() and (target / SIDECAR).is_file():
+        logger.info("using cached ONNX %s", target)
+        return target / ONNX_FILE
+    model = (load or (lambda: load_model(model_dir, text_encoder=False)))()
+    siblings = sorted(root.glob(f"{mid}-*-{precision}-{shapes.key()}")) if root.is_dir() else []
+    siblings = [s for s in siblings if (s / SIDECAR).is_file() and s != target]
+    if siblings:
+        transformer = _cast(merge_adapter(model.family.model, adapter), precision)
+        path = refit_onnx(siblings[0], transformer, target,
+                          {"adapter": str(adapter) if adapter else None, "adapter_hash": aid})
+        check_onnx(path, transformer, example_inputs(model, shapes, DTYPES[precision]))
+        return path
+    return export_onnx(model, adapter, target, shapes, precision, model_id=mid)
