@@ -19,6 +19,7 @@ import json
 from typing import Iterable, Iterator
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 State = dict[str, torch.Tensor]
@@ -115,13 +116,16 @@ class Family(abc.ABC):
     def head(self, state: State, cond: Cond) -> torch.Tensor:
         """Everything after the last block; returns what the diffusers forward returns."""
 
-    def run_blocks(self, state: State, cond: Cond, start: int, end: int) -> State:
-        """Run blocks [start, end) in order."""
+    def run_blocks(self, state: State, cond: Cond, start: int, end: int, checkpointing: bool = False) -> State:
+        """Run blocks [start, end) in order (with `checkpointing`, recompute them in backward)."""
         if not 0 <= start <= end <= self.num_blocks:
             raise IndexError(f"block range [{start}, {end}) outside [0, {self.num_blocks})")
         context = self.block_context(cond) if start < end else None
         for index in range(start, end):
-            state = self.run_block(index, state, context)
+            if checkpointing and torch.is_grad_enabled():
+                state = torch.utils.checkpoint.checkpoint(self.run_block, index, state, context, use_reentrant=False)
+            else:
+                state = self.run_block(index, state, context)
         return state
 
     def forward(self, **inputs) -> torch.Tensor:

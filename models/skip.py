@@ -129,12 +129,13 @@ def compute_features(family: Family, plan: SkipPlan, inputs: dict):
 
 
 def reduced_forward(family: Family, plan: SkipPlan, entry_state: State,
-                    residuals: dict[Span, State], cond: Cond) -> torch.Tensor:
-    """Kept blocks only: entry state -> kept run -> + span residual -> kept run -> ... -> head."""
+                    residuals: dict[Span, State], cond: Cond, checkpointing: bool = False) -> torch.Tensor:
+    """Kept blocks only: entry state -> kept run -> + span residual -> kept run -> ... -> head.
+    With `checkpointing`, each kept block's activations are recomputed in backward."""
     state = dict(entry_state)
     for kind, start, end in plan.segments():
         if kind == "run":
-            state = family.run_blocks(state, cond, start, end)
+            state = family.run_blocks(state, cond, start, end, checkpointing=checkpointing)
         else:
             residual = residuals[(start, end)]
             state = {k: (v + residual[k] if k in residual else v) for k, v in state.items()}

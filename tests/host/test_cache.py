@@ -1,0 +1,103 @@
+"""Features from `cache` reproduce the full model; resume; what the bundle holds."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from blockskip.features import WEIGHTS_FILE, FeatureReader
+from blockskip.host.cache import build_cache, draw_inputs
+from blockskip.host.patches import PatchSchedule, load_image
+from blockskip.host.plan import LoraSettings, make_plan
+from blockskip.models.pipeline import tiny_model
+from blockskip.models.skip import SkipPlan, reduced_forward
+
+
+def subject_images(folder, count=3):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        pixels = (rng.random((40 + 9 * i, 48 + 5 * i, 3)) * 255).astype("uint8")
+        paths.append(folder / f"subject{i}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+def plan_for(model, n, m, samples=6):
+    k = n + m
+    size = model.family.num_blocks
+    profile = {"model": {"config_hash": model.family.config_hash()},
+               "d_pre": [0.0 if i <= n else 9.0 for i in range(size + 1)],
+               "d_suf": [0.0 if i <= m else 9.0 for i in range(size + 1)]}
+    schedule = PatchSchedule(s_min=16, s_max=32, granularity=model.granularity)
+    return make_plan(profile, model, k, schedule, LoraSettings(rank=4, alpha=4), samples)
+
+
+@pytest.mark.parametrize("name,n,m", [("flux", 2, 2), ("flux", 1, 0), ("sana", 2, 1), ("sana", 0, 3)])
+def test_equivalence_cached_features_reproduce_full_model(tmp_path, name, n, m):
+    model = tiny_model(name)
+    paths = subject_images(tmp_path / "images")
+    plan_doc = plan_for(model, n, m)
+    prompts = ["a photo of sks leaf", "sks leaf on soil"]
+    out = build_cache(model, plan_doc, paths, prompts, tmp_path / "stage", shard_size=4, progress=False)
+    reader = FeatureReader(out, model.family.prompt_cond_keys)
+    assert len(reader) == 6
+    schedule = PatchSchedule.from_dict(plan_doc["patch_schedule"])
+    images = [(p.name, load_image(p)) for p in paths]
+    texts = [model.encode_text(p) for p in prompts]
+    plan = SkipPlan.from_dict(plan_doc["plan"])
+    for position in range(len(reader)):
+        entry, residuals, cond, target, info = reader.get(position)
+        inputs, expected_target, _ = draw_inputs(model, schedule, images, texts, len(prompts), 0, info["index"])
+        with torch.no_grad():
+            full = model.family.diffusers_forward(**inputs)
+            cached = reduced_forward(model.family, plan, entry, residuals, cond)
+        assert (cached - full).abs().max().item() < 1e-5
+        assert torch.equal(target, expected_target)
+
+
+def test_cache_resumes_and_encodes_each_prompt_once(tmp_path):
+    model = tiny_model("flux")
+    calls = []
+    encode = model.text_encoder.encode
+    model.text_encoder.encode = lambda prompt: calls.append(prompt) or encode(prompt)
+    paths = subject_images(tmp_path / "images")
+    plan_doc = plan_for(model, 2, 1, samples=10)
+    full = build_cache(model, plan_doc, paths, ["p one", "p two"], tmp_path / "a", shard_size=4, progress=False)
+    assert sorted(calls) == ["p one", "p two"], "text must be encoded once per prompt, not per draw"
+    # an interrupted run: the last shard and the metadata never got written
+    partial = build_cache(model, plan_doc, paths, ["p one", "p two"], tmp_path / "b", shard_size=4, progress=False)
+    (partial / "features" / "shard-00002.safetensors").unlink()
+    (partial / "bundle.json").unlink()
+    mtime = (partial / "features" / "shard-00000.safetensors").stat().st_mtime_ns
+    build_cache(model, plan_doc, paths, ["p one", "p two"], partial, shard_size=4, progress=False)
+    assert (partial / "features" / "shard-00000.safetensors").stat().st_mtime_ns == mtime, "done shards are kept"
+    for shard in ("shard-00000", "shard-00001", "shard-00002"):
+        a = (full / "features" / f"{shard}.safetensors").read_bytes()
+        b = (partial / "features" / f"{shard}.safetensors").read_bytes()
+        assert a == b, f"{shard} differs after resume"
+
+
+def test_cache_holds_kept_weights_only_and_image_only_final_residual(tmp_path):
+    model = tiny_model("flux")
+    plan_doc = plan_for(model, 2, 2)
+    out = build_cache(model, plan_doc, subject_images(tmp_path / "i"), ["sks"], tmp_path / "s", progress=False)
+    with safe_open(str(out / WEIGHTS_FILE), framework="pt") as handle:
+        keys = set(handle.keys())
+    assert keys, "kept weights missing"
+    skipped = ("transformer_blocks.0.", "transformer_blocks.1.", "single_transformer_blocks.2.",
+               "single_transformer_blocks.3.", "x_embedder", "context_embedder", "time_text_embed")
+    assert not any(k.startswith(skipped) for k in keys)
+    assert any(k.startswith("single_transformer_blocks.0.") for k in keys)
+    assert any(k.startswith("proj_out") for k in keys)
+    full_bytes = sum(t.numel() * t.element_size() for t in model.family.model.state_dict().values())
+    assert (out / WEIGHTS_FILE).stat().st_size < 0.6 * full_bytes
+    with safe_open(str(out / "features" / "shard-00000.safetensors"), framework="pt") as handle:
+        residual_keys = {k.split("/", 2)[2] for k in handle.keys() if "/residual/" in k}
+    assert residual_keys == {"4-6/hidden_states"}
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["plan"]["kept"] == [2, 3] and meta["samples"] == 6

@@ -1,0 +1,94 @@
+import json
+import math
+import random
+import subprocess
+
+import pytest
+
+from blockskip.errors import ConfigError
+from blockskip.host.encoders import EfficientNetLite0
+from blockskip.host.patches import PatchSchedule
+from blockskip.host.plan import LoraSettings, choose_split, make_plan, skip_budget
+from blockskip.host.profile import masking_profile
+from blockskip.models import Flux
+from blockskip.models.pipeline import Model, tiny_model
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return EfficientNetLite0()
+
+
+@pytest.mark.parametrize("name", ["flux", "sana"])
+def test_profile_is_finite_and_covers_every_block(name, encoder):
+    model = tiny_model(name)
+    result = masking_profile(model, encoder, ["a leaf", "a plant on soil"], [0], steps=2, size=16, progress=False)
+    n = model.family.num_blocks
+    for key in ("d_pre", "d_suf"):
+        values = result[key]
+        assert len(values) == n + 1 and values[0] == 0.0
+        assert all(math.isfinite(v) and -1e-6 <= v <= 2 for v in values)
+    assert result["d_pre"][n] == pytest.approx(result["d_suf"][n]), "masking all blocks is the same either way"
+    assert max(result["d_pre"][1:]) > 0, "masking must change some generation"
+
+
+def test_encoder_is_the_pretrained_imagenet_model(encoder):
+    import torch
+
+    torch.manual_seed(0)
+    a, b = torch.rand(1, 3, 64, 64) * 2 - 1, torch.rand(1, 3, 64, 64) * 2 - 1
+    same = torch.nn.functional.cosine_similarity(encoder.embed(a), encoder.embed(a)).item()
+    other = torch.nn.functional.cosine_similarity(encoder.embed(a), encoder.embed(-b)).item()
+    assert same == pytest.approx(1.0) and other < 0.999
+
+
+def test_choose_split_is_the_argmin():
+    rng = random.Random(0)
+    for _ in range(50):
+        size = rng.randint(2, 20)
+        d_pre = [0.0] + [rng.random() for _ in range(size)]
+        d_suf = [0.0] + [rng.random() for _ in range(size)]
+        k = rng.randint(0, size)
+        n, m = choose_split(d_pre, d_suf, k)
+        assert n + m == k
+        assert d_pre[n] + d_suf[m] == min(d_pre[i] + d_suf[k - i] for i in range(k + 1))
+
+
+def test_paper_flux_lookups_with_a_crafted_profile():
+    """FLUX (57 blocks): 30% -> (7, 10), 40% -> (13, 10), 50% -> (19, 10) when the profile makes
+    those the argmin: later prefix blocks cost more, suffix skips beyond 10 cost a lot."""
+    family = Flux.tiny(num_layers=19, num_single_layers=38)
+    assert family.num_blocks == 57
+    model = Model(family, scheduler_config={"shift": 3.0})
+    profile = {"model": {"config_hash": family.config_hash()},
+               "d_pre": [0.01 * n for n in range(58)],
+               "d_suf": [0.0 if m <= 10 else 1.0 + m for m in range(58)]}
+    schedule = PatchSchedule(s_min=16, s_max=32, granularity=2)
+    for ratio, expected in [(0.3, (7, 10)), (0.4, (13, 10)), (0.5, (19, 10))]:
+        plan = make_plan(profile, model, skip_budget(57, ratio), schedule, LoraSettings(), samples=10)
+        assert (plan["plan"]["n"], plan["plan"]["m"]) == expected
+        assert plan["plan"]["kept"] == list(range(expected[0], 57 - expected[1]))
+        assert all(t.split(".")[0] in ("transformer_blocks", "single_transformer_blocks")
+                   for t in plan["lora"]["target_modules"])
+        assert plan["estimates"]["train_memory_bytes"] > 0 and plan["estimates"]["cache_bytes_per_draw"] > 0
+
+
+@pytest.mark.parametrize("kwargs", [dict(ratio=1.0), dict(ratio=1.5), dict(blocks=57), dict(blocks=80)])
+def test_infeasible_budgets_are_errors(kwargs):
+    with pytest.raises(ConfigError, match="skip"):
+        skip_budget(57, **kwargs)
+
+
+def test_plan_cli_rejects_infeasible_ratio(tmp_path):
+    profile = tmp_path / "profile.json"
+    model = tiny_model("flux")
+    profile.write_text(json.dumps({"model": {"config_hash": model.family.config_hash()},
+                                   "d_pre": [0.0] * 7, "d_suf": [0.0] * 7}))
+    cmd = ["blockskip", "plan", "--profile", str(profile), "--model", "tiny-flux", "--out", str(tmp_path / "p.json"),
+           "--s-min", "16", "--s-max", "32"]
+    bad = subprocess.run(cmd + ["--skip-ratio", "1.0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "skip ratio must be in [0, 1)" in bad.stderr
+    good = subprocess.run(cmd + ["--skip-ratio", "0.5"], capture_output=True, text=True)
+    assert good.returncode == 0, good.stderr
+    assert json.loads((tmp_path / "p.json").read_text())["plan"]["n"] + 3 == 6 - len(
+        json.loads((tmp_path / "p.json").read_text())["plan"]["kept"]) + 3
