@@ -1,0 +1,143 @@
+"""ONNX Runtime vs torch on the tiny models, with and without a merged adapter, and a changed
+adapter applied by refitting the export's weights (equivalence tests)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from blockskip.edge.backends import OrtBackend, TorchBackend
+from blockskip.edge.lora import load_adapter, lora_config_dict, save_adapter
+from blockskip.edge.onnx_export import Shapes, cached_onnx, export_onnx, model_hash, read_sidecar
+from blockskip.errors import ConfigError, InputError
+from blockskip.models.pipeline import load_model, sample, save_model, tiny_model
+
+ATOL = 1e-4  # fp32 ONNX Runtime vs torch, on outputs of magnitude ~1
+IMAGE_ATOL = 1e-3  # a whole 3-step sample
+SIZE = 16  # pixels; tiny models are pixel-space
+
+
+def make_adapter(model_dir, out_dir, blocks, seed, scale=0.3):
+    """An adapter in the trainer's file format: peft LoRA on `blocks`, lora_B randomized."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    model = load_model(model_dir, text_encoder=False)
+    targets = [name for i in blocks for name in model.family.lora_targets(i)]
+    transformer = model.family.model
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+    save_adapter(get_peft_model_state_dict(transformer), lora_config_dict(4, 8, targets), out_dir)
+    return str(out_dir)
+
+
+def torch_reference(model_dir, adapter=None):
+    """The diffusers transformer with the adapter loaded by diffusers' loader, not fused."""
+    transformer = load_model(model_dir, text_encoder=False).family.model
+    if adapter:
+        load_adapter(transformer, adapter)
+    return transformer.eval()
+
+
+def inputs_for(model, seed):
+    text = model.encode_text("a photo of sks maize leaf with rust")
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, 3, SIZE, SIZE, generator=gen)
+    return model.family.make_inputs(latents, torch.tensor([0.6]), text), text
+
+
+@pytest.fixture(scope="module", params=["flux", "sana"])
+def setup(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    model_dir = str(save_model(tiny_model(request.param), root / "model"))
+    model = load_model(model_dir)
+    first_kept, last_kept = 1, model.family.num_blocks - 2
+    adapter_a = make_adapter(model_dir, root / "adapter_a", [first_kept, last_kept], seed=1)
+    adapter_b = make_adapter(model_dir, root / "adapter_b", [first_kept], seed=2)
+    text_len = model.encode_text("x")["encoder_hidden_states"].shape[1]
+    return {"dir": model_dir, "model": model, "a": adapter_a, "b": adapter_b, "root": root,
+            "shapes": Shapes(SIZE, SIZE, text_len), "cache": root / "cache"}
+
+
+def test_equivalence_onnxruntime_matches_torch_without_adapter(setup):
+    path = cached_onnx(setup["dir"], None, setup["shapes"], setup["cache"])
+    ort_backend = OrtBackend(path)
+    reference = torch_reference(setup["dir"])
+    inputs, text = inputs_for(setup["model"], seed=0)
+    with torch.no_grad():
+        want = reference(**inputs, return_dict=False)[0]
+    torch.testing.assert_close(ort_backend.predict(inputs), want, atol=ATOL, rtol=0)
+
+    model = setup["model"]
+    run = dict(text=text, seed=3, steps=3, height=SIZE, width=SIZE)
+    images_ort = sample(model, predict=ort_backend.predict, **run)
+    images_torch = sample(model, predict=lambda x: reference(**x, return_dict=False)[0], **run)
+    torch.testing.assert_close(images_ort, images_torch, atol=IMAGE_ATOL, rtol=0)
+    meta = read_sidecar(path)
+    assert meta["adapter_hash"] is None and meta["model_hash"] == model_hash(setup["dir"])
+    assert meta["shapes"] == setup["shapes"].to_dict()
+
+
+def test_equivalence_onnxruntime_matches_torch_with_adapter_merged(setup):
+    out = setup["root"] / "fresh_a"
+    path = export_onnx(load_model(setup["dir"], text_encoder=False), setup["a"], out, setup["shapes"])
+    inputs, _ = inputs_for(setup["model"], seed=1)
+    with torch.no_grad():
+        want = torch_reference(setup["dir"], setup["a"])(**inputs, return_dict=False)[0]
+        base = torch_reference(setup["dir"])(**inputs, return_dict=False)[0]
+    got = OrtBackend(path).predict(inputs)
+    assert (want - base).abs().max() > 100 * ATOL, "the test adapter must visibly change the output"
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    torch.testing.assert_close(TorchBackend(torch_reference(setup["dir"]), setup["a"]).predict(inputs),
+                               want, atol=ATOL, rtol=0)
+
+
+def test_equivalence_changed_adapter_refits_onnx_and_matches_torch(setup):
+    shapes, cache = setup["shapes"], setup["cache"]
+    path_a = cached_onnx(setup["dir"], setup["a"], shapes, cache)
+    path_b = cached_onnx(setup["dir"], setup["b"], shapes, cache)
+    assert path_a != path_b
+    meta_b = read_sidecar(path_b)
+    assert meta_b.get("refit_from"), "a second adapter of the same model and size is applied by refit"
+    assert meta_b["adapter_hash"] != read_sidecar(path_a)["adapter_hash"]
+    inputs, _ = inputs_for(setup["model"], seed=2)
+    got_a, got_b = OrtBackend(path_a).predict(inputs), OrtBackend(path_b).predict(inputs)
+    with torch.no_grad():
+        want_b = torch_reference(setup["dir"], setup["b"])(**inputs, return_dict=False)[0]
+    assert (got_a - got_b).abs().max() > 100 * ATOL
+    torch.testing.assert_close(got_b, want_b, atol=ATOL, rtol=0)
+    # the cache is reused: asking again returns the same file without a new export
+    mtime = path_b.stat().st_mtime_ns
+    assert cached_onnx(setup["dir"], setup["b"], shapes, cache) == path_b
+    assert path_b.stat().st_mtime_ns == mtime
+
+
+def test_onnxruntime_refuses_other_shapes(setup):
+    path = cached_onnx(setup["dir"], None, setup["shapes"], setup["cache"])
+    model = setup["model"]
+    text = model.encode_text("a leaf")
+    inputs = model.family.make_inputs(torch.zeros(1, 3, 2 * SIZE, SIZE), torch.tensor([0.5]), text)
+    with pytest.raises(ConfigError, match="export again"):
+        OrtBackend(path).predict(inputs)
+
+
+def test_export_refuses_non_finite_adapter(setup, tmp_path):
+    from blockskip.edge.lora import read_adapter
+    from safetensors.torch import save_file
+
+    tensors, _ = read_adapter(setup["b"])
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, 0] = float("inf")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    config = json.loads((setup["root"] / "adapter_b" / "adapter_config.json").read_text())
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in config.items()})}
+    save_file(tensors, str(bad / "pytorch_lora_weights.safetensors"), metadata=metadata)
+    with pytest.raises(InputError, match="not finite"):
+        export_onnx(load_model(setup["dir"], text_encoder=False), str(bad), tmp_path / "x", setup["shapes"])
