@@ -1,0 +1,151 @@
+"""`generate`: the API the agent calls, the command line, the prompt bank, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from blockskip.cli import main
+from blockskip.edge.generate import GenerateConfig, generate
+from blockskip.edge.prompt_bank import load_prompt_bank, write_prompt_bank
+from blockskip.errors import ConfigError, InputError
+from blockskip.models.pipeline import load_model, save_model, tiny_model
+
+BANK = ["a photo of sks maize leaf with rust", "a photo of sks maize leaf, close-up"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generate")
+    out = {}
+    for name in ("flux", "sana"):
+        model = tiny_model(name)
+        out[name] = str(save_model(model, root / name))
+        write_prompt_bank(root / f"{name}-bundle", model, BANK)
+        out[f"{name}-bundle"] = str(root / f"{name}-bundle")
+    # a model folder without a text encoder: the board's case
+    offline = save_model(tiny_model("flux"), root / "flux-offline")
+    meta = json.loads((offline / "blockskip.json").read_text())
+    meta.pop("text_encoder")
+    (offline / "blockskip.json").write_text(json.dumps(meta))
+    out["flux-offline"] = str(offline)
+    out["cache"] = str(root / "cache")
+    return out
+
+
+def config(models, family, out, **kw):
+    base = dict(model=models[family], prompts=[BANK[0]], out_dir=str(out), steps=3, height=16, width=16,
+                backend="torch", cache_dir=models["cache"])
+    return GenerateConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("field,value", [("steps", 0), ("height", -16), ("count", 0), ("seed", -1),
+                                         ("backend", "cuda"), ("prompts", []), ("prompts", [""])])
+def test_config_rejects_bad_values_naming_the_field(models, tmp_path, field, value):
+    with pytest.raises(ConfigError, match=field):
+        config(models, "flux", tmp_path, **{field: value})
+
+
+@pytest.mark.parametrize("family", ["flux", "sana"])
+def test_same_seed_same_image_twice_torch(models, tmp_path, family):
+    first = generate(config(models, family, tmp_path / "a", count=2))
+    second = generate(config(models, family, tmp_path / "b", count=2))
+    assert [r["sha256"] for r in first] == [r["sha256"] for r in second]
+    assert first[0]["sha256"] != first[1]["sha256"], "seed and seed + 1 must give different images"
+
+
+def test_same_seed_same_image_twice_onnxruntime(models, tmp_path):
+    first = generate(config(models, "flux", tmp_path / "a", backend="onnxruntime", seed=7))
+    second = generate(config(models, "flux", tmp_path / "b", backend="onnxruntime", seed=7))
+    assert first[0]["sha256"] == second[0]["sha256"]
+    report = json.loads((tmp_path / "a" / "generate.json").read_text())
+    assert report["backends"][0]["backend"] == "onnxruntime"
+
+
+def test_pngs_carry_metadata_and_a_contact_sheet_is_written(models, tmp_path):
+    events = []
+    results = generate(config(models, "sana", tmp_path, prompts=BANK, count=2, seed=5), on_event=events.append)
+    assert len(results) == 4 and {r["seed"] for r in results} == {5, 6}
+    with Image.open(results[3]["path"]) as image:
+        assert image.size == (16, 16)
+        assert image.text["prompt"] == BANK[1] and image.text["seed"] == "6"
+        assert image.text["steps"] == "3" and image.text["backend"] == "torch"
+        assert "adapter_hash" in image.text
+    with Image.open(tmp_path / "contact_sheet.png") as sheet:
+        assert sheet.width >= 2 * 16 and sheet.height >= 2 * 16
+    assert [e["step"] for e in events] == list(range(1, 13))
+    assert events[-1]["total"] == 12 and events[-1]["eta_s"] == 0
+    assert all(e["type"] == "progress" and e["peak_mem_bytes"] > 0 and e["steps_per_s"] > 0 for e in events)
+
+
+def test_adapter_hash_in_metadata_and_adapter_changes_the_image(models, tmp_path):
+    from test_onnx import make_adapter  # the trainer's file format
+
+    adapter = make_adapter(models["flux"], tmp_path / "adapter", [1, 4], seed=3)
+    base = generate(config(models, "flux", tmp_path / "base"))
+    tuned = generate(config(models, "flux", tmp_path / "tuned", adapter=adapter))
+    assert base[0]["sha256"] != tuned[0]["sha256"]
+    with Image.open(tuned[0]["path"]) as image:
+        from blockskip.edge.lora import adapter_hash
+
+        assert image.text["adapter_hash"] == adapter_hash(adapter)
+
+
+def test_should_stop_ends_after_the_current_image(models, tmp_path):
+    results = generate(config(models, "flux", tmp_path, count=3), should_stop=lambda: True)
+    assert len(results) == 1
+    assert json.loads((tmp_path / "generate.json").read_text())["stopped"] is True
+
+
+def test_prompt_bank_round_trip(models):
+    bank = load_prompt_bank(models["flux-bundle"])
+    assert list(bank) == BANK
+    want = tiny_model("flux").encode_text(BANK[1])
+    assert set(bank[BANK[1]]) == set(want)
+    for key in want:
+        torch.testing.assert_close(bank[BANK[1]][key], want[key])
+
+
+def test_offline_bank_prompt_needs_no_text_encoder(models, tmp_path):
+    assert load_model(models["flux-offline"]).text_encoder is None
+    offline = generate(config(models, "flux-offline", tmp_path / "off", prompts=[], prompt_indices=[0],
+                              bundle=models["flux-bundle"]))
+    online = generate(config(models, "flux", tmp_path / "on"))
+    assert offline[0]["prompt"] == BANK[0]
+    with Image.open(offline[0]["path"]) as a, Image.open(online[0]["path"]) as b:
+        assert a.tobytes() == b.tobytes(), "bank conditioning must equal the encoder's"
+        assert a.text["model"] != b.text["model"]
+
+
+def test_unknown_prompt_without_text_encoder_lists_the_bank(models, tmp_path):
+    with pytest.raises(InputError) as err:
+        generate(config(models, "flux-offline", tmp_path, prompts=["a dog"], bundle=models["flux-bundle"]))
+    message = str(err.value)
+    assert "a dog" in message and "text encoder" in message
+    assert all(p in message for p in BANK)
+
+
+def test_command_line_generate_and_list_prompts(models, tmp_path, capsys):
+    assert main(["generate", "--model", models["flux"], "--bundle", models["flux-bundle"], "--list-prompts"]) == 0
+    assert BANK[1] in capsys.readouterr().out
+    code = main(["generate", "--model", models["flux"], "--prompt", BANK[0], "--steps", "2", "--height", "16",
+                 "--width", "16", "--backend", "torch", "--out", str(tmp_path), "--cache-dir", models["cache"]])
+    assert code == 0
+    assert (tmp_path / "000-seed0.png").is_file() and (tmp_path / "contact_sheet.png").is_file()
+    assert main(["generate", "--model", models["flux"], "--prompt", "x", "--height", "17", "--width", "16",
+                 "--backend", "torch", "--out", str(tmp_path / "bad")]) == 2
+    assert "multiple" in capsys.readouterr().err
+
+
+def test_command_line_export_writes_a_carryable_onnx(models, tmp_path, capsys):
+    code = main(["export", "--model", models["sana"], "--height", "16", "--width", "16",
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "carry")])
+    assert code == 0
+    meta = json.loads((tmp_path / "carry" / "transformer.json").read_text())
+    assert meta["shapes"] == {"height": 16, "width": 16, "text_len": 16, "batch": 1}
+    assert (tmp_path / "carry" / "transformer.onnx").is_file()
+    assert (tmp_path / "carry" / "transformer.onnx.data").is_file()
+    assert '"onnx"' in capsys.readouterr().out
