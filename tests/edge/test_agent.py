@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import importlib.util
 import json
 import os
@@ -12,10 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
-from blockskip.edge.agent import JobContext, _import_job
+from blockskip.edge.agent import AgentConfig, JobContext, _import_job, load_config
 
 
 DEV = "dev-a"  # the device id of the start_agent fixture
@@ -53,7 +54,8 @@ def gen(cid: str, **args) -> dict:
 
 
 def test_status_is_retained_and_every_action_round_trips(broker, start_agent, probe_factory, wait_until):
-    agent = start_agent(jobs={"generate": png_job(), "train": lambda: _import_job("blockskip.edge.no_such", "training")})
+    agent = start_agent(jobs={"generate": png_job(), "train": lambda: _import_job("blockskip.edge.no_such", "training")},
+                        thumbnails=True)
     late = probe_factory(broker.port, [f"blockskip/{DEV}/#"], "late")
     status = wait_until(lambda: late.on("/status"))[-1]
     assert status["state"] == "online" and status["version"] and status["ts"] > 0
@@ -72,6 +74,7 @@ def test_status_is_retained_and_every_action_round_trips(broker, start_agent, pr
     assert result["job"] == "g1" and result["seed"] == 7 and result["prompt"].startswith("a photo")
     assert Path(result["path"]).is_relative_to(agent.data_dir)
     assert hashlib.sha256(Path(result["path"]).read_bytes()).hexdigest() == result["sha256"]
+    assert Image.open(io.BytesIO(base64.b64decode(result["thumbnail_png_b64"]))).format == "PNG"
 
     reply = late.request(DEV, {"id": "c1", "action": "captures", "args": {"limit": 5}})
     assert reply["ok"] and reply["result"] == {"total": 0, "captures": []}
@@ -176,7 +179,9 @@ def test_will_fires_when_the_agent_is_killed(broker, tmp_path, probe_factory, wa
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         offline = wait_until(lambda: [s for s in probe.on("/status") if s["state"] == "offline"], 10)
+        online = [s for s in probe.on("/status") if s["state"] == "online"]
         assert offline[-1]["job"] is None
+        assert offline[-1]["ts"] < online[-1]["ts"]  # the will (made before connecting), not a clean offline
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -189,14 +194,18 @@ def test_sigterm_publishes_offline_and_exits_zero(broker, tmp_path, probe_factor
     probe = probe_factory(broker.port, [f"blockskip/{DEV}/#"])
     proc = subprocess.Popen([sys.executable, "-m", "blockskip", "agent", "--config", str(config)])
     try:
-        wait_until(lambda: [s for s in probe.on("/status") if s["state"] == "online"], 60)
-        broker_conns_before = probe.on("/status")
+        online = wait_until(lambda: [s for s in probe.on("/status") if s["state"] == "online"], 60)[-1]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
-        assert probe.on("/status")[-1]["state"] == "offline" or wait_until(
-            lambda: probe.on("/status")[-1]["state"] == "offline", 5)
-        assert len(probe.on("/status")) > len(broker_conns_before)
+        offline = wait_until(lambda: [s for s in probe.on("/status") if s["state"] == "offline"], 5)[-1]
+        assert offline["ts"] > online["ts"]  # published by the agent on shutdown, not its will
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_example_config_loads():
+    config = load_config(Path(__file__).resolve().parents[2] / "deploy" / "agent.example.yaml")
+    assert isinstance(config, AgentConfig) and config.broker.ca_file and config.broker.password_file
+    assert config.broker.reconnect_max_s > config.broker.reconnect_min_s
