@@ -1,0 +1,25 @@
+"""The agent config that deploy/pi/install.sh writes loads in the real agent."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+agent = pytest.importorskip("blockskip.edge.agent")
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "pi" / "agent.yaml"
+
+
+def test_pi_default_config_loads(tmp_path):
+    text = TEMPLATE.read_text()
+    for key, value in {"@DEVICE_ID@": "field-07", "@BROKER_HOST@": "mqtt.example.org", "@BROKER_PORT@": "8883"}.items():
+        text = text.replace(key, value)
+    assert not re.search(r"@[A-Z_]+@", text), "a placeholder was left"
+    (tmp_path / "agent.yaml").write_text(text)
+    config = agent.load_config(tmp_path / "agent.yaml")
+    assert config.device_id == "field-07"
+    assert config.data_dir == "/var/lib/blockskip"
+    assert config.broker.host == "mqtt.example.org" and config.broker.port == 8883
+    assert config.broker.ca_file and config.broker.password_file and config.broker.username == "field-07"
