@@ -164,6 +164,24 @@ def test_messages_produced_while_the_broker_is_down_arrive_after_reconnect(broke
     assert probe.request(DEV, {"id": "alive", "action": "status"})["result"]["state"] == "online"
 
 
+def test_outbox_survives_an_agent_restart_while_the_broker_is_down(broker, start_agent, probe_factory, wait_until):
+    agent = start_agent(jobs={"generate": png_job(delay=0.02)})
+    probe = probe_factory(broker.port, [f"blockskip/{DEV}/#"])
+    assert probe.request(DEV, gen("offline-run", steps=40))["ok"]
+    wait_until(lambda: probe.on("/progress"))
+    broker.stop()
+    wait_until(lambda: not agent._job_thread.is_alive(), 20)
+    assert len(agent.outbox) > 10  # the done event, a result and most progress are still undelivered
+    agent.stop(flush_timeout_s=0.2)  # broker gone: everything stays in data_dir/outbox.sqlite3
+    broker.start()
+    restarted = start_agent(jobs={})  # same data_dir: the new process sends what the old one could not
+    done = wait_until(lambda: [e for e in probe.on("/progress") if e.get("type") == "done"], 20)
+    assert done[0]["job"] == "offline-run"
+    assert {e["step"] for e in probe.on("/progress") if e.get("type") == "progress"} == set(range(1, 41))
+    wait_until(lambda: restarted.sender.idle())
+    assert probe.on("/status")[-1]["state"] == "online"
+
+
 def test_will_fires_when_the_agent_is_killed(broker, tmp_path, probe_factory, wait_until):
     config = tmp_path / "agent.yaml"
     config.write_text(json.dumps({  # YAML is a superset of JSON
