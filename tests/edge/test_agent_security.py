@@ -10,7 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
 
 from blockskip.edge.agent import Agent, AgentConfig, BrokerConfig, make_client
