@@ -149,3 +149,25 @@ def test_command_line_export_writes_a_carryable_onnx(models, tmp_path, capsys):
     assert (tmp_path / "carry" / "transformer.onnx").is_file()
     assert (tmp_path / "carry" / "transformer.onnx.data").is_file()
     assert '"onnx"' in capsys.readouterr().out
+
+
+def test_auto_backend_says_which_it_chose(caplog):
+    import logging
+
+    from blockskip.edge.backends import available_backends, resolve_backend
+
+    with caplog.at_level(logging.INFO, logger="blockskip.edge.backends"):
+        chosen = resolve_backend("auto")
+    assert chosen == available_backends()[0]
+    assert f"backend auto chose {chosen}" in caplog.text
+
+
+def test_tensorrt_without_tensorrt_is_a_clear_error(models, tmp_path):
+    import importlib.util
+
+    from blockskip.errors import NotAvailableError
+
+    if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
+        pytest.skip("TensorRT and a GPU are present here; tests/edge/test_tensorrt.py covers it")
+    with pytest.raises(NotAvailableError, match="TensorRT|CUDA"):
+        generate(config(models, "flux", tmp_path, backend="tensorrt"))
