@@ -218,7 +218,7 @@ def copy_config(remote: Remote, config: Path, dest: str) -> None:
         raise InputError(f"cannot create the config directory for {dest} on {remote.host}: {proc.stderr.strip()}")
     rsync(remote, str(config), dest, [])
     digest = sha256_file(config)
-    proc = remote.run(f"sha256sum -c --strict --quiet -", stdin=f"{digest}  {dest}\n")
+    proc = remote.run("sha256sum -c --strict --quiet -", stdin=f"{digest}  {dest}\n")
     if proc.returncode != 0:
         raise BundleError(f"agent config {dest} on {remote.host} does not match {config} after the copy")
 
@@ -267,15 +267,15 @@ def register(subparsers) -> None:
             "at DEST. Refuses while a running job holds DEST.inuse (JSON with its pid); a stale lock is "
             "reported and ignored. Needs ssh and rsync here, and rsync and sha256sum on the board. "
             "See deploy/README.md."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("bundle", metavar="BUNDLE", help="local bundle directory (with manifest.json)")
+    p.add_argument("bundle", metavar="BUNDLE", help="local bundle directory (with manifest.json); unpack a bundle tar first")
     p.add_argument("target", metavar="HOST:DEST",
                    help="ssh host (user@host or a ~/.ssh/config alias) and the bundle directory on the board, "
                         "e.g. orin:/var/lib/blockskip/bundles/maize")
     p.add_argument("--config", metavar="AGENT_YAML", help="also copy this agent config to the board")
     p.add_argument("--config-dest", default=DEFAULT_CONFIG_DEST, metavar="PATH",
-                   help="where --config goes on the board (the systemd unit reads this path)")
+                   help=f"where --config goes on the board (default: {DEFAULT_CONFIG_DEST}, the path the systemd unit "
+                        "and the Jetson container read)")
     p.add_argument("--port", "-p", type=int, help="ssh port on the board (default: ssh's, usually 22)")
     p.add_argument("--identity", "-i", metavar="KEY", help="ssh private key file (default: ssh's keys or agent)")
     p.add_argument("--ssh-option", "-o", action="append", default=[], metavar="KEY=VALUE",
