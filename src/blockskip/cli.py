@@ -21,7 +21,7 @@ COMMAND_MODULES = [
     ("blockskip.host.profile", ["profile"]),
     ("blockskip.host.plan", ["plan"]),
     ("blockskip.host.cache", ["cache"]),
-    ("blockskip.host.bundle", ["bundle", "verify"]),
+    ("blockskip.host.bundle", ["bundle", "verify", "keygen"]),
     ("blockskip.host.deploy", ["deploy"]),
     ("blockskip.edge.train", ["train"]),
     ("blockskip.edge.export", ["export"]),
