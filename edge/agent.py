@@ -90,12 +90,15 @@ class AgentConfig:
     session_expiry_s: int = 86_400  # broker keeps our subscriptions and queued commands this long
     job_stop_timeout_s: float = 300.0  # on SIGTERM, wait this long for the job to checkpoint
     thumbnails: bool = False  # add a small base64 PNG thumbnail to each `result`
+    backend: str = "auto"  # generation backend when a command names none (Pi: onnxruntime)
 
     def __post_init__(self) -> None:
         if not isinstance(self.device_id, str) or not messages.ID_PATTERN.match(self.device_id):
             raise ConfigError("device_id must be 1-64 characters of [A-Za-z0-9_.:-]")
         if isinstance(self.broker, dict):
             self.broker = BrokerConfig(**self.broker)
+        if self.backend not in ("auto", "tensorrt", "onnxruntime", "torch"):
+            raise ConfigError(f"backend must be auto, tensorrt, onnxruntime or torch, got {self.backend!r}")
         for name in ("max_command_bytes", "max_capture_bytes", "outbox_max_messages", "outbox_max_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
@@ -411,6 +414,9 @@ class Agent:
             if name in args:
                 args[name] = messages.resolve_in(self.data_dir, args[name], must_exist=name != "out")
         args["out"] = args.get("out") or messages.resolve_in(self.data_dir, f"{DEFAULT_OUT[cmd.action]}/{cmd.id}")
+        if cmd.action == "generate":  # engines and exports stay in the data directory
+            args.setdefault("backend", self.config.backend)
+            args.setdefault("cache_dir", str(self.data_dir / "engines"))
         return args
 
     def _start_job(self, cmd: Command) -> dict[str, Any]:

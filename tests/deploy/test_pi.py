@@ -21,5 +21,6 @@ def test_pi_default_config_loads(tmp_path):
     config = agent.load_config(tmp_path / "agent.yaml")
     assert config.device_id == "field-07"
     assert config.data_dir == "/var/lib/blockskip"
+    assert config.backend == "onnxruntime", "CPU boards generate through ONNX Runtime by default"
     assert config.broker.host == "mqtt.example.org" and config.broker.port == 8883
     assert config.broker.ca_file and config.broker.password_file and config.broker.username == "field-07"
