@@ -1,0 +1,42 @@
+"""The README's main job: `blockskip demo` finishes on the CPU, offline, and writes its report."""
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run(["blockskip", "demo", "--out", str(out), "--samples", "8", "--steps", "12"],
+                          capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for step in range(1, 8):
+        assert f"[{step}/7]" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["bundle_verified"] and report["backend"] == "onnxruntime"
+    assert len(report["losses"]) == 12 and len(report["images_after"]) == 3
+    assert report["plan"]["n"] + report["plan"]["m"] == 3
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4
+    before = [Path(p).read_bytes() for p in report["images_before"]]
+    after = [Path(p).read_bytes() for p in report["images_after"]]
+    assert before != after, "the trained adapter must change the generated images"
+
+
+def test_demo_refuses_a_non_empty_output_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    proc = subprocess.run(["blockskip", "demo", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "not empty" in proc.stderr
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
+    setup = [b for b in blocks if "pytest" in b or "blockskip demo" in b]
+    assert len(setup) == 2, "README gives exactly two set-up commands"
+    test_command = next(b for b in setup if "pytest" in b).strip()
+    assert test_command in (ROOT / ".ci" / "run").read_text()
