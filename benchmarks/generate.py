@@ -99,8 +99,8 @@ def main() -> int:
     base = rows["torch"]
     print(f"{args.family if not args.model.startswith(tmp.name) else 'tiny ' + args.family}, "
           f"{args.size}x{args.size}, {args.steps} steps, {args.images} images per backend")
-    print(f"| backend | where | s/image | x torch | peak RSS MiB | x torch |")
-    print(f"| --- | --- | ---: | ---: | ---: | ---: |")
+    print("| backend | where | s/image | x torch | peak RSS MiB | x torch |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
     for name, row in rows.items():
         where = ",".join(row["detail"].get("providers", [])) or row["detail"].get("device", "") or "cuda"
         print(f"| {name} | {where} | {row['s_per_image']:.3f} | {row['s_per_image'] / base['s_per_image']:.2f} "

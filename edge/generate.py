@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -166,9 +165,10 @@ def contact_sheet(paths: list[Path], out: Path, thumb: int = 256) -> Path:
 
 
 def peak_memory_bytes() -> int:
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    """Peak memory of this process: the GPU allocator's when there is one, else peak RSS."""
+    from blockskip.edge.train import peak_memory_bytes as peak
+
+    return peak(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 # ---- the job ---------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from blockskip.models import Flux, Sana
+from blockskip.models import Flux
 from blockskip.models.skip import SkipPlan, compute_features, reduced_forward
 
 TOL = 1e-5
