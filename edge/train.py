@@ -45,6 +45,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     prefetch: int = 4  # draws read ahead on a background thread
     output_format: str = "diffusers"  # diffusers | comfy (kohya-style keys)
+    use_residuals: bool = True  # ablation: False drops the cached span residuals (the paper's "no residuals")
 
     def __post_init__(self):
         for name in ("steps", "grad_accum"):
@@ -216,6 +217,8 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
             loss_sum = 0.0
             for _ in range(config.grad_accum):
                 entry, residuals, cond, target, _ = prefetch.next()
+                if not config.use_residuals:
+                    residuals = {span: {k: torch.zeros_like(v) for k, v in r.items()} for span, r in residuals.items()}
                 to = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     output = reduced_forward(family, plan, to(entry),

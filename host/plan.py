@@ -123,20 +123,29 @@ def register(subparsers) -> None:
 
 def make_plan(profile: dict, model, k: int, schedule, lora: LoraSettings, samples: int,
               text_len: int = 512, precision: str = "bf16") -> dict:
+    """The paper's plan: skip the first n and last m blocks, n + m = k, by the profile's argmin."""
     family = model.family
     if profile.get("model", {}).get("config_hash") != family.config_hash():
         raise InputError("the profile was measured on another model (config hash "
                          f"{profile.get('model', {}).get('config_hash')} != {family.config_hash()})")
-    if samples < 1:
-        raise ConfigError(f"samples must be >= 1, got {samples}")
     n, m = choose_split(profile["d_pre"], profile["d_suf"], k)
     plan = SkipPlan.first_last(family.num_blocks, n, m)
+    return plan_document(model, plan, schedule, lora, samples, text_len, precision,
+                         {"n": n, "m": m, "score": profile["d_pre"][n] + profile["d_suf"][m]})
+
+
+def plan_document(model, plan: SkipPlan, schedule, lora: LoraSettings, samples: int, text_len: int = 512,
+                  precision: str = "bf16", extra: dict | None = None) -> dict:
+    """The plan JSON for any skip plan (ablations use middle or one-sided plans)."""
+    if samples < 1:
+        raise ConfigError(f"samples must be >= 1, got {samples}")
+    family = model.family
     targets = [t for i in plan.kept for t in family.lora_targets(i, lora.scope)]
     desc = model.describe()
     return {
         "kind": "blockskip-plan",
         "model": desc,
-        "plan": {**plan.to_dict(), "n": n, "m": m, "score": profile["d_pre"][n] + profile["d_suf"][m]},
+        "plan": {**plan.to_dict(), **(extra or {})},
         "patch_schedule": schedule.to_dict(),
         "lora": {**asdict(lora), "target_modules": targets},
         "samples": samples,
