@@ -140,7 +140,7 @@ def test_loss_goes_down_on_one_subject(tmp_path):
 
 def _run_train(bundle, out, *extra):
     return subprocess.Popen([sys.executable, "-m", "blockskip", "train", str(bundle), "--out", str(out),
-                             "--steps", "12", "--grad-accum", "2", "--lr", "1e-2", "--checkpoint-every", "1",
+                             "--steps", "40", "--grad-accum", "2", "--lr", "1e-2", "--checkpoint-every", "1",
                              *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
