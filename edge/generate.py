@@ -48,6 +48,7 @@ class GenerateConfig:
     cache_dir: str = DEFAULT_CACHE  # ONNX exports and TensorRT engines ($BLOCKSKIP_CACHE)
     precision: str | None = None  # None: fp32 for onnxruntime, fp16 for tensorrt
     prompt_indices: list[int] = field(default_factory=list)  # bank entries to render as well
+    guidance_scale: float | None = None  # classifier-free guidance (None: the family's default; SANA 4.5)
 
     def __post_init__(self):
         from blockskip.edge.backends import BACKENDS
@@ -101,29 +102,25 @@ def resolve_texts(config: GenerateConfig) -> tuple[list[tuple[str, dict]], objec
 def sampling_model(model_dir: str, loaded=None):
     """The Model for the sampler. Non-torch backends need only the transformer's config (for
     input building), so its weights stay on the meta device and never fill memory."""
-    from blockskip.models import family_class
-    from blockskip.models.codec import PixelCodec, VaeCodec
-    from blockskip.models.pipeline import CLASS_TO_FAMILY, DEFAULT_SCHEDULERS, Model
+    from blockskip.models.pipeline import load_model
 
-    if loaded is not None:
-        return loaded
-    root = Path(model_dir)
-    config_path = root / "transformer" / "config.json"
-    if not config_path.is_file():
-        raise InputError(f"{model_dir!r} is not a model folder: {config_path} is missing")
-    config = json.loads(config_path.read_text())
-    meta = json.loads((root / "blockskip.json").read_text()) if (root / "blockskip.json").is_file() else {}
-    name = meta.get("family") or CLASS_TO_FAMILY.get(config.get("_class_name"))
-    cls = family_class(name)
-    with torch.device("meta"):
-        transformer = cls.model_cls.from_config(config)
-    codec = VaeCodec.from_pretrained(str(root / "vae")) if (root / "vae" / "config.json").is_file() else PixelCodec()
-    scheduler_file = root / "scheduler" / "scheduler_config.json"
-    if scheduler_file.is_file():
-        scheduler = {k: v for k, v in json.loads(scheduler_file.read_text()).items() if not k.startswith("_")}
-    else:
-        scheduler = meta.get("scheduler") or dict(DEFAULT_SCHEDULERS[name])
-    return Model(cls(transformer.eval()), codec, None, scheduler, str(root))
+    return loaded if loaded is not None else load_model(model_dir, text_encoder=False, weights=False)
+
+
+def negative_text(config: GenerateConfig, model, loaded) -> dict | None:
+    """The empty prompt's conditioning for classifier-free guidance (families that use it):
+    from the bank, else from the text encoder; None (no CFG, logged) without either."""
+    from blockskip.edge.prompt_bank import load_negative
+
+    if model.family.cfg_scale == 1.0 and config.guidance_scale in (None, 1.0):
+        return None
+    negative = load_negative(config.bundle) if config.bundle else None
+    if negative is None and loaded is not None and loaded.text_encoder is not None:
+        negative = loaded.encode_text("")
+    if negative is None:
+        logger.warning("no negative (empty-prompt) conditioning in the bank and no text encoder: "
+                       "sampling without classifier-free guidance")
+    return negative
 
 
 def to_pil(image: torch.Tensor):
@@ -184,6 +181,7 @@ def generate(config: GenerateConfig, on_event: Callable[[dict], None] | None = N
     chosen_torch = config.backend == "torch"
     full = loaded if loaded is not None else (load_model(config.model, text_encoder=False) if chosen_torch else None)
     model = sampling_model(config.model, full)
+    negative = negative_text(config, model, loaded)
     g = model.granularity
     if config.height % g or config.width % g:
         raise ConfigError(f"height and width must be multiples of {g} for this model, got {config.width}x{config.height}")
@@ -217,7 +215,8 @@ def generate(config: GenerateConfig, on_event: Callable[[dict], None] | None = N
         for k in range(config.count):
             seed = config.seed + k
             images = sample(model, text, seed=seed, steps=config.steps, height=config.height,
-                            width=config.width, predict=backend.predict, on_step=on_step)
+                            width=config.width, predict=backend.predict, on_step=on_step,
+                            negative=negative, guidance_scale=config.guidance_scale)
             path = out / f"{len(results):03d}-seed{seed}.png"
             meta = {"prompt": prompt, "seed": seed, "adapter_hash": adapter_id, "steps": config.steps,
                     "backend": backend.name, "height": config.height, "width": config.width,

@@ -4,6 +4,8 @@ encoder.
     <dir>/prompts/bank.safetensors   tensors "{i}/{text_key}", each with batch dimension 1
                                      (FLUX: encoder_hidden_states, pooled_projections;
                                       SANA: encoder_hidden_states, encoder_attention_mask)
+                                     and, for families with classifier-free guidance (SANA),
+                                     "negative/{text_key}": the empty prompt's conditioning
     <dir>/prompts/bank.json          {"prompts": [prompt 0, prompt 1, ...]}
 """
 
@@ -34,6 +36,9 @@ def write_prompt_bank(path_dir: str | Path, model, prompts: list[str]) -> Path:
     for i, prompt in enumerate(prompts):
         for key, value in model.encode_text(prompt).items():
             tensors[f"{i}/{key}"] = value.detach().cpu().contiguous()
+    if model.family.cfg_scale != 1.0:
+        for key, value in model.encode_text("").items():
+            tensors[f"negative/{key}"] = value.detach().cpu().contiguous()
     tmp = root / (BANK_TENSORS + ".tmp")
     save_file(tensors, str(tmp), metadata={"count": str(len(prompts))})
     os.replace(tmp, root / BANK_TENSORS)
@@ -55,6 +60,8 @@ def load_prompt_bank(bundle_dir: str | Path) -> dict[str, dict[str, torch.Tensor
     bank: dict[str, dict[str, torch.Tensor]] = {p: {} for p in prompts}
     for key, value in flat.items():
         i, _, text_key = key.partition("/")
+        if i == "negative":
+            continue
         if not i.isdigit() or int(i) >= len(prompts):
             raise InputError(f"{tensors_file}: tensor {key!r} does not belong to any of the "
                              f"{len(prompts)} prompts of {index}")
@@ -63,3 +70,13 @@ def load_prompt_bank(bundle_dir: str | Path) -> dict[str, dict[str, torch.Tensor
     if empty:
         raise InputError(f"{tensors_file} has no tensors for prompt(s) {empty}")
     return bank
+
+
+def load_negative(bundle_dir: str | Path) -> dict[str, torch.Tensor] | None:
+    """The empty prompt's conditioning stored with the bank (None when the bank has none)."""
+    tensors_file = Path(bundle_dir) / BANK_TENSORS
+    if not tensors_file.is_file():
+        return None
+    flat = load_file(str(tensors_file))
+    negative = {k.removeprefix("negative/"): v for k, v in flat.items() if k.startswith("negative/")}
+    return negative or None

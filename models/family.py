@@ -167,6 +167,7 @@ class Family(abc.ABC):
     token_patch: int  # latent pixels per token side
     text_keys: tuple[str, ...]  # entries of the text conditioning this family reads
     prompt_cond_keys: tuple[str, ...]  # cond entries that depend on the prompt alone (cached once)
+    cfg_scale: float = 1.0  # classifier-free guidance scale at generation (1.0: none)
 
     @abc.abstractmethod
     def text_shapes(self) -> dict:

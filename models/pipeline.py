@@ -100,7 +100,10 @@ def save_model(model: Model, path: str | Path) -> Path:
     return root
 
 
-def load_model(path: str | Path, torch_dtype: torch.dtype = torch.float32, text_encoder: bool = True) -> Model:
+def load_model(path: str | Path, torch_dtype: torch.dtype = torch.float32, text_encoder: bool = True,
+               weights: bool = True) -> Model:
+    """A model folder as a Model. With `weights=False` the transformer is built on the meta
+    device from its config alone (backends that run an exported graph need only its shapes)."""
     root = Path(path)
     config_path = root / "transformer" / "config.json"
     if not config_path.is_file():
@@ -112,7 +115,12 @@ def load_model(path: str | Path, torch_dtype: torch.dtype = torch.float32, text_
     if name is None:
         raise InputError(f"{config_path}: transformer class {class_name!r} is not a supported family "
                          f"({', '.join(sorted(CLASS_TO_FAMILY))})")
-    family = family_class(name).from_pretrained(str(root), torch_dtype=torch_dtype)
+    cls = family_class(name)
+    if weights:
+        family = cls.from_pretrained(str(root), torch_dtype=torch_dtype)
+    else:
+        with torch.device("meta"):
+            family = cls(cls.model_cls.from_config(json.loads(config_path.read_text())).eval())
     codec = VaeCodec.from_pretrained(str(root / "vae")) if (root / "vae" / "config.json").is_file() else PixelCodec()
     encoder = None
     if text_encoder:
@@ -147,11 +155,15 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor):
 @torch.no_grad()
 def sample(model: Model, text: dict, *, seed: int, steps: int, height: int, width: int,
            batch: int = 1, predict: Callable[[dict], torch.Tensor] | None = None,
-           on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+           on_step: Callable[[int, int], None] | None = None, negative: dict | None = None,
+           guidance_scale: float | None = None) -> torch.Tensor:
     """Flow-matching Euler sampling with diffusers' scheduler; returns images (B, 3, H, W).
 
     `predict(inputs) -> output` runs the transformer (default: the torch model); other
-    backends (ONNX Runtime, TensorRT) pass their own.
+    backends (ONNX Runtime, TensorRT) pass their own. Classifier-free guidance runs where the
+    family uses it (SANA: scale 4.5 by default) and a `negative` conditioning (the empty
+    prompt's) is given: v = v_neg + scale * (v - v_neg). FLUX is guidance-distilled: its scale
+    enters as the `guidance` input instead.
     """
     g = model.granularity
     if height % g or width % g:
@@ -161,14 +173,18 @@ def sample(model: Model, text: dict, *, seed: int, steps: int, height: int, widt
     f = model.codec.factor
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn(batch, model.codec.channels, height // f, width // f, generator=gen)
+    scale = family.cfg_scale if guidance_scale is None else guidance_scale
     scheduler = model.scheduler()
     kwargs = {"mu": _mu(model, height, width)} if model.scheduler_config.get("use_dynamic_shifting") else {}
     scheduler.set_timesteps(num_inference_steps=steps, **kwargs)
     for i, t in enumerate(scheduler.timesteps):
         sigma = (t / 1000).expand(batch)
-        inputs = family.make_inputs(latents, sigma, text)
-        output = predict(inputs)
-        velocity = family.output_to_latents(output, latents.shape[2], latents.shape[3])
+        velocity = family.output_to_latents(predict(family.make_inputs(latents, sigma, text)),
+                                            latents.shape[2], latents.shape[3])
+        if negative is not None and scale != 1.0:
+            unconditional = family.output_to_latents(predict(family.make_inputs(latents, sigma, negative)),
+                                                     latents.shape[2], latents.shape[3])
+            velocity = unconditional + scale * (velocity - unconditional)
         latents = scheduler.step(velocity, t, latents).prev_sample
         if on_step:
             on_step(i + 1, steps)

@@ -30,6 +30,7 @@ class _NoTextAttention:
 class Sana(Family):
     name = "sana"
     model_cls = SanaTransformer2DModel
+    cfg_scale = 4.5  # SANA's pipeline default, with the empty prompt as the negative
 
     @classmethod
     def tiny_config(cls) -> dict:

@@ -171,3 +171,34 @@ def test_tensorrt_without_tensorrt_is_a_clear_error(models, tmp_path):
         pytest.skip("TensorRT and a GPU are present here; tests/edge/test_tensorrt.py covers it")
     with pytest.raises(NotAvailableError, match="TensorRT|CUDA"):
         generate(config(models, "flux", tmp_path, backend="tensorrt"))
+
+
+def test_sana_uses_classifier_free_guidance_with_the_banks_negative(tmp_path):
+    """SANA samples with CFG (scale 4.5) against the empty prompt stored in the prompt bank;
+    scale 1 turns it off, and the two differ."""
+    import torch
+
+    from blockskip.edge.prompt_bank import load_negative, write_prompt_bank
+    from blockskip.models.pipeline import sample, save_model, tiny_model
+
+    model = tiny_model("sana")
+    save_model(model, tmp_path / "model")
+    write_prompt_bank(tmp_path / "bundle", model, ["a leaf on soil"])
+    negative = load_negative(tmp_path / "bundle")
+    assert negative is not None and torch.equal(negative["encoder_hidden_states"],
+                                                model.encode_text("")["encoder_hidden_states"])
+    text = model.encode_text("a leaf on soil")
+    guided = sample(model, text, seed=0, steps=3, height=16, width=16, negative=negative)
+    plain = sample(model, text, seed=0, steps=3, height=16, width=16, negative=negative, guidance_scale=1.0)
+    assert (guided - plain).abs().max() > 1e-3
+    from blockskip.edge.generate import GenerateConfig, generate
+
+    results = generate(GenerateConfig(model=str(tmp_path / "model"), prompts=["a leaf on soil"],
+                                      bundle=str(tmp_path / "bundle"), out_dir=str(tmp_path / "out"), steps=3,
+                                      height=16, width=16, backend="torch", cache_dir=str(tmp_path / "c")))
+    from PIL import Image
+    import numpy as np
+
+    produced = np.asarray(Image.open(results[0]["path"])).astype(float)
+    expected = ((guided[0].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255)
+    assert abs(produced - expected).max() <= 1.0, "generate must apply the same guidance"
