@@ -127,6 +127,10 @@ def load_model(path: str | Path, torch_dtype: torch.dtype = torch.float32, text_
         text_meta = meta.get("text_encoder")
         if text_meta and text_meta.get("kind") == "hash":
             encoder = HashTextEncoder(name, text_meta["dims"], text_meta["max_length"], text_meta["seed"])
+        elif text_meta and text_meta.get("kind") == "words":  # the built-in crop model's encoder
+            from blockskip.models.crops import WordTextEncoder
+
+            encoder = WordTextEncoder.load(root)
         elif (root / "text_encoder").is_dir():
             encoder = DiffusersTextEncoder(name, str(root))
     scheduler_file = root / "scheduler" / "scheduler_config.json"

@@ -1,0 +1,277 @@
+"""Personalization quality on held-out crop-leaf subjects: the small-scale counterpart of the
+paper's DreamBench table, measured on the built-in pretrained crop model (models/crops.py).
+
+For each subject (an attribute combination the base model never saw in pretraining), render a
+few subject photos at 32 px (the model's native size), then per method: plan -> cache (frozen full model) -> bundle ->
+train LoRA on the edge path (its own process, peak RSS measured) -> load the adapter into the full
+model -> generate the identifier prompt and context prompts at 32 px -> score.
+
+Methods: LoRA on the full model at full resolution (32 px, whole image; the paper's 512 for
+FLUX); patch sampling only (crops 32 -> 16 px, all blocks; the paper's 512 -> 256); DiT-BlockSkip 30% / 50% (profile-chosen
+first n + last m, patch sampling); skip-first-only and skip-last-only 50%; DiT-BlockSkip 50%
+without residuals; HollowedNet-style (skip the middle 50%).
+
+Metrics: subject fidelity = mean cosine similarity of EfficientNet-Lite0 embeddings between
+generated and subject images (DINO stand-in); attribute accuracy = the attribute classifier's
+agreement with the subject's shape, colour and pattern; context fidelity = classifier accuracy
+on the prompted background (CLIP-T stand-in); peak training memory (RSS growth of the training
+process over its baseline). Mean and spread over training seeds and subjects.
+
+    python benchmarks/quality.py --out benchmarks/results           # the table and grid
+    python benchmarks/quality.py --quick                            # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+IDENTIFIER = "a photo of sks leaf"
+# Personalization subjects: attribute combinations held out of pretraining (models/crops.py HELD_OUT).
+SUBJECTS = [{"shape": "heart", "colour": "red", "pattern": "stripes"},
+            {"shape": "oval", "colour": "purple", "pattern": "rings"}]
+# name: (plan kind, skip ratio, patch schedule (s_min, s_max, schedule), use residuals)
+METHODS = {
+    "LoRA (full model, 32 px)": ("none", 0.0, (32, 32, "resize"), True),
+    "patch sampling only": ("none", 0.0, (16, 32, "low-to-high"), True),
+    "DiT-BlockSkip 30%": ("profile", 0.3, (16, 32, "low-to-high"), True),
+    "DiT-BlockSkip 50%": ("profile", 0.5, (16, 32, "low-to-high"), True),
+    "skip first 50% only": ("first", 0.5, (16, 32, "low-to-high"), True),
+    "skip last 50% only": ("last", 0.5, (16, 32, "low-to-high"), True),
+    "BlockSkip 50%, no residuals": ("profile", 0.5, (16, 32, "low-to-high"), False),
+    "HollowedNet-style (middle 50%)": ("middle", 0.5, (16, 32, "low-to-high"), True),
+}
+# Training runs in its own process; its peak RSS minus the peak RSS of an idle process with the
+# same imports (measured once in the same run) is the training's memory.
+TRAIN_CHILD = """
+import json, resource, sys
+from pathlib import Path
+import peft, diffusers.models, safetensors.torch
+from blockskip.edge.train import TrainConfig, train
+import blockskip.edge.reduced, blockskip.features, blockskip.host.bundle, blockskip.models.skip
+args = json.loads(sys.argv[1])
+result = None if args.get("idle") else train(Path(args["bundle"]), Path(args["out"]), TrainConfig(**args["config"]))
+print(json.dumps({"result": result, "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def idle_peak_bytes() -> int:
+    proc = subprocess.run([sys.executable, "-c", TRAIN_CHILD, json.dumps({"idle": True})],
+                          capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def skip_plan(kind: str, ratio: float, num_blocks: int, profile: dict):
+    from blockskip.host.plan import choose_split, skip_budget
+    from blockskip.models.skip import SkipPlan
+
+    k = skip_budget(num_blocks, ratio)
+    if kind == "none" or k == 0:
+        return SkipPlan(num_blocks, ())
+    if kind == "profile":
+        return SkipPlan.first_last(num_blocks, *choose_split(profile["d_pre"], profile["d_suf"], k))
+    if kind == "first":
+        return SkipPlan.first_last(num_blocks, k, 0)
+    if kind == "last":
+        return SkipPlan.first_last(num_blocks, 0, k)
+    start = (num_blocks - k) // 2  # middle
+    return SkipPlan.from_blocks(num_blocks, range(start, start + k))
+
+
+def train_adapter(model, plan, schedule, photos, work: Path, seed: int, args, use_residuals: bool,
+                  idle_bytes: int) -> dict:
+    from blockskip.host.bundle import build_bundle
+    from blockskip.host.cache import build_cache
+    from blockskip.host.plan import LoraSettings, plan_document
+
+    plan_doc = plan_document(model, plan, schedule, LoraSettings(rank=args.rank, alpha=args.rank, scope="all"),
+                             args.samples, text_len=model.text_encoder.max_length, precision="fp32")
+    stage = build_cache(model, plan_doc, photos, [IDENTIFIER], work / "stage", seed=seed, shard_size=64,
+                        progress=False)
+    bundle = build_bundle(stage, work / "bundle", json.loads((stage / "bundle.json").read_text()))
+    config = {"steps": args.steps, "grad_accum": args.grad_accum, "lr": args.lr, "seed": seed,
+              "checkpoint_every": 0, "use_residuals": use_residuals}
+    proc = subprocess.run([sys.executable, "-c", TRAIN_CHILD,
+                           json.dumps({"bundle": str(bundle), "out": str(work / "adapter"), "config": config})],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    child = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**child, "peak_growth_bytes": child["peak_bytes"] - idle_bytes, "adapter": work / "adapter",
+            "kept": len(plan.kept), "estimate": plan_doc["estimates"]["train_memory_bytes"]}
+
+
+@torch.no_grad()
+def evaluate(model_dir_loader, adapter, subject: dict, photos, encoder, classifier, backgrounds, args) -> dict:
+    from blockskip.edge.lora import load_adapter
+    from blockskip.models.pipeline import sample
+
+    model = model_dir_loader()
+    if adapter is not None:
+        load_adapter(model.family.model, adapter)
+    prompts = [IDENTIFIER] + [f"{IDENTIFIER} on {bg}" for bg in backgrounds]
+    images, labels = [], []
+    for p, prompt in enumerate(prompts):
+        text = model.encode_text(prompt)
+        for i in range(args.images):
+            images.append(sample(model, text, seed=1000 * p + i, steps=args.sample_steps, height=32, width=32))
+            labels.append(backgrounds[p - 1] if p else None)
+    batch = torch.cat(images)
+    references = torch.cat([_to_tensor(Image.open(path)) for path in photos])
+    gen_emb = encoder.embed(batch)
+    ref_emb = encoder.embed(references)
+    fidelity = torch.nn.functional.cosine_similarity(gen_emb[:, None], ref_emb[None], dim=-1).mean().item()
+    predicted = classifier.predict(batch)
+    from blockskip.models.crops import ATTRIBUTES
+
+    attribute_hits = []
+    for attr in ("shape", "colour", "pattern"):
+        target = ATTRIBUTES[attr].index(subject[attr])
+        attribute_hits.append((predicted[attr] == target).float().mean().item())
+    context = [predicted["background"][j].item() == ATTRIBUTES["background"].index(bg)
+               for j, bg in enumerate(labels) if bg is not None]
+    return {"fidelity": fidelity, "attributes": sum(attribute_hits) / 3,
+            "context": sum(context) / max(1, len(context)), "images": batch}
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    from blockskip.host.patches import to_tensor
+
+    return to_tensor(image.convert("RGB").resize((32, 32), Image.Resampling.LANCZOS))[None]
+
+
+def _grid(rows: dict[str, torch.Tensor], out: Path, per_row: int = 8, scale: int = 2) -> Path:
+    from blockskip.edge.generate import to_pil
+
+    cell = 32 * scale
+    sheet = Image.new("RGB", (cell * per_row, cell * len(rows)), "white")
+    for r, images in enumerate(rows.values()):
+        for c, image in enumerate(images[:per_row]):
+            sheet.paste(to_pil(image).resize((cell, cell), Image.Resampling.NEAREST), (c * cell, r * cell))
+    sheet.save(out)
+    return out
+
+
+def summarize(scores: list[dict], key: str) -> str:
+    values = [s[key] for s in scores]
+    spread = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+
+
+def main() -> int:
+    from blockskip.host.encoders import EfficientNetLite0
+    from blockskip.host.patches import PatchSchedule
+    from blockskip.host.profile import masking_profile
+    from blockskip.models.crops import ATTRIBUTES, caption, load_classifier, load_crop_model, render
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results", help="folder for quality.md, quality.png, quality.json")
+    parser.add_argument("--seeds", type=int, default=2, help="training seeds per subject and method")
+    parser.add_argument("--photos", type=int, default=5, help="subject photos (4-6)")
+    parser.add_argument("--samples", type=int, default=64, help="cached training draws")
+    parser.add_argument("--steps", type=int, default=120, help="training steps")
+    parser.add_argument("--grad-accum", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--images", type=int, default=4, help="generated images per prompt")
+    parser.add_argument("--sample-steps", type=int, default=12)
+    parser.add_argument("--methods", nargs="*", help="subset of method names (default: all)")
+    parser.add_argument("--quick", action="store_true", help="1 seed, few steps: a smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.steps, args.samples, args.images, args.sample_steps = 1, 10, 8, 2, 4
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+
+    base = load_crop_model()
+    idle_bytes = statistics.median(idle_peak_bytes() for _ in range(3))
+    encoder, classifier = EfficientNetLite0(), load_classifier()
+    backgrounds = list(ATTRIBUTES["background"])
+    print("profiling the base model ...", flush=True)
+    profile = masking_profile(base, encoder, [caption(s) for s in SUBJECTS] + ["a green oval leaf on soil"],
+                              [0], steps=8, size=32, progress=False)
+    methods = {k: v for k, v in METHODS.items() if not args.methods or k in args.methods}
+    scores: dict[str, list[dict]] = {"base model (no adapter)": [], **{m: [] for m in methods}}
+    grid_rows: dict[str, torch.Tensor] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for s, subject in enumerate(SUBJECTS):
+            photo_dir = Path(tmp) / f"subject{s}"
+            photo_dir.mkdir()
+            photos = []
+            for i in range(args.photos):
+                attrs = {**subject, "background": backgrounds[i % len(backgrounds)]}
+                photos.append(photo_dir / f"{i}.png")
+                render(attrs, seed=100 * s + i, size=32).save(photos[-1])
+            result = evaluate(load_crop_model, None, subject, photos, encoder, classifier, backgrounds, args)
+            scores["base model (no adapter)"].append(result)
+            grid_rows.setdefault("subject photos", torch.cat([_to_tensor(Image.open(p)) for p in photos]))
+            grid_rows.setdefault("base model (no adapter)", result["images"])
+            for name, (kind, ratio, (s_min, s_max, schedule_name), use_residuals) in methods.items():
+                for seed in range(args.seeds):
+                    work = Path(tmp) / f"s{s}-{abs(hash(name))}-{seed}"
+                    plan = skip_plan(kind, ratio, base.family.num_blocks, profile)
+                    schedule = PatchSchedule(s_min=s_min, s_max=s_max, granularity=base.granularity,
+                                             schedule=schedule_name)
+                    trained = train_adapter(base, plan, schedule, photos, work, seed, args, use_residuals,
+                                            idle_bytes)
+                    result = evaluate(load_crop_model, trained["adapter"], subject, photos, encoder, classifier,
+                                      backgrounds, args)
+                    result.update(memory=trained["peak_growth_bytes"], kept=trained["kept"], plan=plan.skipped,
+                                  estimate=trained["estimate"])
+                    scores[name].append(result)
+                    if s == 0 and seed == 0:
+                        grid_rows[name] = result["images"]
+                    print(f"{name:34s} subject {s} seed {seed}: fidelity {result['fidelity']:.3f} "
+                          f"attributes {result['attributes']:.2f} context {result['context']:.2f} "
+                          f"memory {result['memory'] / 2**20:.0f} MiB  [{time.perf_counter() - started:.0f}s]",
+                          flush=True)
+    base_fidelity = statistics.mean(r["fidelity"] for r in scores["base model (no adapter)"])
+    lora_name = "LoRA (full model, 32 px)"
+    lora_memory = statistics.mean(r["memory"] for r in scores[lora_name]) if scores.get(lora_name) else None
+    lora_gain = (statistics.mean(r["fidelity"] for r in scores[lora_name]) - base_fidelity) if lora_memory else None
+    lines = [f"Subjects: {', '.join(caption(s) for s in SUBJECTS)} (held out of pretraining); "
+             f"{args.photos} photos each; {args.seeds} training seeds; {args.steps} steps x {args.grad_accum}; "
+             f"{args.images} images per prompt x {1 + len(backgrounds)} prompts.", "",
+             "| method | kept blocks | subject fidelity (EffNet cos) | attribute acc. | context acc. | "
+             "fidelity gain vs LoRA | peak train MiB (RSS) | vs LoRA | analytic MiB | vs LoRA |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    table = {}
+    for name, rows in scores.items():
+        if not rows:
+            continue
+        fidelity = statistics.mean(r["fidelity"] for r in rows)
+        gain = (fidelity - base_fidelity) / lora_gain if lora_gain else float("nan")
+        memory = statistics.mean(r["memory"] for r in rows) if "memory" in rows[0] else None
+        kept = rows[0].get("kept", base.family.num_blocks)
+        estimate = statistics.mean(r["estimate"] for r in rows) if "estimate" in rows[0] else None
+        lora_estimate = statistics.mean(r["estimate"] for r in scores[lora_name]) if scores.get(lora_name) else None
+        lines.append(f"| {name} | {kept} | {summarize(rows, 'fidelity')} | {summarize(rows, 'attributes')} | "
+                     f"{summarize(rows, 'context')} | {gain:.2f} | "
+                     f"{memory / 2**20 if memory else 0:.0f} | {memory / lora_memory if memory and lora_memory else 0:.2f} | "
+                     f"{estimate / 2**20 if estimate else 0:.1f} | "
+                     f"{estimate / lora_estimate if estimate and lora_estimate else 0:.2f} |")
+        table[name] = {"fidelity": fidelity, "gain_vs_lora": gain, "memory": memory, "estimate": estimate,
+                       "rows": [{k: v for k, v in r.items() if k != "images"} for r in rows]}
+    text = "\n".join(lines)
+    (out / "quality.md").write_text(text + "\n")
+    (out / "quality.json").write_text(json.dumps({"args": vars(args), "profile": profile, "table": table},
+                                                 indent=2, default=str))
+    _grid(grid_rows, out / "quality.png")
+    print(text)
+    print(f"grid: {out / 'quality.png'}  ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
