@@ -17,8 +17,10 @@ def test_demo_runs_end_to_end(tmp_path):
         assert f"[{step}/7]" in proc.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["bundle_verified"] and report["backend"] == "onnxruntime"
-    assert len(report["losses"]) == 12 and len(report["images_after"]) == 3
-    assert report["plan"]["n"] + report["plan"]["m"] == 3
+    assert report["model"] == "builtin" and report["family"] == "flux"
+    assert len(report["losses"]) == 12 and len(report["images_after"]) == 6
+    assert report["plan"]["n"] + report["plan"]["m"] == 4, "50% of the built-in model's 8 blocks"
+    assert set(report["subject_attributes_after"]) == {"shape", "colour", "pattern"}
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4
     before = [Path(p).read_bytes() for p in report["images_before"]]
@@ -40,3 +42,12 @@ def test_readme_test_command_is_what_ci_runs():
     assert len(setup) == 2, "README gives exactly two set-up commands"
     test_command = next(b for b in setup if "pytest" in b).strip()
     assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_demo_on_a_random_tiny_sana(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run(["blockskip", "demo", "--model", "tiny-sana", "--out", str(out), "--samples", "4",
+                           "--steps", "3", "--backend", "torch"], capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["family"] == "sana" and report["subject_attributes_after"] is None

@@ -1,14 +1,16 @@
-"""`blockskip demo`: the whole pipeline end to end on a built-in tiny model; no downloads, no GPU.
+"""`blockskip demo`: the whole pipeline end to end on the built-in model; no downloads, no GPU.
 
-Steps, each with progress: make the tiny FLUX model folder and a subject set (procedural leaf
-photos, or your --images folder), profile (cross-attention masking sensitivity), plan (50% skip),
+The built-in model is a small FLUX-family text-to-image model pretrained on procedural crop-leaf
+images (models/crops.py, models/CROPS.md). The subject is a leaf it never saw in pretraining (a
+red heart-shaped leaf with stripes). Steps, each with progress: subject photos (or your --images
+folder), profile (cross-attention masking sensitivity), plan (50% skip),
 cache (frozen full model, one pass per draw), bundle (signed) and verify, train LoRA on the kept
 blocks only (the edge path), then generate before/after images through ONNX Runtime. Writes a
 report folder: report.html (one page embedding everything), samples_before.png /
 samples_after.png, loss.png, memory table, and report.json.
 
-The built-in tiny model has random weights: its images are not pictures of anything; the demo
-shows that every step runs and measures what each step costs.
+`--model tiny-flux` / `tiny-sana` run the same steps on random tiny models instead (their
+images are noise; they show the mechanics only).
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from blockskip.errors import InputError
 
 PROMPT = "a photo of sks leaf"
-BANK = ["a photo of sks leaf", "a photo of sks leaf on soil", "a close-up photo of sks leaf with rust spots"]
+BANK = ["a photo of sks leaf", "a photo of sks leaf on soil", "a photo of sks leaf on sky"]
+SUBJECT = {"shape": "heart", "colour": "red", "pattern": "stripes"}  # held out of pretraining
 
 
 def register(subparsers) -> None:
@@ -34,35 +36,41 @@ def register(subparsers) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="blockskip-demo", help="report folder (default: %(default)s)")
     parser.add_argument("--images", help="folder of subject photos (default: generate a procedural leaf set)")
-    parser.add_argument("--family", default="flux", choices=["flux", "sana"], help="tiny model family")
+    parser.add_argument("--model", default="builtin", choices=["builtin", "tiny-flux", "tiny-sana"],
+                        help="builtin: the pretrained crop-leaf model; tiny-*: random tiny models")
     parser.add_argument("--skip-ratio", type=float, default=0.5, help="fraction of blocks to skip (default: 0.5)")
-    parser.add_argument("--samples", type=int, default=32, help="cached training draws (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=60, help="training steps (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=32, help="training / generation size in pixels")
+    parser.add_argument("--samples", type=int, default=64, help="cached training draws (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=150, help="training steps (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=32, help="generation size and largest crop in pixels; "
+                                                               "training crops are resized to half of it")
     parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "auto"],
                         help="generation backend (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model and every draw")
     parser.set_defaults(func=run)
 
 
-def leaf_images(folder: Path, count: int = 4, size: int = 96, seed: int = 0) -> list[Path]:
-    """A procedural subject: the same spotted yellow leaf, photographed at different places."""
+def subject_photos(folder: Path, size: int, seed: int = 0, count: int = 5) -> list[Path]:
+    """The subject: the same held-out leaf (SUBJECT), photographed on different backgrounds."""
+    from blockskip.models.crops import ATTRIBUTES, render
+
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    backgrounds = ATTRIBUTES["background"]
     paths = []
     for i in range(count):
-        image = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(60, 110, 3)))  # soil
-        draw = ImageDraw.Draw(image)
-        cx, cy = rng.integers(size // 3, 2 * size // 3, 2)
-        rx, ry = size // 3, size // 5
-        draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=(215, 190, 40))
-        draw.line([cx - rx, cy, cx + rx, cy], fill=(120, 100, 20), width=2)
-        for _ in range(6):
-            sx, sy = cx + rng.integers(-rx // 2, rx // 2), cy + rng.integers(-ry // 2, ry // 2)
-            draw.ellipse([sx - 3, sy - 3, sx + 3, sy + 3], fill=(150, 60, 20))
         paths.append(folder / f"leaf{i}.png")
-        image.save(paths[-1])
+        render({**SUBJECT, "background": backgrounds[i % len(backgrounds)]}, seed=seed * 100 + i,
+               size=size).save(paths[-1])
     return paths
+
+
+def subject_scores(paths: list[str]) -> dict[str, float]:
+    """How often the attribute classifier sees the subject's shape, colour and pattern."""
+    from blockskip.models.crops import ATTRIBUTES, load_classifier, to_tensor
+
+    images = [Image.open(p).convert("RGB") for p in paths]
+    predicted = load_classifier().predict(to_tensor(images))
+    return {attr: float((predicted[attr] == ATTRIBUTES[attr].index(SUBJECT[attr])).float().mean())
+            for attr in SUBJECT}
 
 
 def _step(name: str, number: int, total: int = 7) -> float:
@@ -100,14 +108,20 @@ def _html(out: Path, report: dict, images: dict[str, Path]) -> Path:
 
     rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in report["memory_table"].items())
     steps = "".join(f"<tr><td>{k}</td><td>{v:.1f}</td></tr>" for k, v in report["seconds"].items())
+    if report["subject_attributes_after"]:
+        note = "Subject attributes recognised by the attribute classifier, before -> after: " + ", ".join(
+            f"{k} {report['subject_attributes_before'][k]:.0%} -> {report['subject_attributes_after'][k]:.0%}"
+            for k in SUBJECT)
+    else:
+        note = "A random tiny model: its images show no leaf; this run shows the pipeline's mechanics."
     figures = "".join(f"<h2>{title}</h2><img src='{embed(path)}' style='image-rendering:pixelated'>"
                       for title, path in images.items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>blockskip demo</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td{{padding:2px 12px}}</style></head>
-<body><h1>blockskip demo: DiT-BlockSkip on a tiny {report['family']} model</h1>
+<body><h1>blockskip demo: DiT-BlockSkip on the {report['model']} {report['family']} model</h1>
 <p>Skip plan: first {report['plan']['n']} and last {report['plan']['m']} of {report['plan']['num_blocks']} blocks;
 kept {report['plan']['kept']}. Bundle verified: {report['bundle_verified']}. Generation backend: {report['backend']}.</p>
-<p>The built-in tiny model has random weights, so its images show no leaf; the demo shows the pipeline running.</p>
+<p>{note}</p>
 <h2>Memory</h2><table>{rows}</table><h2>Seconds per step</h2><table>{steps}</table>{figures}
 </body></html>"""
     path = out / "report.html"
@@ -133,9 +147,14 @@ def run(args: argparse.Namespace) -> int:
     seconds = {}
 
     t = _step("model and subject photos", 1)
-    model_dir = save_model(tiny_model(args.family, seed=args.seed), out / "model")
+    if args.model == "builtin":
+        from blockskip.models.crops import MODEL_DIR
+
+        model_dir = MODEL_DIR
+    else:
+        model_dir = save_model(tiny_model(args.model.removeprefix("tiny-"), seed=args.seed), out / "model")
     model = load_model(model_dir)
-    subject = list_images(args.images) if args.images else leaf_images(out / "subject", seed=args.seed)
+    subject = list_images(args.images) if args.images else subject_photos(out / "subject", args.size, args.seed)
     seconds["model and subject"] = time.perf_counter() - t
 
     t = _step("profile: cross-attention masking sensitivity", 2)
@@ -145,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     seconds["profile"] = time.perf_counter() - t
 
     t = _step("plan", 3)
-    schedule = PatchSchedule(s_min=args.size, s_max=2 * args.size, granularity=model.granularity)
+    schedule = PatchSchedule(s_min=args.size // 2, s_max=args.size, granularity=model.granularity)
     k = skip_budget(model.family.num_blocks, args.skip_ratio)
     plan = make_plan(profile, model, k, schedule, LoraSettings(rank=8, alpha=8), args.samples,
                      text_len=model.text_encoder.max_length, precision="fp32")
@@ -167,8 +186,8 @@ def run(args: argparse.Namespace) -> int:
 
     t = _step("train: LoRA on the kept blocks only (edge)", 6)
     events = []
-    result = train(bundle, out / "adapter", TrainConfig(steps=args.steps, grad_accum=1, lr=2e-3,
-                                                        checkpoint_every=20, seed=args.seed),
+    result = train(bundle, out / "adapter", TrainConfig(steps=args.steps, grad_accum=1, lr=1e-3,
+                                                        checkpoint_every=50, seed=args.seed),
                    on_event=events.append)
     losses = json.loads((out / "adapter" / "losses.json").read_text())
     start_event = next(e for e in events if e["type"] == "start")
@@ -177,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     seconds["train"] = time.perf_counter() - t
 
     t = _step(f"generate before/after through {args.backend}", 7)
-    common = dict(model=str(model_dir), prompts=BANK, bundle=str(bundle), seed=args.seed, steps=8,
+    common = dict(model=str(model_dir), prompts=BANK, bundle=str(bundle), seed=args.seed, steps=12, count=2,
                   height=args.size, width=args.size, backend=args.backend, cache_dir=str(out / "engines"))
     before = generate(GenerateConfig(out_dir=str(out / "before"), **common))
     after = generate(GenerateConfig(out_dir=str(out / "after"), adapter=str(out / "adapter"), **common))
@@ -185,8 +204,16 @@ def run(args: argparse.Namespace) -> int:
     seconds["generate"] = time.perf_counter() - t
 
     full_bytes = sum(p.numel() * p.element_size() for p in model.family.model.parameters())
+    if args.model == "builtin" and not args.images:
+        before_scores, after_scores = subject_scores([r["path"] for r in before]), \
+            subject_scores([r["path"] for r in after])
+        print("      subject attributes seen by the classifier, before -> after: " + ", ".join(
+            f"{k} {before_scores[k]:.0%} -> {after_scores[k]:.0%}" for k in SUBJECT))
+    else:
+        before_scores = after_scores = None
     report = {
-        "family": args.family, "plan": plan["plan"], "bundle_verified": True, "backend": backend,
+        "family": model.family.name, "model": args.model,
+        "subject_attributes_before": before_scores, "subject_attributes_after": after_scores, "plan": plan["plan"], "bundle_verified": True, "backend": backend,
         "losses": losses, "seconds": seconds,
         "memory_table": {
             "full transformer weights": f"{full_bytes / 1024:.0f} KiB",
