@@ -186,6 +186,8 @@ def main() -> int:
     parser.add_argument("--sample-steps", type=int, default=12)
     parser.add_argument("--methods", nargs="*", help="subset of method names (default: all)")
     parser.add_argument("--quick", action="store_true", help="1 seed, few steps: a smoke run")
+    parser.add_argument("--no-patch-sampling", action="store_true",
+                        help="every method trains on whole images at 32 px: block skipping alone")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.steps, args.samples, args.images, args.sample_steps = 1, 10, 8, 2, 4
@@ -202,6 +204,9 @@ def main() -> int:
     profile = masking_profile(base, encoder, [caption(s) for s in SUBJECTS] + ["a green oval leaf on soil"],
                               [0], steps=8, size=32, progress=False)
     methods = {k: v for k, v in METHODS.items() if not args.methods or k in args.methods}
+    if args.no_patch_sampling:
+        methods = {k: (kind, ratio, (32, 32, "resize"), residuals)
+                   for k, (kind, ratio, _, residuals) in methods.items() if k != "patch sampling only"}
     scores: dict[str, list[dict]] = {"base model (no adapter)": [], **{m: [] for m in methods}}
     grid_rows: dict[str, torch.Tensor] = {}
     with tempfile.TemporaryDirectory() as tmp:

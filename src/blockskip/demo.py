@@ -40,9 +40,12 @@ def register(subparsers) -> None:
                         help="builtin: the pretrained crop-leaf model; tiny-*: random tiny models")
     parser.add_argument("--skip-ratio", type=float, default=0.5, help="fraction of blocks to skip (default: 0.5)")
     parser.add_argument("--samples", type=int, default=64, help="cached training draws (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=150, help="training steps (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=32, help="generation size and largest crop in pixels; "
-                                                               "training crops are resized to half of it")
+    parser.add_argument("--steps", type=int, default=300, help="training steps (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=32, help="generation size and largest crop in pixels")
+    parser.add_argument("--train-size", type=int,
+                        help="training resolution s_min (default: --size). The built-in model was pretrained "
+                             "at 32 px only, and crops resized to 16 px hurt it (benchmarks/results/quality.md); "
+                             "pass --train-size 16 to see the paper's patch sampling")
     parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "auto"],
                         help="generation backend (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model and every draw")
@@ -164,9 +167,9 @@ def run(args: argparse.Namespace) -> int:
     seconds["profile"] = time.perf_counter() - t
 
     t = _step("plan", 3)
-    schedule = PatchSchedule(s_min=args.size // 2, s_max=args.size, granularity=model.granularity)
+    schedule = PatchSchedule(s_min=args.train_size or args.size, s_max=args.size, granularity=model.granularity)
     k = skip_budget(model.family.num_blocks, args.skip_ratio)
-    plan = make_plan(profile, model, k, schedule, LoraSettings(rank=8, alpha=8), args.samples,
+    plan = make_plan(profile, model, k, schedule, LoraSettings(rank=8, alpha=8, scope="all"), args.samples,
                      text_len=model.text_encoder.max_length, precision="fp32")
     (out / "plan.json").write_text(json.dumps(plan, indent=2))
     print(f"      skip first {plan['plan']['n']} and last {plan['plan']['m']}; keep {plan['plan']['kept']}")
@@ -186,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
 
     t = _step("train: LoRA on the kept blocks only (edge)", 6)
     events = []
-    result = train(bundle, out / "adapter", TrainConfig(steps=args.steps, grad_accum=1, lr=1e-3,
+    result = train(bundle, out / "adapter", TrainConfig(steps=args.steps, grad_accum=2, lr=1e-3,
                                                         checkpoint_every=50, seed=args.seed),
                    on_event=events.append)
     losses = json.loads((out / "adapter" / "losses.json").read_text())
