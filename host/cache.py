@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from blockskip.errors import InputError
-from blockskip.features import PROMPTS_FILE, SHARD_PATTERN, WEIGHTS_FILE, _batched, draw_tensors
+from blockskip.features import PROMPTS_FILE, SHARD_PATTERN, WEIGHTS_FILE, _batched, draw_tensors, read_prompt_cond
 from blockskip.models.skip import SkipPlan, compute_features
 
 logger = logging.getLogger(__name__)
@@ -102,17 +102,6 @@ def make_draw(model, plan: SkipPlan, schedule, images, texts, prompt_count: int,
     return tensors, prompt_cond, info
 
 
-def _read_prompt_cond(path: Path) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    if path.is_file():
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                if key != "none":
-                    prompt, name = key.split("/", 1)
-                    out.setdefault(int(prompt), {})[name] = handle.get_tensor(key)
-    return out
-
-
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "cache", help="precompute the kept blocks' features with the frozen full model (host)",
@@ -164,7 +153,7 @@ def build_cache(model, plan_doc: dict, image_paths: list[Path], prompts: list[st
     if not weights.exists():
         _atomic_save(kept_weights(family, plan), weights)
     prompts_path = out / "features" / PROMPTS_FILE
-    prompt_cond = _read_prompt_cond(prompts_path)
+    prompt_cond = read_prompt_cond(prompts_path)
     shards = (samples + shard_size - 1) // shard_size
     bar = tqdm(total=samples, desc="cache", unit="draw", disable=not progress)
     dtype = DTYPES[feature_dtype]
@@ -193,7 +182,7 @@ def build_cache(model, plan_doc: dict, image_paths: list[Path], prompts: list[st
         write_prompt_bank(out, model, list(bank_prompts))
     metadata = {
         "model": model.describe(),
-        "transformer_config": {k: v for k, v in dict(family.model.config).items() if not k.startswith("_")},
+        "transformer_config": family.json_config(),
         "plan": plan_doc["plan"],
         "patch_schedule": plan_doc["patch_schedule"],
         "lora": plan_doc["lora"],

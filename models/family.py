@@ -74,9 +74,13 @@ class Family(abc.ABC):
     def config(self) -> dict:
         return dict(self.model.config)
 
+    def json_config(self) -> dict:
+        """The transformer's constructor arguments as JSON values (diffusers' own keys dropped)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.config.items() if not k.startswith("_")}
+
     def config_hash(self) -> str:
         """A short identity of the architecture (not of the weights)."""
-        blob = json.dumps({"family": self.name, **_jsonable(self.config)}, sort_keys=True)
+        blob = json.dumps({"family": self.name, **self.json_config()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     # ---- blocks --------------------------------------------------------------------------
@@ -196,14 +200,3 @@ def _randomize_zero_inits(model: nn.Module, seed: int) -> None:
         for param in model.parameters():
             if param.abs().max() == 0:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
-
-
-def _jsonable(config: dict) -> dict:
-    out = {}
-    for key, value in config.items():
-        if key.startswith("_"):
-            continue
-        if isinstance(value, tuple):
-            value = list(value)
-        out[key] = value
-    return out

@@ -64,7 +64,7 @@ class Model:
         return math.exp(_mu(self, height, width))
 
     def describe(self) -> dict:
-        return {"family": self.family.name, "config": _jsonable(self.family.config),
+        return {"family": self.family.name, "config": self.family.json_config(),
                 "config_hash": self.family.config_hash(), "codec": self.codec.config(),
                 "text_encoder": self.text_encoder.config() if self.text_encoder else None,
                 "scheduler": self.scheduler_config, "granularity": self.granularity}
@@ -76,10 +76,6 @@ def _mu(model: Model, height: int, width: int) -> float:
     seq_len = (height // patch) * (width // patch)
     slope = (cfg["max_shift"] - cfg["base_shift"]) / (cfg["max_image_seq_len"] - cfg["base_image_seq_len"])
     return seq_len * slope + cfg["base_shift"] - slope * cfg["base_image_seq_len"]
-
-
-def _jsonable(config: dict) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if not k.startswith("_")}
 
 
 def tiny_model(family_name: str = "flux", seed: int = 0) -> Model:

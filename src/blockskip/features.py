@@ -43,6 +43,20 @@ def _batched(key: str, value: torch.Tensor) -> bool:
     return key not in ("txt_ids", "img_ids", "grid")
 
 
+def read_prompt_cond(path: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """Per-prompt conditioning {prompt index: {key: tensor}} (empty when the file is absent)."""
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    if not path.is_file():
+        return out
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():
+            if key == "none":  # placeholder of a family without per-prompt conditioning
+                continue
+            prompt, name = key.split("/", 1)
+            out.setdefault(int(prompt), {})[name] = handle.get_tensor(key)
+    return out
+
+
 class FeatureReader:
     """Random access to cached draws, one shard memory-mapped at a time."""
 
@@ -58,21 +72,8 @@ class FeatureReader:
             with safe_open(str(shard), framework="pt") as handle:
                 draws = json.loads((handle.metadata() or {}).get("draws", "[]"))
             self.index.extend((shard, draw) for draw in draws)
-        self.prompt_cond = self._read_prompts()
+        self.prompt_cond = read_prompt_cond(self.root / "features" / PROMPTS_FILE)
         self._open: tuple[Path, object] | None = None
-
-    def _read_prompts(self) -> dict[int, dict[str, torch.Tensor]]:
-        path = self.root / "features" / PROMPTS_FILE
-        out: dict[int, dict[str, torch.Tensor]] = {}
-        if not path.is_file():
-            return out
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                if key == "none":
-                    continue
-                prompt, name = key.split("/", 1)
-                out.setdefault(int(prompt), {})[name] = handle.get_tensor(key)
-        return out
 
     def __len__(self) -> int:
         return len(self.index)
