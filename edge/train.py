@@ -10,6 +10,7 @@ ends with the same adapter as an uninterrupted run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ from typing import Callable
 import torch
 
 from blockskip.errors import ConfigError, InputError
+from blockskip.memory import TensorMemory
 
 logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -46,6 +48,7 @@ class TrainConfig:
     prefetch: int = 4  # draws read ahead on a background thread
     output_format: str = "diffusers"  # diffusers | comfy (kohya-style keys)
     use_residuals: bool = True  # ablation: False drops the cached span residuals (the paper's "no residuals")
+    track_memory: bool = False  # count live tensor bytes per op (blockskip.memory): exact peak on CPU, slower
 
     def __post_init__(self):
         for name in ("steps", "grad_accum"):
@@ -177,6 +180,11 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = _pick_device(config.device)
+    if device.type == "cuda":
+        # torch >= 2.11 picks cuDNN's SDPA backward on Hopper; it gave NaN LoRA gradients (and an
+        # illegal memory access in benchmarks/train_memory.py) on an H100 here. Flash / memory-efficient
+        # attention instead (pytorch/pytorch#196678).
+        torch.backends.cuda.enable_cudnn_sdp(False)
     family, plan = build_reduced(bundle_dir, manifest, device)
     lora_config, params = _inject_lora(family, plan, manifest["lora"], config.seed)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -190,7 +198,7 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
         set_peft_model_state_dict(family.model, state["lora"], adapter_name="default")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())  # map_location put it on the training device
         step, losses = int(state["step"]), list(state["losses"])
         logger.info("resumed at step %d from %s", step, checkpoint_path)
     elif config.resume:
@@ -210,9 +218,11 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
     prefetch = Prefetcher(reader, positions, config.prefetch)
     lock = _bundle_lock(bundle_dir, str(out_dir))
     started, start_step, stopped = time.perf_counter(), step, False
+    tracker = TensorMemory() if config.track_memory else contextlib.nullcontext()
     emit({"type": "start", "total": config.steps, "step": step, "kept_blocks": plan.kept,
           "model_bytes": materialized_bytes(family.model), "device": device.type})
     try:
+        tracker.__enter__()
         while step < config.steps:
             loss_sum = 0.0
             for _ in range(config.grad_accum):
@@ -241,6 +251,7 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
             rate = (step - start_step) / max(time.perf_counter() - started, 1e-9)
             emit({"type": "progress", "step": step, "total": config.steps, "loss": losses[-1],
                   "steps_per_s": rate, "peak_mem_bytes": peak_memory_bytes(device),
+                  **({"peak_tensor_bytes": tracker.peak_bytes} if config.track_memory else {}),
                   "eta_s": (config.steps - step) / rate if rate > 0 else None})
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
                 save_checkpoint()
@@ -249,6 +260,7 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
                 stopped = True
                 break
     finally:
+        tracker.__exit__(None, None, None)
         if lock is not None:
             lock.unlink(missing_ok=True)
     state_dict = get_peft_model_state_dict(family.model, adapter_name="default")
@@ -267,6 +279,8 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
         adapter = None
     result = {"adapter": str(adapter) if adapter else None, "steps": step,
               "final_loss": losses[-1] if losses else None, "stopped": stopped}
+    if config.track_memory:
+        result["peak_tensor_bytes"] = tracker.peak_bytes
     emit({"type": "done", **result})
     return result
 
@@ -293,6 +307,9 @@ def register(subparsers) -> None:
     parser.add_argument("--format", dest="output_format", default="diffusers", choices=["diffusers", "comfy"],
                         help="also write kohya/ComfyUI keys (comfy_lora.safetensors) with 'comfy'")
     parser.add_argument("--key", type=Path, help="ed25519 public key the bundle must be signed with")
+    parser.add_argument("--track-memory", action="store_true",
+                        help="count the bytes of every live tensor per op and report the exact peak "
+                             "(on a CPU the process RSS cannot tell tensors from the runtime); slower")
     parser.set_defaults(func=run)
 
 
@@ -302,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(steps=args.steps, grad_accum=args.grad_accum, lr=args.lr, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, resume=args.resume,
                          gradient_checkpointing=args.gradient_checkpointing, device=args.device,
-                         output_format=args.output_format)
+                         output_format=args.output_format, track_memory=args.track_memory)
     if not args.bundle.exists():
         raise InputError(f"bundle {args.bundle} does not exist")
     bar = tqdm(total=config.steps, desc="train", unit="step", disable=not sys.stderr.isatty())
@@ -318,4 +335,6 @@ def run(args: argparse.Namespace) -> int:
     result = train(args.bundle, args.out, config, on_event=on_event, public_key=args.key)
     bar.close()
     print(f"adapter {result['adapter']} after {result['steps']} steps, final loss {result['final_loss']:.4f}")
+    if "peak_tensor_bytes" in result:
+        print(f"peak tensor memory {result['peak_tensor_bytes'] / 2**20:.1f} MiB")
     return 0
