@@ -45,6 +45,10 @@ def child(name: str, device: str, steps: int, text_len: int, rank: int) -> dict:
     from blockskip.models.skip import SkipPlan, reduced_forward
 
     torch.manual_seed(0)
+    if device == "cuda":
+        # cuDNN's SDPA backward is the default on Hopper since torch 2.11 and crashed here with an
+        # illegal memory access (H100, torch 2.11+cu130); flash / memory-efficient attention instead
+        torch.backends.cuda.enable_cudnn_sdp(False)
     skip, resolution = CONFIGS[name]
     config = FLUX_DEV if device == "cuda" else PROXY
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
