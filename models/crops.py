@@ -417,15 +417,17 @@ def labels(attrs_list: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def caption_accuracy(model, classifier: AttributeClassifier, n: int = 24, seed: int = 0, steps: int = 10,
-                     return_images: bool = False):
-    """Generate `n` images from captions of random non-held-out combos and classify them;
-    returns {attribute: accuracy} (chance: 1 / len(ATTRIBUTES[attribute]))."""
+                     return_images: bool = False, size: int = 32):
+    """Generate `n` images (size x size; classified after upsampling to 32) from captions of random
+    non-held-out combos and classify them; returns {attribute: accuracy} (chance: 1 / len(values))."""
     from blockskip.models.pipeline import sample
 
     rng = np.random.default_rng([seed, 0xCA9])
     combos = [sample_attrs(rng) for _ in range(n)]
     images = torch.cat([sample(model, model.encode_text(caption(a)), seed=seed * 1000 + i, steps=steps,
-                               height=32, width=32) for i, a in enumerate(combos)])
+                               height=size, width=size) for i, a in enumerate(combos)])
+    if size != 32:
+        images = torch.nn.functional.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
     pred, truth = classifier.predict(images), labels(combos)
     acc = {k: float((pred[k] == truth[k]).float().mean()) for k in KEYS}
     return (acc, images, combos) if return_images else acc
