@@ -48,13 +48,21 @@ def skip_budget(num_blocks: int, ratio: float | None = None, blocks: int | None 
     return blocks
 
 
-def choose_split(d_pre: list[float], d_suf: list[float], k: int) -> tuple[int, int]:
-    """(n, m) with n + m = k minimizing Dpre[n] + Dsuf[m]; ties go to the larger n."""
+def choose_split(d_pre: list[float], d_suf: list[float], k: int, max_last: int | None = None) -> tuple[int, int]:
+    """(n, m) with n + m = k minimizing Dpre[n] + Dsuf[m]; ties go to the larger n.
+
+    `max_last` caps m (None: no cap, the paper's rule). The residual cached for the last skipped
+    span stands in for blocks that run after the trained ones, so it goes stale as LoRA trains; on
+    shallow models that costs fidelity (benchmarks/results/quality.md). The paper's FLUX plans
+    never skip more than 10 of 57 blocks at the end."""
     if len(d_pre) != len(d_suf):
         raise ConfigError(f"profile Dpre and Dsuf lengths differ ({len(d_pre)} vs {len(d_suf)})")
     if k > len(d_pre) - 1:
         raise ConfigError(f"cannot skip {k} blocks: the profile covers {len(d_pre) - 1}")
-    best = min(range(k + 1), key=lambda n: (d_pre[n] + d_suf[k - n], -n))
+    if max_last is not None and max_last < 0:
+        raise ConfigError(f"max_last must be >= 0, got {max_last}")
+    cap = k if max_last is None else min(k, max_last)
+    best = min(range(k - cap, k + 1), key=lambda n: (d_pre[n] + d_suf[k - n], -n))
     return best, k - best
 
 
@@ -106,6 +114,10 @@ def register(subparsers) -> None:
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--skip-ratio", type=float, help="fraction of blocks to skip (paper: 0.3, 0.4, 0.5)")
     budget.add_argument("--skip-blocks", type=int, help="number of blocks to skip")
+    parser.add_argument("--max-last", type=int,
+                        help="skip at most this many blocks at the end (default: no cap, the paper's argmin). "
+                             "The last span's cached residual goes stale as LoRA trains; on shallow models a "
+                             "cap keeps fidelity (benchmarks/results/quality.md)")
     parser.add_argument("--out", required=True, help="plan JSON to write")
     parser.add_argument("--s-min", type=int, default=256, help="training resolution (FLUX paper: 256)")
     parser.add_argument("--s-max", type=int, default=512, help="largest crop side (FLUX paper: 512)")
@@ -122,13 +134,14 @@ def register(subparsers) -> None:
 
 
 def make_plan(profile: dict, model, k: int, schedule, lora: LoraSettings, samples: int,
-              text_len: int = 512, precision: str = "bf16") -> dict:
-    """The paper's plan: skip the first n and last m blocks, n + m = k, by the profile's argmin."""
+              text_len: int = 512, precision: str = "bf16", max_last: int | None = None) -> dict:
+    """The paper's plan: skip the first n and last m blocks, n + m = k, by the profile's argmin
+    (m <= max_last when given)."""
     family = model.family
     if profile.get("model", {}).get("config_hash") != family.config_hash():
         raise InputError("the profile was measured on another model (config hash "
                          f"{profile.get('model', {}).get('config_hash')} != {family.config_hash()})")
-    n, m = choose_split(profile["d_pre"], profile["d_suf"], k)
+    n, m = choose_split(profile["d_pre"], profile["d_suf"], k, max_last)
     plan = SkipPlan.first_last(family.num_blocks, n, m)
     return plan_document(model, plan, schedule, lora, samples, text_len, precision,
                          {"n": n, "m": m, "score": profile["d_pre"][n] + profile["d_suf"][m]})
@@ -166,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     schedule = PatchSchedule(s_min=args.s_min, s_max=args.s_max, granularity=model.granularity,
                              schedule=args.schedule)
     plan = make_plan(profile, model, k, schedule, LoraSettings(args.rank, args.alpha, args.lora_scope),
-                     args.samples, args.text_len, args.precision)
+                     args.samples, args.text_len, args.precision, max_last=args.max_last)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(plan, indent=2))

@@ -52,6 +52,21 @@ def test_choose_split_is_the_argmin():
         n, m = choose_split(d_pre, d_suf, k)
         assert n + m == k
         assert d_pre[n] + d_suf[m] == min(d_pre[i] + d_suf[k - i] for i in range(k + 1))
+        cap = rng.randint(0, size)
+        n, m = choose_split(d_pre, d_suf, k, max_last=cap)
+        assert n + m == k and m <= cap
+        assert d_pre[n] + d_suf[m] == min(d_pre[i] + d_suf[k - i] for i in range(max(0, k - cap), k + 1))
+
+
+def test_max_last_moves_the_plan_to_the_front():
+    # the built-in crop model's profile (8 prompts x 2 seeds): the argmin skips 1 first + 3 last
+    d_pre = [0.0, 0.0182, 0.2589, 0.3715, 0.362, 0.3842, 0.4337, 0.5524, 0.5635]
+    d_suf = [0.0, 0.0039, 0.1404, 0.2214, 0.2767, 0.2923, 0.3396, 0.5562, 0.5635]
+    assert choose_split(d_pre, d_suf, 4) == (1, 3)
+    assert choose_split(d_pre, d_suf, 4, max_last=1) == (4, 0)
+    assert choose_split(d_pre, d_suf, 4, max_last=0) == (4, 0)
+    with pytest.raises(ConfigError):
+        choose_split(d_pre, d_suf, 4, max_last=-1)
 
 
 def test_paper_flux_lookups_with_a_crafted_profile():
