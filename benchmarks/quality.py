@@ -3,7 +3,7 @@ paper's DreamBench table, measured on the built-in pretrained crop model (models
 
 For each subject (an attribute combination the base model never saw in pretraining), render a
 few subject photos at 32 px (the model's native size), then per method: plan -> cache (frozen full model) -> bundle ->
-train LoRA on the edge path (its own process, peak RSS measured) -> load the adapter into the full
+train LoRA on the edge path (its own process, tensor memory tracked) -> load the adapter into the full
 model -> generate the identifier prompt and context prompts at 32 px -> score.
 
 Methods: LoRA on the full model at full resolution (32 px, whole image; the paper's 512 for
@@ -14,8 +14,11 @@ without residuals; HollowedNet-style (skip the middle 50%).
 Metrics: subject fidelity = mean cosine similarity of EfficientNet-Lite0 embeddings between
 generated and subject images (DINO stand-in); attribute accuracy = the attribute classifier's
 agreement with the subject's shape, colour and pattern; context fidelity = classifier accuracy
-on the prompted background (CLIP-T stand-in); peak training memory (RSS growth of the training
-process over its baseline). Mean and spread over training seeds and subjects.
+on the prompted background (CLIP-T stand-in); peak training memory: the peak of live tensor bytes
+in the training process (blockskip.memory.TensorMemory: weights read, LoRA parameters, gradients,
+AdamW moments, saved activations, temporaries; what torch.cuda.max_memory_allocated counts on a
+GPU). The process RSS is not used: on a CPU it is ~480 MiB of interpreter and libraries for every
+method, which hides a few-MiB model. Mean and spread over training seeds and subjects.
 
     python benchmarks/quality.py --out benchmarks/results           # the table and grid
     python benchmarks/quality.py --quick                            # a smoke run
@@ -50,24 +53,15 @@ METHODS = {
     "BlockSkip 50%, no residuals": ("profile", 0.5, (16, 32, "low-to-high"), False),
     "HollowedNet-style (middle 50%)": ("middle", 0.5, (16, 32, "low-to-high"), True),
 }
-# Training runs in its own process; its peak RSS minus the peak RSS of an idle process with the
-# same imports (measured once in the same run) is the training's memory.
+# Training runs in its own process (as on the edge: only what the bundle holds), with its tensor
+# memory tracked (TrainConfig.track_memory).
 TRAIN_CHILD = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
-import peft, diffusers.models, safetensors.torch
 from blockskip.edge.train import TrainConfig, train
-import blockskip.edge.reduced, blockskip.features, blockskip.host.bundle, blockskip.models.skip
 args = json.loads(sys.argv[1])
-result = None if args.get("idle") else train(Path(args["bundle"]), Path(args["out"]), TrainConfig(**args["config"]))
-print(json.dumps({"result": result, "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"result": train(Path(args["bundle"]), Path(args["out"]), TrainConfig(**args["config"]))}))
 """
-
-
-def idle_peak_bytes() -> int:
-    proc = subprocess.run([sys.executable, "-c", TRAIN_CHILD, json.dumps({"idle": True})],
-                          capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
 def skip_plan(kind: str, ratio: float, num_blocks: int, profile: dict):
@@ -87,8 +81,7 @@ def skip_plan(kind: str, ratio: float, num_blocks: int, profile: dict):
     return SkipPlan.from_blocks(num_blocks, range(start, start + k))
 
 
-def train_adapter(model, plan, schedule, photos, work: Path, seed: int, args, use_residuals: bool,
-                  idle_bytes: int) -> dict:
+def train_adapter(model, plan, schedule, photos, work: Path, seed: int, args, use_residuals: bool) -> dict:
     from blockskip.host.bundle import build_bundle
     from blockskip.host.cache import build_cache
     from blockskip.host.plan import LoraSettings, plan_document
@@ -99,14 +92,14 @@ def train_adapter(model, plan, schedule, photos, work: Path, seed: int, args, us
                         progress=False)
     bundle = build_bundle(stage, work / "bundle", json.loads((stage / "bundle.json").read_text()))
     config = {"steps": args.steps, "grad_accum": args.grad_accum, "lr": args.lr, "seed": seed,
-              "checkpoint_every": 0, "use_residuals": use_residuals}
+              "checkpoint_every": 0, "use_residuals": use_residuals, "track_memory": True, "device": "cpu"}
     proc = subprocess.run([sys.executable, "-c", TRAIN_CHILD,
                            json.dumps({"bundle": str(bundle), "out": str(work / "adapter"), "config": config})],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     child = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {**child, "peak_growth_bytes": child["peak_bytes"] - idle_bytes, "adapter": work / "adapter",
+    return {**child, "peak_tensor_bytes": child["result"]["peak_tensor_bytes"], "adapter": work / "adapter",
             "kept": len(plan.kept), "estimate": plan_doc["estimates"]["train_memory_bytes"]}
 
 
@@ -157,8 +150,20 @@ def _grid(rows: dict[str, torch.Tensor], out: Path, per_row: int = 8, scale: int
     for r, images in enumerate(rows.values()):
         for c, image in enumerate(images[:per_row]):
             sheet.paste(to_pil(image).resize((cell, cell), Image.Resampling.NEAREST), (c * cell, r * cell))
-    sheet.save(out)
+    label_rows(sheet, list(rows), cell).save(out)
     return out
+
+
+def label_rows(sheet: Image.Image, names: list[str], cell: int, width: int = 230) -> Image.Image:
+    """The sheet with each row's name written in a white column on its left."""
+    from PIL import ImageDraw
+
+    labelled = Image.new("RGB", (width + sheet.width, sheet.height), "white")
+    labelled.paste(sheet, (width, 0))
+    draw = ImageDraw.Draw(labelled)
+    for r, name in enumerate(names):
+        draw.text((6, r * cell + cell // 2 - 6), name, fill="black")
+    return labelled
 
 
 def summarize(scores: list[dict], key: str) -> str:
@@ -185,6 +190,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=4, help="generated images per prompt")
     parser.add_argument("--sample-steps", type=int, default=12)
     parser.add_argument("--methods", nargs="*", help="subset of method names (default: all)")
+    parser.add_argument("--subjects", nargs="*", type=int, help="subset of SUBJECTS by index (default: all)")
     parser.add_argument("--quick", action="store_true", help="1 seed, few steps: a smoke run")
     parser.add_argument("--no-patch-sampling", action="store_true",
                         help="every method trains on whole images at 32 px: block skipping alone")
@@ -197,7 +203,6 @@ def main() -> int:
     started = time.perf_counter()
 
     base = load_crop_model()
-    idle_bytes = statistics.median(idle_peak_bytes() for _ in range(3))
     encoder, classifier = EfficientNetLite0(), load_classifier()
     backgrounds = list(ATTRIBUTES["background"])
     print("profiling the base model ...", flush=True)
@@ -211,6 +216,8 @@ def main() -> int:
     grid_rows: dict[str, torch.Tensor] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for s, subject in enumerate(SUBJECTS):
+            if args.subjects and s not in args.subjects:
+                continue
             photo_dir = Path(tmp) / f"subject{s}"
             photo_dir.mkdir()
             photos = []
@@ -228,14 +235,13 @@ def main() -> int:
                     plan = skip_plan(kind, ratio, base.family.num_blocks, profile)
                     schedule = PatchSchedule(s_min=s_min, s_max=s_max, granularity=base.granularity,
                                              schedule=schedule_name)
-                    trained = train_adapter(base, plan, schedule, photos, work, seed, args, use_residuals,
-                                            idle_bytes)
+                    trained = train_adapter(base, plan, schedule, photos, work, seed, args, use_residuals)
                     result = evaluate(load_crop_model, trained["adapter"], subject, photos, encoder, classifier,
                                       backgrounds, args)
-                    result.update(memory=trained["peak_growth_bytes"], kept=trained["kept"], plan=plan.skipped,
+                    result.update(memory=trained["peak_tensor_bytes"], kept=trained["kept"], plan=plan.skipped,
                                   estimate=trained["estimate"])
                     scores[name].append(result)
-                    if s == 0 and seed == 0:
+                    if seed == 0 and name not in grid_rows:  # the first subject run
                         grid_rows[name] = result["images"]
                     print(f"{name:34s} subject {s} seed {seed}: fidelity {result['fidelity']:.3f} "
                           f"attributes {result['attributes']:.2f} context {result['context']:.2f} "
@@ -245,11 +251,12 @@ def main() -> int:
     lora_name = "LoRA (full model, 32 px)"
     lora_memory = statistics.mean(r["memory"] for r in scores[lora_name]) if scores.get(lora_name) else None
     lora_gain = (statistics.mean(r["fidelity"] for r in scores[lora_name]) - base_fidelity) if lora_memory else None
-    lines = [f"Subjects: {', '.join(caption(s) for s in SUBJECTS)} (held out of pretraining); "
+    chosen = [x for i, x in enumerate(SUBJECTS) if not args.subjects or i in args.subjects]
+    lines = [f"Subjects: {', '.join(caption(s) for s in chosen)} (held out of pretraining); "
              f"{args.photos} photos each; {args.seeds} training seeds; {args.steps} steps x {args.grad_accum}; "
              f"{args.images} images per prompt x {1 + len(backgrounds)} prompts.", "",
              "| method | kept blocks | subject fidelity (EffNet cos) | attribute acc. | context acc. | "
-             "fidelity gain vs LoRA | peak train MiB (RSS) | vs LoRA | analytic MiB | vs LoRA |",
+             "fidelity gain vs LoRA | peak train MiB (tensors) | vs LoRA | planned MiB | vs LoRA |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     table = {}
     for name, rows in scores.items():
@@ -263,7 +270,7 @@ def main() -> int:
         lora_estimate = statistics.mean(r["estimate"] for r in scores[lora_name]) if scores.get(lora_name) else None
         lines.append(f"| {name} | {kept} | {summarize(rows, 'fidelity')} | {summarize(rows, 'attributes')} | "
                      f"{summarize(rows, 'context')} | {gain:.2f} | "
-                     f"{memory / 2**20 if memory else 0:.0f} | {memory / lora_memory if memory and lora_memory else 0:.2f} | "
+                     f"{memory / 2**20 if memory else 0:.1f} | {memory / lora_memory if memory and lora_memory else 0:.2f} | "
                      f"{estimate / 2**20 if estimate else 0:.1f} | "
                      f"{estimate / lora_estimate if estimate and lora_estimate else 0:.2f} |")
         table[name] = {"fidelity": fidelity, "gain_vs_lora": gain, "memory": memory, "estimate": estimate,

@@ -2,8 +2,8 @@
 DiT-BlockSkip, each configuration in its own process, printed as ratios to standard LoRA measured
 in the same run (these machines are noisy), next to an analytic lower bound.
 
-CPU (default): a FLUX-depth proxy (19 double + 38 single blocks, narrower width), fp32, peak RSS
-growth of the child over its baseline after imports.
+CPU (default): a FLUX-depth proxy (19 double + 38 single blocks, narrower width), fp32, the peak
+of live tensor bytes in one extra training step (blockskip.memory.TensorMemory).
 CUDA (`--device cuda`): the real FLUX.1-dev configuration with random bf16 weights (weights do not
 change memory), 512 -> 256, `torch.cuda.max_memory_allocated`, comparable to the paper's table
 (35.99 GiB LoRA, 10.42 GiB DiT-BlockSkip 50%).
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -52,7 +51,6 @@ def child(name: str, device: str, steps: int, text_len: int, rank: int) -> dict:
     skip, resolution = CONFIGS[name]
     config = FLUX_DEV if device == "cuda" else PROXY
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with torch.device("meta"):
         model = Flux.model_cls(**config)
     plan = SkipPlan.first_last(57, *(skip or (0, 0)))
@@ -79,7 +77,12 @@ def child(name: str, device: str, steps: int, text_len: int, rank: int) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(steps):
+    from blockskip.memory import TensorMemory
+
+    tracker = TensorMemory()
+    for index in range(steps + (device == "cpu")):
+        if index == steps:  # CPU: one more step, its tensor bytes counted (RSS cannot see them)
+            tracker.__enter__()
         start = time.perf_counter()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             if skip is None:  # full model from the embedding
@@ -103,11 +106,13 @@ def child(name: str, device: str, steps: int, text_len: int, rank: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        if index < steps:
+            times.append(time.perf_counter() - start)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
+        tracker.__exit__(None, None, None)
+        peak = tracker.peak_bytes
     kept_params = sum(p.numel() for m in keep for p in m.parameters() if "lora_" not in "".join(
         n for n, _ in m.named_parameters()))
     lora_params = sum(p.numel() for p in params)
@@ -146,7 +151,7 @@ def main() -> int:
     unit = 2**30 if args.device == "cuda" else 2**20
     label = "GiB" if args.device == "cuda" else "MiB"
     what = "FLUX.1-dev shapes, bf16, cuda max_memory_allocated" if args.device == "cuda" else \
-        "FLUX-depth proxy (57 blocks, width 256), fp32, peak RSS growth"
+        "FLUX-depth proxy (57 blocks, width 256), fp32, peak tensor bytes"
     print(f"# training memory: {what}; text {text_len} tokens, LoRA rank {args.rank}, batch 1\n")
     print(f"| configuration | kept blocks | peak {label} | vs LoRA | bound {label} | step s | vs LoRA |")
     print("|---|---|---|---|---|---|---|")

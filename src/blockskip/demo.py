@@ -39,13 +39,17 @@ def register(subparsers) -> None:
     parser.add_argument("--model", default="builtin", choices=["builtin", "tiny-flux", "tiny-sana"],
                         help="builtin: the pretrained crop-leaf model; tiny-*: random tiny models")
     parser.add_argument("--skip-ratio", type=float, default=0.5, help="fraction of blocks to skip (default: 0.5)")
+    parser.add_argument("--max-last", type=int,
+                        help="skip at most this many blocks at the end (see `blockskip plan --help`; "
+                             "default: the profile's argmin)")
     parser.add_argument("--samples", type=int, default=64, help="cached training draws (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=300, help="training steps (default: %(default)s)")
     parser.add_argument("--size", type=int, default=32, help="generation size and largest crop in pixels")
     parser.add_argument("--train-size", type=int,
-                        help="training resolution s_min (default: --size). The built-in model was pretrained "
-                             "at 32 px only, and crops resized to 16 px hurt it (benchmarks/results/quality.md); "
-                             "pass --train-size 16 to see the paper's patch sampling")
+                        help="training resolution s_min (default: --size, whole images). 16 turns on the paper's "
+                             "patch sampling (crops 32 -> 16 px; the built-in model was pretrained on such "
+                             "patches too): about half the training memory (9.8 vs 17.7 MiB of tensors), some "
+                             "fidelity lost (benchmarks/results/quality.md)")
     parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "auto"],
                         help="generation backend (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model and every draw")
@@ -170,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     schedule = PatchSchedule(s_min=args.train_size or args.size, s_max=args.size, granularity=model.granularity)
     k = skip_budget(model.family.num_blocks, args.skip_ratio)
     plan = make_plan(profile, model, k, schedule, LoraSettings(rank=8, alpha=8, scope="all"), args.samples,
-                     text_len=model.text_encoder.max_length, precision="fp32")
+                     text_len=model.text_encoder.max_length, precision="fp32", max_last=args.max_last)
     (out / "plan.json").write_text(json.dumps(plan, indent=2))
     print(f"      skip first {plan['plan']['n']} and last {plan['plan']['m']}; keep {plan['plan']['kept']}")
     seconds["plan"] = time.perf_counter() - t
@@ -190,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     t = _step("train: LoRA on the kept blocks only (edge)", 6)
     events = []
     result = train(bundle, out / "adapter", TrainConfig(steps=args.steps, grad_accum=2, lr=1e-3,
-                                                        checkpoint_every=50, seed=args.seed),
+                                                        checkpoint_every=50, seed=args.seed, track_memory=True),
                    on_event=events.append)
     losses = json.loads((out / "adapter" / "losses.json").read_text())
     start_event = next(e for e in events if e["type"] == "start")
@@ -223,7 +227,9 @@ def run(args: argparse.Namespace) -> int:
             "weights held by the edge trainer": f"{start_event['model_bytes'] / 1024:.0f} KiB "
                                                  f"({start_event['model_bytes'] / full_bytes:.0%})",
             "planned edge training memory (estimate)": f"{plan['estimates']['train_memory_bytes'] / 2**20:.1f} MiB",
-            "peak process memory while training (RSS)": f"{peak / 2**20:.0f} MiB",
+            "peak tensor memory while training (weights, LoRA, gradients, AdamW, activations)":
+                f"{result['peak_tensor_bytes'] / 2**20:.1f} MiB",
+            "peak process memory while training (RSS: interpreter and libraries included)": f"{peak / 2**20:.0f} MiB",
         },
         "images_before": [r["path"] for r in before], "images_after": [r["path"] for r in after],
     }

@@ -188,3 +188,20 @@ def test_tampered_bundle_is_refused_and_nothing_is_written(tmp_path):
     assert proc.returncode == 2
     assert "features/shard-00000.safetensors" in proc.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_tracked_tensor_peak_falls_with_the_blocks_skipped(tmp_path):
+    """What a user reads off --track-memory: skipping half the blocks needs clearly less memory,
+    and the peak holds at least the kept weights and the LoRA state."""
+    peaks = {}
+    for n, m in [(0, 0), (3, 1)]:
+        _, _, bundle = make_bundle(tmp_path / f"{n}-{m}", "flux", n, m, samples=4)
+        events = []
+        result = train(bundle, tmp_path / f"out-{n}-{m}", TrainConfig(steps=2, grad_accum=1, checkpoint_every=0,
+                                                                       track_memory=True), on_event=events.append)
+        start = next(e for e in events if e["type"] == "start")
+        progress = [e["peak_tensor_bytes"] for e in events if e["type"] == "progress"]
+        assert progress == sorted(progress) and progress[-1] == result["peak_tensor_bytes"]
+        assert result["peak_tensor_bytes"] > start["model_bytes"]
+        peaks[(n, m)] = result["peak_tensor_bytes"]
+    assert peaks[(3, 1)] < 0.8 * peaks[(0, 0)], peaks
