@@ -2,7 +2,7 @@
 text-to-image model on procedural crop-leaf images (models/crops.py) at 32 px and, every third
 step, on 16 px patches (crops resized, as patch sampling makes them); 2 CPU cores or a GPU, seeded.
 
-    python benchmarks/pretrain_crops.py --steps 2300 --out models/weights                 # 2 CPU cores, ~42 min
+    python benchmarks/pretrain_crops.py --steps 2300 --out models/weights                 # 2 CPU cores, ~37 min
     python benchmarks/pretrain_crops.py --steps 2300 --device cuda --workers 12 ...      # a GPU, ~4 min
 
 writes OUT/crop-flux/ (load_crop_model), OUT/crop-classifier.safetensors (load_classifier) and

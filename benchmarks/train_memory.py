@@ -113,8 +113,7 @@ def child(name: str, device: str, steps: int, text_len: int, rank: int) -> dict:
     else:
         tracker.__exit__(None, None, None)
         peak = tracker.peak_bytes
-    kept_params = sum(p.numel() for m in keep for p in m.parameters() if "lora_" not in "".join(
-        n for n, _ in m.named_parameters()))
+    kept_params = sum(p.numel() for m in keep for n, p in m.named_parameters() if "lora_" not in n)
     lora_params = sum(p.numel() for p in params)
     bytes_per = 2 if device == "cuda" else 4
     seq = tokens + text_len
