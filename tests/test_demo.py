@@ -5,6 +5,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -15,6 +17,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for step in range(1, 8):
         assert f"[{step}/7]" in proc.stdout
+    assert "cached for the built-in model" in proc.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["bundle_verified"] and report["backend"] == "onnxruntime"
     assert report["model"] == "builtin" and report["family"] == "flux"
@@ -51,3 +54,21 @@ def test_demo_on_a_random_tiny_sana(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["family"] == "sana" and report["subject_attributes_after"] is None
+
+
+def test_cached_builtin_profile_is_what_the_demo_would_measure():
+    """The committed profile belongs to the committed weights and settings, and still measures the same."""
+    from blockskip import demo
+    from blockskip.host.encoders import EfficientNetLite0
+    from blockskip.host.profile import masking_profile
+    from blockskip.models.crops import MODEL_DIR
+    from blockskip.models.pipeline import load_model
+
+    key = demo.profile_key(MODEL_DIR, 32)
+    cached = demo.cached_profile(key)
+    assert cached is not None, "retrained weights: rewrite models/weights/crop-profile.json (see this test)"
+    assert demo.cached_profile({**key, "steps": 5}) is None and demo.cached_profile(None) is None
+    fresh = masking_profile(load_model(MODEL_DIR), EfficientNetLite0(), key["prompts"], key["seeds"],
+                            steps=key["steps"], size=key["size"], progress=False)
+    for name in ("d_pre", "d_suf"):
+        assert fresh[name] == pytest.approx(cached[name], abs=1e-4), name

@@ -3,7 +3,8 @@
 The built-in model is a small FLUX-family text-to-image model pretrained on procedural crop-leaf
 images (models/crops.py, models/CROPS.md). The subject is a leaf it never saw in pretraining (a
 red heart-shaped leaf with stripes). Steps, each with progress: subject photos (or your --images
-folder), profile (cross-attention masking sensitivity), plan (50% skip),
+folder), profile (cross-attention masking sensitivity; committed for the built-in model,
+models/weights/crop-profile.json, and used while the weights and settings match), plan (50% skip),
 cache (frozen full model, one pass per draw), bundle (signed) and verify, train LoRA on the kept
 blocks only (the edge path), then generate before/after images through ONNX Runtime. Writes a
 report folder: report.html (one page embedding everything), samples_before.png /
@@ -54,6 +55,30 @@ def register(subparsers) -> None:
                         help="generation backend (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model and every draw")
     parser.set_defaults(func=run)
+
+
+def profile_key(model_dir: Path, size: int) -> dict:
+    """What the demo's profile depends on: the weights' bytes and the profile settings."""
+    import hashlib
+
+    weights = Path(model_dir) / "transformer" / "diffusion_pytorch_model.safetensors"
+    return {"weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "prompts": BANK[:2],
+            "seeds": [0], "steps": 4, "size": size, "encoder": "efficientnet-lite0"}
+
+
+def _profile_cache() -> Path:
+    from blockskip.models.crops import WEIGHTS
+
+    return WEIGHTS / "crop-profile.json"
+
+
+def cached_profile(key: dict | None) -> dict | None:
+    """The committed profile of the built-in model when it was measured with exactly `key`."""
+    path = _profile_cache()
+    if key is None or not path.is_file():
+        return None
+    profile = json.loads(path.read_text())
+    return profile if profile.get("key") == key else None
 
 
 def subject_photos(folder: Path, size: int, seed: int = 0, count: int = 5) -> list[Path]:
@@ -165,8 +190,14 @@ def run(args: argparse.Namespace) -> int:
     seconds["model and subject"] = time.perf_counter() - t
 
     t = _step("profile: cross-attention masking sensitivity", 2)
-    profile = masking_profile(model, EfficientNetLite0(), BANK[:2], [0], steps=4, size=args.size)
-    profile["model"] = model.describe()
+    key = profile_key(model_dir, args.size) if args.model == "builtin" else None
+    profile = cached_profile(key)
+    if profile is None:
+        profile = masking_profile(model, EfficientNetLite0(), BANK[:2], [0], steps=4, size=args.size)
+        profile["model"] = model.describe()
+        profile["key"] = key
+    else:
+        print(f"      cached for the built-in model ({_profile_cache().name}: same weights, prompts, seed, steps)")
     (out / "profile.json").write_text(json.dumps(profile, indent=2))
     seconds["profile"] = time.perf_counter() - t
 
