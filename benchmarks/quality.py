@@ -230,11 +230,11 @@ def main() -> int:
             grid_rows.setdefault("subject photos", torch.cat([_to_tensor(Image.open(p)) for p in photos]))
             grid_rows.setdefault("base model (no adapter)", result["images"])
             for name, (kind, ratio, (s_min, s_max, schedule_name), use_residuals) in methods.items():
+                plan = skip_plan(kind, ratio, base.family.num_blocks, profile)
+                schedule = PatchSchedule(s_min=s_min, s_max=s_max, granularity=base.granularity,
+                                         schedule=schedule_name)
                 for seed in range(args.seeds):
                     work = Path(tmp) / f"s{s}-{abs(hash(name))}-{seed}"
-                    plan = skip_plan(kind, ratio, base.family.num_blocks, profile)
-                    schedule = PatchSchedule(s_min=s_min, s_max=s_max, granularity=base.granularity,
-                                             schedule=schedule_name)
                     trained = train_adapter(base, plan, schedule, photos, work, seed, args, use_residuals)
                     result = evaluate(load_crop_model, trained["adapter"], subject, photos, encoder, classifier,
                                       backgrounds, args)
@@ -251,6 +251,7 @@ def main() -> int:
     lora_name = "LoRA (full model, 32 px)"
     lora_memory = statistics.mean(r["memory"] for r in scores[lora_name]) if scores.get(lora_name) else None
     lora_gain = (statistics.mean(r["fidelity"] for r in scores[lora_name]) - base_fidelity) if lora_memory else None
+    lora_estimate = statistics.mean(r["estimate"] for r in scores[lora_name]) if lora_memory else None
     chosen = [x for i, x in enumerate(SUBJECTS) if not args.subjects or i in args.subjects]
     lines = [f"Subjects: {', '.join(caption(s) for s in chosen)} (held out of pretraining); "
              f"{args.photos} photos each; {args.seeds} training seeds; {args.steps} steps x {args.grad_accum}; "
@@ -267,7 +268,6 @@ def main() -> int:
         memory = statistics.mean(r["memory"] for r in rows) if "memory" in rows[0] else None
         kept = rows[0].get("kept", base.family.num_blocks)
         estimate = statistics.mean(r["estimate"] for r in rows) if "estimate" in rows[0] else None
-        lora_estimate = statistics.mean(r["estimate"] for r in scores[lora_name]) if scores.get(lora_name) else None
         lines.append(f"| {name} | {kept} | {summarize(rows, 'fidelity')} | {summarize(rows, 'attributes')} | "
                      f"{summarize(rows, 'context')} | {gain:.2f} | "
                      f"{memory / 2**20 if memory else 0:.1f} | {memory / lora_memory if memory and lora_memory else 0:.2f} | "

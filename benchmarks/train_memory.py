@@ -45,9 +45,9 @@ def child(name: str, device: str, steps: int, text_len: int, rank: int) -> dict:
 
     torch.manual_seed(0)
     if device == "cuda":
-        # cuDNN's SDPA backward is the default on Hopper since torch 2.11 and crashed here with an
-        # illegal memory access (H100, torch 2.11+cu130); flash / memory-efficient attention instead
-        torch.backends.cuda.enable_cudnn_sdp(False)
+        from blockskip.edge.train import avoid_cudnn_attention_backward
+
+        avoid_cudnn_attention_backward()
     skip, resolution = CONFIGS[name]
     config = FLUX_DEV if device == "cuda" else PROXY
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -76,14 +76,9 @@ def child(name: str, device: str, steps: int, text_len: int, rank: int) -> dict:
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
     from blockskip.memory import TensorMemory
 
-    tracker = TensorMemory()
-    for index in range(steps + (device == "cpu")):
-        if index == steps:  # CPU: one more step, its tensor bytes counted (RSS cannot see them)
-            tracker.__enter__()
-        start = time.perf_counter()
+    def train_step() -> None:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             if skip is None:  # full model from the embedding
                 inputs = family.example_inputs(height=resolution // 16, width=resolution // 16, text_len=text_len)
@@ -106,12 +101,17 @@ def child(name: str, device: str, steps: int, text_len: int, rank: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
-        if index < steps:
-            times.append(time.perf_counter() - start)
+
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        train_step()
+        times.append(time.perf_counter() - start)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
-    else:
-        tracker.__exit__(None, None, None)
+    else:  # one more step with its tensor bytes counted (the process RSS cannot see them)
+        with TensorMemory() as tracker:
+            train_step()
         peak = tracker.peak_bytes
     kept_params = sum(p.numel() for m in keep for n, p in m.named_parameters() if "lora_" not in n)
     lora_params = sum(p.numel() for p in params)

@@ -100,6 +100,13 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
 
 
+def avoid_cudnn_attention_backward() -> None:
+    """Train with flash / memory-efficient attention, not cuDNN's. torch >= 2.11 picks cuDNN's SDPA
+    backward on Hopper; on an H100 here it gave NaN LoRA gradients and, at FLUX.1-dev size, an
+    illegal memory access (pytorch/pytorch#196678). Process-wide, as torch's switch is."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def _pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -181,10 +188,7 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
     out_dir.mkdir(parents=True, exist_ok=True)
     device = _pick_device(config.device)
     if device.type == "cuda":
-        # torch >= 2.11 picks cuDNN's SDPA backward on Hopper; it gave NaN LoRA gradients (and an
-        # illegal memory access in benchmarks/train_memory.py) on an H100 here. Flash / memory-efficient
-        # attention instead (pytorch/pytorch#196678).
-        torch.backends.cuda.enable_cudnn_sdp(False)
+        avoid_cudnn_attention_backward()
     family, plan = build_reduced(bundle_dir, manifest, device)
     lora_config, params = _inject_lora(family, plan, manifest["lora"], config.seed)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -218,11 +222,14 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
     prefetch = Prefetcher(reader, positions, config.prefetch)
     lock = _bundle_lock(bundle_dir, str(out_dir))
     started, start_step, stopped = time.perf_counter(), step, False
-    tracker = TensorMemory() if config.track_memory else contextlib.nullcontext()
+    tracker = TensorMemory() if config.track_memory else None
     emit({"type": "start", "total": config.steps, "step": step, "kept_blocks": plan.kept,
           "model_bytes": materialized_bytes(family.model), "device": device.type})
-    try:
-        tracker.__enter__()
+    with contextlib.ExitStack() as cleanup:
+        if lock is not None:
+            cleanup.callback(lock.unlink, missing_ok=True)
+        if tracker:
+            cleanup.enter_context(tracker)
         while step < config.steps:
             loss_sum = 0.0
             for _ in range(config.grad_accum):
@@ -251,7 +258,7 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
             rate = (step - start_step) / max(time.perf_counter() - started, 1e-9)
             emit({"type": "progress", "step": step, "total": config.steps, "loss": losses[-1],
                   "steps_per_s": rate, "peak_mem_bytes": peak_memory_bytes(device),
-                  **({"peak_tensor_bytes": tracker.peak_bytes} if config.track_memory else {}),
+                  **({"peak_tensor_bytes": tracker.peak_bytes} if tracker else {}),
                   "eta_s": (config.steps - step) / rate if rate > 0 else None})
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
                 save_checkpoint()
@@ -259,10 +266,6 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
                 save_checkpoint()
                 stopped = True
                 break
-    finally:
-        tracker.__exit__(None, None, None)
-        if lock is not None:
-            lock.unlink(missing_ok=True)
     state_dict = get_peft_model_state_dict(family.model, adapter_name="default")
     extra = {"bundle": manifest.get("content_sha256") or manifest.get("created"), "steps": step,
              "train_config": asdict(config), "kept_blocks": plan.kept, "family": family.name}
@@ -279,7 +282,7 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
         adapter = None
     result = {"adapter": str(adapter) if adapter else None, "steps": step,
               "final_loss": losses[-1] if losses else None, "stopped": stopped}
-    if config.track_memory:
+    if tracker:
         result["peak_tensor_bytes"] = tracker.peak_bytes
     emit({"type": "done", **result})
     return result

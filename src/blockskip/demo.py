@@ -57,13 +57,18 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def profile_settings(size: int) -> dict:
+    """The demo's profile measurement (masking_profile arguments besides the model and encoder)."""
+    return {"prompts": BANK[:2], "seeds": [0], "steps": 4, "size": size}
+
+
 def profile_key(model_dir: Path, size: int) -> dict:
-    """What the demo's profile depends on: the weights' bytes and the profile settings."""
+    """What the demo's profile depends on: the weights' bytes, the encoder and the settings."""
     import hashlib
 
     weights = Path(model_dir) / "transformer" / "diffusion_pytorch_model.safetensors"
-    return {"weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "prompts": BANK[:2],
-            "seeds": [0], "steps": 4, "size": size, "encoder": "efficientnet-lite0"}
+    return {"weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), **profile_settings(size),
+            "encoder": "efficientnet-lite0"}
 
 
 def _profile_cache() -> Path:
@@ -95,12 +100,12 @@ def subject_photos(folder: Path, size: int, seed: int = 0, count: int = 5) -> li
     return paths
 
 
-def subject_scores(paths: list[str]) -> dict[str, float]:
+def subject_scores(classifier, paths: list[str]) -> dict[str, float]:
     """How often the attribute classifier sees the subject's shape, colour and pattern."""
-    from blockskip.models.crops import ATTRIBUTES, load_classifier, to_tensor
+    from blockskip.models.crops import ATTRIBUTES, to_tensor
 
     images = [Image.open(p).convert("RGB") for p in paths]
-    predicted = load_classifier().predict(to_tensor(images))
+    predicted = classifier.predict(to_tensor(images))
     return {attr: float((predicted[attr] == ATTRIBUTES[attr].index(SUBJECT[attr])).float().mean())
             for attr in SUBJECT}
 
@@ -193,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     key = profile_key(model_dir, args.size) if args.model == "builtin" else None
     profile = cached_profile(key)
     if profile is None:
-        profile = masking_profile(model, EfficientNetLite0(), BANK[:2], [0], steps=4, size=args.size)
+        profile = masking_profile(model, EfficientNetLite0(), **profile_settings(args.size))
         profile["model"] = model.describe()
         profile["key"] = key
     else:
@@ -243,15 +248,19 @@ def run(args: argparse.Namespace) -> int:
 
     full_bytes = sum(p.numel() * p.element_size() for p in model.family.model.parameters())
     if args.model == "builtin" and not args.images:
-        before_scores, after_scores = subject_scores([r["path"] for r in before]), \
-            subject_scores([r["path"] for r in after])
+        from blockskip.models.crops import load_classifier
+
+        classifier = load_classifier()
+        before_scores = subject_scores(classifier, [r["path"] for r in before])
+        after_scores = subject_scores(classifier, [r["path"] for r in after])
         print("      subject attributes seen by the classifier, before -> after: " + ", ".join(
             f"{k} {before_scores[k]:.0%} -> {after_scores[k]:.0%}" for k in SUBJECT))
     else:
         before_scores = after_scores = None
     report = {
         "family": model.family.name, "model": args.model,
-        "subject_attributes_before": before_scores, "subject_attributes_after": after_scores, "plan": plan["plan"], "bundle_verified": True, "backend": backend,
+        "subject_attributes_before": before_scores, "subject_attributes_after": after_scores,
+        "plan": plan["plan"], "bundle_verified": True, "backend": backend,
         "losses": losses, "seconds": seconds,
         "memory_table": {
             "full transformer weights": f"{full_bytes / 1024:.0f} KiB",
