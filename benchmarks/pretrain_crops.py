@@ -8,7 +8,9 @@ step, on 16 px patches (crops resized, as patch sampling makes them); 2 CPU core
 writes OUT/crop-flux/ (load_crop_model), OUT/crop-classifier.safetensors (load_classifier) and
 OUT/crop-pretrain-log.json (settings, loss curve, caption-following accuracy, classifier accuracy).
 `--steps` fixes the run (learning-rate schedule, data); `--minutes` only caps the wall time
-(a capped run is then no longer step-for-step reproducible). See models/CROPS.md.
+(a capped run is then no longer step-for-step reproducible). `--double-blocks`, `--single-blocks`
+and `--heads` pretrain another shape than the built-in one (an experiment; point
+`benchmarks/quality.py --model OUT/crop-flux` at the result). See models/CROPS.md.
 """
 
 from __future__ import annotations
@@ -138,6 +140,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where the diffusion training runs (data, draws and evals stay on the CPU)")
     parser.add_argument("--workers", type=int, default=0, help="processes that render training images")
+    parser.add_argument("--double-blocks", type=int, default=crops.FLUX_CONFIG["num_layers"],
+                        help="double-stream blocks (default: the built-in model's %(default)s)")
+    parser.add_argument("--single-blocks", type=int, default=crops.FLUX_CONFIG["num_single_layers"],
+                        help="single-stream blocks (default: %(default)s)")
+    parser.add_argument("--heads", type=int, default=crops.FLUX_CONFIG["num_attention_heads"],
+                        help="attention heads of 32 dims each; the width is 32 x heads (default: %(default)s)")
     args = parser.parse_args(argv)
     global POOL
     if args.workers:
@@ -148,8 +156,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    shape = {"num_layers": args.double_blocks, "num_single_layers": args.single_blocks,
+             "num_attention_heads": args.heads}
+    if min(shape.values()) < 1:
+        parser.error(f"--double-blocks, --single-blocks and --heads must be at least 1, got {shape}")
     log: dict = {"args": vars(args), "flux_config": {k: list(v) if isinstance(v, tuple) else v
-                                                     for k, v in crops.FLUX_CONFIG.items()},
+                                                     for k, v in {**crops.FLUX_CONFIG, **shape}.items()},
                  "held_out_rules": list(crops.HELD_OUT_RULES), "torch": torch.__version__}
 
     if args.classifier:
@@ -165,7 +177,7 @@ def main(argv=None) -> int:
               str(out / "crop-classifier.safetensors"))
 
     # ---- diffusion pretraining -----------------------------------------------------------
-    model = crops.new_crop_model(seed=args.seed)
+    model = crops.new_crop_model(seed=args.seed, **shape)
     device = torch.device(args.device)
     transformer, text = model.family.model.train().to(device), model.text_encoder.train().to(device)
     ema_model = copy.deepcopy(model)

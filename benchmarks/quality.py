@@ -173,6 +173,7 @@ def summarize(scores: list[dict], key: str) -> str:
 
 
 def main() -> int:
+    from blockskip.errors import InputError
     from blockskip.host.encoders import EfficientNetLite0
     from blockskip.host.patches import PatchSchedule
     from blockskip.host.profile import masking_profile
@@ -180,6 +181,8 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results", help="folder for quality.md, quality.png, quality.json")
+    parser.add_argument("--model", type=Path, help="a crop model folder from benchmarks/pretrain_crops.py "
+                        "(default: the built-in models/weights/crop-flux)")
     parser.add_argument("--seeds", type=int, default=2, help="training seeds per subject and method")
     parser.add_argument("--photos", type=int, default=5, help="subject photos (4-6)")
     parser.add_argument("--samples", type=int, default=64, help="cached training draws")
@@ -202,7 +205,13 @@ def main() -> int:
     torch.set_num_threads(2)
     started = time.perf_counter()
 
-    base = load_crop_model()
+    def load_base():
+        return load_crop_model(args.model)
+
+    try:
+        base = load_base()
+    except InputError as exc:
+        parser.error(str(exc))
     encoder, classifier = EfficientNetLite0(), load_classifier()
     backgrounds = list(ATTRIBUTES["background"])
     print("profiling the base model ...", flush=True)
@@ -225,7 +234,7 @@ def main() -> int:
                 attrs = {**subject, "background": backgrounds[i % len(backgrounds)]}
                 photos.append(photo_dir / f"{i}.png")
                 render(attrs, seed=100 * s + i, size=32).save(photos[-1])
-            result = evaluate(load_crop_model, None, subject, photos, encoder, classifier, backgrounds, args)
+            result = evaluate(load_base, None, subject, photos, encoder, classifier, backgrounds, args)
             scores["base model (no adapter)"].append(result)
             grid_rows.setdefault("subject photos", torch.cat([_to_tensor(Image.open(p)) for p in photos]))
             grid_rows.setdefault("base model (no adapter)", result["images"])
@@ -236,7 +245,7 @@ def main() -> int:
                 for seed in range(args.seeds):
                     work = Path(tmp) / f"s{s}-{abs(hash(name))}-{seed}"
                     trained = train_adapter(base, plan, schedule, photos, work, seed, args, use_residuals)
-                    result = evaluate(load_crop_model, trained["adapter"], subject, photos, encoder, classifier,
+                    result = evaluate(load_base, trained["adapter"], subject, photos, encoder, classifier,
                                       backgrounds, args)
                     result.update(memory=trained["peak_tensor_bytes"], kept=trained["kept"], plan=plan.skipped,
                                   estimate=trained["estimate"])
@@ -253,7 +262,8 @@ def main() -> int:
     lora_gain = (statistics.mean(r["fidelity"] for r in scores[lora_name]) - base_fidelity) if lora_memory else None
     lora_estimate = statistics.mean(r["estimate"] for r in scores[lora_name]) if lora_memory else None
     chosen = [x for i, x in enumerate(SUBJECTS) if not args.subjects or i in args.subjects]
-    lines = [f"Subjects: {', '.join(caption(s) for s in chosen)} (held out of pretraining); "
+    lines = [f"Model: {args.model or 'the built-in crop model (models/weights/crop-flux)'}, "
+             f"{base.family.num_blocks} blocks. Subjects: {', '.join(caption(s) for s in chosen)} (held out of pretraining); "
              f"{args.photos} photos each; {args.seeds} training seeds; {args.steps} steps x {args.grad_accum}; "
              f"{args.images} images per prompt x {1 + len(backgrounds)} prompts.", "",
              "| method | kept blocks | subject fidelity (EffNet cos) | attribute acc. | context acc. | "
