@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from blockskip.models import crops
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,7 +24,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert report["bundle_verified"] and report["backend"] == "onnxruntime"
     assert report["model"] == "builtin" and report["family"] == "flux"
     assert len(report["losses"]) == 12 and len(report["images_after"]) == 6
-    assert report["plan"]["n"] + report["plan"]["m"] == 4, "50% of the built-in model's 8 blocks"
+    blocks = crops.FLUX_CONFIG["num_layers"] + crops.FLUX_CONFIG["num_single_layers"]
+    assert report["plan"]["num_blocks"] == blocks
+    assert report["plan"]["n"] + report["plan"]["m"] == blocks // 2, "the demo's default skips 50% of the blocks"
     assert set(report["subject_attributes_after"]) == {"shape", "colour", "pattern"}
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4
