@@ -27,6 +27,7 @@ method, which hides a few-MiB model. Mean and spread over training seeds and sub
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
@@ -104,11 +105,11 @@ def train_adapter(model, plan, schedule, photos, work: Path, seed: int, args, us
 
 
 @torch.no_grad()
-def evaluate(model_dir_loader, adapter, subject: dict, photos, encoder, classifier, backgrounds, args) -> dict:
+def evaluate(new_model, adapter, subject: dict, photos, encoder, classifier, backgrounds, args) -> dict:
     from blockskip.edge.lora import load_adapter
     from blockskip.models.pipeline import sample
 
-    model = model_dir_loader()
+    model = new_model()
     if adapter is not None:
         load_adapter(model.family.model, adapter)
     prompts = [IDENTIFIER] + [f"{IDENTIFIER} on {bg}" for bg in backgrounds]
@@ -205,13 +206,15 @@ def main() -> int:
     torch.set_num_threads(2)
     started = time.perf_counter()
 
-    def load_base():
-        return load_crop_model(args.model)
-
     try:
-        base = load_base()
+        base = load_crop_model(args.model)
     except InputError as exc:
         parser.error(str(exc))
+
+    def fresh_base():  # a clean model to load one adapter into
+        return copy.deepcopy(base)
+
+    chosen = {i: x for i, x in enumerate(SUBJECTS) if not args.subjects or i in args.subjects}
     encoder, classifier = EfficientNetLite0(), load_classifier()
     backgrounds = list(ATTRIBUTES["background"])
     print("profiling the base model ...", flush=True)
@@ -224,9 +227,7 @@ def main() -> int:
     scores: dict[str, list[dict]] = {"base model (no adapter)": [], **{m: [] for m in methods}}
     grid_rows: dict[str, torch.Tensor] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for s, subject in enumerate(SUBJECTS):
-            if args.subjects and s not in args.subjects:
-                continue
+        for s, subject in chosen.items():
             photo_dir = Path(tmp) / f"subject{s}"
             photo_dir.mkdir()
             photos = []
@@ -234,7 +235,7 @@ def main() -> int:
                 attrs = {**subject, "background": backgrounds[i % len(backgrounds)]}
                 photos.append(photo_dir / f"{i}.png")
                 render(attrs, seed=100 * s + i, size=32).save(photos[-1])
-            result = evaluate(load_base, None, subject, photos, encoder, classifier, backgrounds, args)
+            result = evaluate(fresh_base, None, subject, photos, encoder, classifier, backgrounds, args)
             scores["base model (no adapter)"].append(result)
             grid_rows.setdefault("subject photos", torch.cat([_to_tensor(Image.open(p)) for p in photos]))
             grid_rows.setdefault("base model (no adapter)", result["images"])
@@ -245,7 +246,7 @@ def main() -> int:
                 for seed in range(args.seeds):
                     work = Path(tmp) / f"s{s}-{abs(hash(name))}-{seed}"
                     trained = train_adapter(base, plan, schedule, photos, work, seed, args, use_residuals)
-                    result = evaluate(load_base, trained["adapter"], subject, photos, encoder, classifier,
+                    result = evaluate(fresh_base, trained["adapter"], subject, photos, encoder, classifier,
                                       backgrounds, args)
                     result.update(memory=trained["peak_tensor_bytes"], kept=trained["kept"], plan=plan.skipped,
                                   estimate=trained["estimate"])
@@ -261,9 +262,8 @@ def main() -> int:
     lora_memory = statistics.mean(r["memory"] for r in scores[lora_name]) if scores.get(lora_name) else None
     lora_gain = (statistics.mean(r["fidelity"] for r in scores[lora_name]) - base_fidelity) if lora_memory else None
     lora_estimate = statistics.mean(r["estimate"] for r in scores[lora_name]) if lora_memory else None
-    chosen = [x for i, x in enumerate(SUBJECTS) if not args.subjects or i in args.subjects]
     lines = [f"Model: {args.model or 'the built-in crop model (models/weights/crop-flux)'}, "
-             f"{base.family.num_blocks} blocks. Subjects: {', '.join(caption(s) for s in chosen)} (held out of pretraining); "
+             f"{base.family.num_blocks} blocks. Subjects: {', '.join(caption(s) for s in chosen.values())} (held out of pretraining); "
              f"{args.photos} photos each; {args.seeds} training seeds; {args.steps} steps x {args.grad_accum}; "
              f"{args.images} images per prompt x {1 + len(backgrounds)} prompts.", "",
              "| method | kept blocks | subject fidelity (EffNet cos) | attribute acc. | context acc. | "

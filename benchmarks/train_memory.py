@@ -40,6 +40,7 @@ def child(name: str, device: str, steps: int, text_len: int, rank: int) -> dict:
     import torch
     from peft import LoraConfig, inject_adapter_in_model
 
+    from blockskip.memory import TensorMemory
     from blockskip.models import Flux
     from blockskip.models.skip import SkipPlan, reduced_forward
 
@@ -76,8 +77,6 @@ def child(name: str, device: str, steps: int, text_len: int, rank: int) -> dict:
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    from blockskip.memory import TensorMemory
-
     def train_step() -> None:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             if skip is None:  # full model from the embedding

@@ -61,8 +61,6 @@ class TensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for value in tree_flatten((args, kwargs))[0]:
-            self._see(value)
-        for value in tree_flatten(out)[0]:
+        for value in tree_flatten((args, kwargs, out))[0]:
             self._see(value)
         return out
