@@ -199,6 +199,11 @@ def main() -> int:
     parser.add_argument("--no-patch-sampling", action="store_true",
                         help="every method trains on whole images at 32 px: block skipping alone")
     args = parser.parse_args()
+    unknown = sorted(set(args.methods or ()) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    if any(not 0 <= i < len(SUBJECTS) for i in args.subjects or ()):
+        parser.error(f"--subjects takes indices 0 to {len(SUBJECTS) - 1}, got {args.subjects}")
     if args.quick:
         args.seeds, args.steps, args.samples, args.images, args.sample_steps = 1, 10, 8, 2, 4
     out = Path(args.out)
