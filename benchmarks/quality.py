@@ -60,8 +60,10 @@ TRAIN_CHILD = """
 import json, sys
 from pathlib import Path
 from blockskip.edge.train import TrainConfig, train
+from blockskip.host.bundle import TrustPolicy
 args = json.loads(sys.argv[1])
-print(json.dumps({"result": train(Path(args["bundle"]), Path(args["out"]), TrainConfig(**args["config"]))}))
+trust = TrustPolicy(allow_unsigned=True)  # bundles this script built a moment ago, on this machine
+print(json.dumps({"result": train(Path(args["bundle"]), Path(args["out"]), TrainConfig(**args["config"]), trust=trust)}))
 """
 
 

@@ -19,17 +19,19 @@ from pathlib import Path
 from blockskip.edge.generate import DEFAULT_CACHE
 from blockskip.edge.onnx_export import Shapes, cached_onnx, read_sidecar
 from blockskip.errors import ConfigError
+from blockskip.host.bundle import TrustPolicy, add_trust_arguments, trust_from_args
 
 logger = logging.getLogger(__name__)
 
 
-def text_length(model_dir: str, bundle: str | None) -> int:
-    """Text tokens of this model's conditioning: from the bundle's prompt bank, else from its
-    text encoder."""
+def text_length(model_dir: str, bundle: str | None, trust: TrustPolicy | None = None) -> int:
+    """Text tokens of this model's conditioning: from the bundle's prompt bank (opened under the
+    board's trust policy), else from its text encoder."""
     if bundle:
-        from blockskip.edge.prompt_bank import load_prompt_bank
+        from blockskip.edge.prompt_bank import load_prompt_bank, open_bank
 
-        lengths = {t["encoder_hidden_states"].shape[1] for t in load_prompt_bank(bundle).values()}
+        bank = load_prompt_bank(open_bank(bundle, trust or TrustPolicy()))
+        lengths = {t["encoder_hidden_states"].shape[1] for t in bank.values()}
         if len(lengths) != 1:
             raise ConfigError(f"the prompt bank of {bundle} mixes text lengths {sorted(lengths)}; give --text-len")
         return lengths.pop()
@@ -68,7 +70,8 @@ def register(subparsers) -> None:
     parser.add_argument("--width", type=int, default=512, help="image width in pixels (default: %(default)s)")
     parser.add_argument("--text-len", type=int,
                         help="text tokens (default: from --bundle's prompt bank, else the model's text encoder)")
-    parser.add_argument("--bundle", help="bundle with a prompt bank (gives the text length)")
+    parser.add_argument("--bundle", help="bundle with a prompt bank (gives the text length); opened under the "
+                                         "trust options below")
     parser.add_argument("--precision", choices=["fp32", "fp16"],
                         help="ONNX weights precision, or the engine's with --engine (default: fp32 / fp16)")
     parser.add_argument("--engine", action="store_true",
@@ -76,11 +79,12 @@ def register(subparsers) -> None:
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE,
                         help="where exports and engines are kept (default: $BLOCKSKIP_CACHE or %(default)s)")
     parser.add_argument("--out", help="also copy the ONNX folder here, to carry it to a board")
+    add_trust_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    text_len = args.text_len or text_length(args.model, args.bundle)
+    text_len = args.text_len or text_length(args.model, args.bundle, trust_from_args(args) if args.bundle else None)
     shapes = Shapes(args.height, args.width, text_len)
     report = export(args.model, args.adapter, shapes, args.cache_dir, args.precision, args.engine, args.out)
     print(json.dumps({k: v for k, v in report.items() if k != "sidecar"}, indent=2))

@@ -46,6 +46,15 @@ def write_prompt_bank(path_dir: str | Path, model, prompts: list[str]) -> Path:
     return root / BANK_TENSORS
 
 
+def open_bank(bundle: str | Path, trust) -> Path:
+    """The verified folder of a bundle (or bundle tar) whose prompt bank a generator reads: the
+    board's TrustPolicy applies, and the bank files are checked against the signed manifest
+    (the rest of a many-GiB bundle is not hashed, since generation reads nothing else)."""
+    from blockskip.host.bundle import open_bundle
+
+    return open_bundle(Path(bundle), trust, only=(BANK_INDEX, BANK_TENSORS))
+
+
 def load_prompt_bank(bundle_dir: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     """{prompt: {text_key: tensor}} from a bundle (or any folder with prompts/bank.*)."""
     root = Path(bundle_dir)

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from blockskip.errors import ConfigError, InputError
+from blockskip.host.bundle import TrustPolicy, add_trust_arguments, open_bundle, trust_from_args
 from blockskip.memory import TensorMemory
 
 logger = logging.getLogger(__name__)
@@ -171,18 +172,21 @@ def _bundle_lock(bundle_dir: Path, job: str):
 
 
 def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[dict], None] | None = None,
-          should_stop: Callable[[], bool] | None = None, public_key: Path | None = None) -> dict:
-    """Train LoRA on a bundle; returns {"adapter", "steps", "final_loss", "stopped"}."""
+          should_stop: Callable[[], bool] | None = None, trust: TrustPolicy | None = None) -> dict:
+    """Train LoRA on a bundle; returns {"adapter", "steps", "final_loss", "stopped"}.
+
+    The bundle is opened under `trust` (the board's TrustPolicy: trusted keys, or unsigned bundles
+    allowed plainly); the default policy trusts nothing, so a caller has to say which keys it trusts.
+    """
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     from blockskip.edge.lora import save_adapter
     from blockskip.edge.reduced import build_reduced, materialized_bytes
     from blockskip.features import FeatureReader
-    from blockskip.host.bundle import open_bundle
     from blockskip.models.skip import reduced_forward
 
     emit = on_event or (lambda event: None)
-    bundle_dir = open_bundle(Path(bundle))  # raises BundleError before anything is built
+    bundle_dir = open_bundle(Path(bundle), trust or TrustPolicy())  # BundleError before anything is built
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -309,7 +313,7 @@ def register(subparsers) -> None:
                         help="cpu trains in fp32; cuda in bf16 autocast (fp16 where bf16 is missing)")
     parser.add_argument("--format", dest="output_format", default="diffusers", choices=["diffusers", "comfy"],
                         help="also write kohya/ComfyUI keys (comfy_lora.safetensors) with 'comfy'")
-    parser.add_argument("--key", type=Path, help="ed25519 public key the bundle must be signed with")
+    add_trust_arguments(parser)
     parser.add_argument("--track-memory", action="store_true",
                         help="count the bytes of every live tensor per op and report the exact peak "
                              "(on a CPU the process RSS cannot tell tensors from the runtime); slower")
@@ -325,6 +329,7 @@ def run(args: argparse.Namespace) -> int:
                          output_format=args.output_format, track_memory=args.track_memory)
     if not args.bundle.exists():
         raise InputError(f"bundle {args.bundle} does not exist")
+    trust = trust_from_args(args)
     bar = tqdm(total=config.steps, desc="train", unit="step", disable=not sys.stderr.isatty())
 
     def on_event(event: dict) -> None:
@@ -335,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
             bar.update(event["step"] - bar.n)
             bar.set_postfix(loss=f"{event['loss']:.4f}", mem=f"{event['peak_mem_bytes'] / 2**20:.0f}MiB")
 
-    result = train(args.bundle, args.out, config, on_event=on_event, public_key=args.key)
+    result = train(args.bundle, args.out, config, on_event=on_event, trust=trust)
     bar.close()
     print(f"adapter {result['adapter']} after {result['steps']} steps, final loss {result['final_loss']:.4f}")
     if "peak_tensor_bytes" in result:

@@ -22,6 +22,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
@@ -280,21 +281,11 @@ def _safe_rel(name: str) -> bool:
             and all(part not in ("", ".", "..") for part in name.split("/")))
 
 
-def _check_signature(manifest_bytes: bytes, root: Path, public_key: Path | None, require: bool) -> None:
+def _read_signature(root: Path) -> bytes | None:
+    """The 64 signature bytes of manifest.sig, or None when the bundle is unsigned."""
     sig_path = root / SIGNATURE
     if not (sig_path.exists() or sig_path.is_symlink()):
-        if require:
-            raise BundleError("bundle is not signed but a signature is required")
-        if public_key is not None:
-            raise BundleError(f"bundle is not signed, so it cannot be verified with key {public_key}")
-        return
-    if public_key is None:
-        if require:
-            raise BundleError("a signature is required but no public key was given to check it (--key)")
-        return
-    from cryptography.exceptions import InvalidSignature
-
-    key = load_public_key(public_key)
+        return None
     if sig_path.is_symlink() or not sig_path.is_file():
         raise BundleError(f"{SIGNATURE} is not a regular file")
     try:
@@ -303,11 +294,104 @@ def _check_signature(manifest_bytes: bytes, root: Path, public_key: Path | None,
         raise BundleError(f"{SIGNATURE} is malformed: not base64 ({err})") from err
     if len(signature) != 64:
         raise BundleError(f"{SIGNATURE} is malformed: an ed25519 signature is 64 bytes, got {len(signature)}")
-    try:
-        key.verify(signature, manifest_bytes)
-    except InvalidSignature as err:
-        raise BundleError(f"signature does not verify with key {public_key} ({_fingerprint(key)}): "
-                          f"the manifest was changed or signed with another key") from err
+    return signature
+
+
+def _check_signature(manifest_bytes: bytes, root: Path, keys: tuple[Path, ...], require: bool) -> str | None:
+    """Check manifest.sig against `keys` (any one may have signed). Returns the fingerprint of the
+    key that verified, or None when nothing was checked (unsigned and not required, or no key)."""
+    signature = _read_signature(root)
+    if signature is None:
+        if require:
+            raise BundleError("bundle is not signed but a signature is required")
+        if keys:
+            raise BundleError(f"bundle is not signed, so it cannot be verified with key {keys[0]}")
+        return None
+    if not keys:
+        if require:
+            raise BundleError("a signature is required but no public key was given to check it (--key)")
+        return None
+    from cryptography.exceptions import InvalidSignature
+
+    loaded = [(path, load_public_key(path)) for path in keys]
+    for _, key in loaded:
+        try:
+            key.verify(signature, manifest_bytes)
+            return _fingerprint(key)
+        except InvalidSignature:
+            continue
+    names = ", ".join(f"{path} ({_fingerprint(key)})" for path, key in loaded)
+    which = "key" if len(loaded) == 1 else "any of the keys"
+    raise BundleError(f"signature does not verify with {which} {names}: the manifest was changed or signed "
+                      f"with another key")
+
+
+@dataclass(frozen=True)
+class TrustPolicy:
+    """Which bundles a board uses: one policy for every path that opens a bundle (`train`,
+    `generate --bundle`, `export --bundle`, the agent, library calls).
+
+    A bundle is accepted when its signature verifies with one of `keys`. An unsigned bundle, or
+    one signed when no key is configured, is accepted only with `allow_unsigned`; a bundle whose
+    signature fails against the configured keys is always refused. The default policy (no keys,
+    unsigned not allowed) refuses every bundle with a message that says what to configure.
+    """
+
+    keys: tuple[Path, ...] = ()  # trusted ed25519 public keys (PEM, from `blockskip keygen`)
+    allow_unsigned: bool = False  # accept bundles without a checked signature (say so plainly)
+
+    def __post_init__(self):
+        object.__setattr__(self, "keys", tuple(Path(k) for k in self.keys))
+        for path in self.keys:
+            load_public_key(path)  # fail now, naming the file, not at the first bundle
+
+    def check(self, manifest_bytes: bytes, root: Path) -> str:
+        """Raise BundleError unless the bundle at root (manifest bytes already read) is trusted;
+        returns how it was trusted, for logs and reports."""
+        if not self.keys and not self.allow_unsigned:
+            raise BundleError("no trusted public key is configured, so no bundle is trusted: give the host's "
+                              "public key (`--key host.pub`, or `trusted_keys` in agent.yaml), or accept "
+                              "unsigned bundles plainly (`--allow-unsigned`, `allow_unsigned_bundles: true`)")
+        signature = _read_signature(root)
+        if signature is None:
+            if not self.allow_unsigned:
+                raise BundleError("bundle is not signed, and unsigned bundles are not allowed (sign it on the host "
+                                  "with `blockskip bundle --sign host.key`, or allow unsigned bundles plainly)")
+            return "unsigned (allowed by the trust policy)"
+        if not self.keys:
+            return "signature not checked (no trusted key; unsigned bundles allowed)"
+        return "signed by " + str(_check_signature(manifest_bytes, root, self.keys, require=True))
+
+
+def trust_from_config(path: Path) -> TrustPolicy:
+    """The trust policy of an agent configuration file (`trusted_keys`, `allow_unsigned_bundles`),
+    so that the CLI on a board applies the same policy as its agent."""
+    from blockskip.edge.agent import load_config
+
+    config = load_config(Path(path))
+    return config.trust_policy()
+
+
+def add_trust_arguments(parser) -> None:
+    """--key / --allow-unsigned / --trust-config, the same on every command that opens a bundle."""
+    parser.add_argument("--key", action="append", default=[], type=Path, metavar="PUB",
+                        help="trusted ed25519 public key (PEM, from `blockskip keygen`); the bundle must be "
+                             "signed by one of them (repeatable)")
+    parser.add_argument("--trust-config", type=Path, metavar="AGENT_YAML",
+                        help="take the trusted keys (and allow_unsigned_bundles) from this agent "
+                             "configuration: the same policy as the board's agent")
+    parser.add_argument("--allow-unsigned", action="store_true",
+                        help="also accept bundles whose signature is not checked (unsigned, or no key given)")
+
+
+def trust_from_args(args) -> TrustPolicy:
+    """The TrustPolicy named by add_trust_arguments' options."""
+    keys, allow = list(args.key), bool(args.allow_unsigned)
+    if args.trust_config is not None:
+        from_config = trust_from_config(args.trust_config)
+        keys += list(from_config.keys)
+        allow = allow or from_config.allow_unsigned
+    return TrustPolicy(tuple(keys), allow)
 
 
 def _parse_manifest(manifest_bytes: bytes) -> dict:
@@ -358,34 +442,66 @@ def _present_files(root: Path) -> set[str]:
     return present
 
 
-def verify_bundle(path: Path, public_key: Path | None = None, require_signature: bool = False) -> dict:
+def _as_keys(public_key) -> tuple[Path, ...]:
+    if public_key is None:
+        return ()
+    if isinstance(public_key, (str, Path)):
+        return (Path(public_key),)
+    return tuple(Path(k) for k in public_key)
+
+
+def verify_bundle(path: Path, public_key: Path | list[Path] | None = None, require_signature: bool = False) -> dict:
     """Check a bundle directory (or a .tar, unpacked into a temporary folder) and return its manifest.
 
+    An inspection (`blockskip verify`): without a key, a signature is not checked. Code that USES a
+    bundle opens it with `open_bundle(path, trust)`, which applies the board's TrustPolicy.
     Raises BundleError naming the first structural problem, or every missing, unexpected, resized
     and changed file at once.
     """
     path = Path(path)
+    keys = _as_keys(public_key)
+
+    def check(manifest_bytes: bytes, root: Path) -> None:
+        _check_signature(manifest_bytes, root, keys, require_signature)
+
     if path.is_file() and tarfile.is_tarfile(path):
         with tempfile.TemporaryDirectory(prefix="blockskip-verify-") as tmp:
-            return _verify_dir(unpack_bundle(path, Path(tmp) / "bundle", verify=False), public_key,
-                               require_signature)
-    return _verify_dir(path, public_key, require_signature)
+            return _verify_dir(unpack_bundle(path, Path(tmp) / "bundle", verify=False), check)
+    return _verify_dir(path, check)
 
 
-def _verify_dir(root: Path, public_key: Path | None, require_signature: bool) -> dict:
+def _verify_dir(root: Path, check_signature, only: tuple[str, ...] | None = None) -> dict:
+    """Verify the folder; `check_signature(manifest_bytes, root)` raises when it is not trusted.
+    With `only`, just those listed files are checked (a reader that uses nothing else)."""
     if not root.is_dir():
         raise BundleError(f"{root} is not a bundle folder or tar")
     manifest_path = root / MANIFEST
     if manifest_path.is_symlink() or not manifest_path.is_file():
         raise BundleError(f"{root}: no {MANIFEST}; this is not a bundle (or an incomplete one)")
     manifest_bytes = manifest_path.read_bytes()
-    _check_signature(manifest_bytes, root, public_key, require_signature)
+    check_signature(manifest_bytes, root)
     manifest = _parse_manifest(manifest_bytes)
-    present = _present_files(root) - set(RESERVED)
     listed = manifest["files"]
-    problems = [f"missing file {rel}" for rel in sorted(set(listed) - present)]
-    problems += [f"unexpected file {rel} not listed in the manifest" for rel in sorted(present - set(listed))]
-    for rel in sorted(set(listed) & present):
+    if only is None:
+        present = _present_files(root) - set(RESERVED)
+        problems = [f"missing file {rel}" for rel in sorted(set(listed) - present)]
+        problems += [f"unexpected file {rel} not listed in the manifest" for rel in sorted(present - set(listed))]
+        checked = sorted(set(listed) & present)
+    else:
+        problems, checked = [], []
+        for rel in only:  # unlisted and absent is fine: the reader says what it misses
+            target = root / rel
+            on_disk = target.exists() or target.is_symlink()
+            if rel not in listed:
+                if on_disk:
+                    problems.append(f"unexpected file {rel} not listed in the manifest")
+            elif not on_disk:
+                problems.append(f"missing file {rel}")
+            elif target.is_symlink() or not target.is_file():
+                problems.append(f"{rel} is not a regular file")
+            else:
+                checked.append(rel)
+    for rel in checked:
         entry = listed[rel]
         size = (root / rel).stat().st_size
         if size != entry["size"]:
@@ -464,26 +580,39 @@ def unpack_bundle(tar_path: Path, dest: Path, verify: bool = True, public_key: P
     return dest
 
 
-def _tar_manifest(tar_path: Path) -> bytes | None:
-    with tarfile.open(tar_path, "r:") as archive:
-        try:
-            member = archive.getmember(MANIFEST)
-        except KeyError:
-            return None
-        handle = archive.extractfile(member)
-        return handle.read() if handle else None
+def _tar_member(tar_path: Path, name: str) -> bytes | None:
+    try:
+        with tarfile.open(tar_path, "r:") as archive:
+            try:
+                member = archive.getmember(name)
+            except KeyError:
+                return None
+            handle = archive.extractfile(member)
+            return handle.read() if handle else None
+    except (OSError, tarfile.TarError) as err:
+        raise BundleError(f"{tar_path} is not a readable tar ({err})") from err
 
 
-def open_bundle(path: Path, cache_dir: Path | None = None, public_key: Path | None = None,
-                require_signature: bool = False) -> Path:
-    """A verified bundle folder from a folder or a .tar.
+def _file_or_none(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() and not path.is_symlink() else None
 
-    A tar X.tar is unpacked into `cache_dir/X` (default: the sibling folder X). If that folder
-    already holds the same bundle (identical manifest.json) it is verified and reused.
+
+def open_bundle(path: Path, trust: TrustPolicy, cache_dir: Path | None = None,
+                only: tuple[str, ...] | None = None) -> Path:
+    """The bundle folder to use, from a folder or a .tar, after the board's trust policy and the
+    checksums passed. Every code path that uses a bundle comes through here.
+
+    A tar X.tar is unpacked into `cache_dir/X` (default: the sibling folder X) and checked there; if
+    that folder already exists it is used only when its manifest.json and manifest.sig are the
+    tar's own bytes, and it is then checked like any folder, so what is used is what the tar
+    holds. With `only`, just those files are hashed (a generator that reads only the prompt bank);
+    the manifest, its signature and those files are checked all the same.
     """
+    if not isinstance(trust, TrustPolicy):
+        raise TypeError("open_bundle needs a TrustPolicy (which keys the board trusts)")
     path = Path(path)
     if path.is_dir():
-        verify_bundle(path, public_key, require_signature)
+        _verify_dir(path, trust.check, only)
         return path
     if not path.is_file():
         raise InputError(f"bundle {path} does not exist")
@@ -492,13 +621,21 @@ def open_bundle(path: Path, cache_dir: Path | None = None, public_key: Path | No
     name = path.name[:-4] if path.name.endswith(".tar") else path.name + ".d"
     dest = (Path(cache_dir) if cache_dir is not None else path.parent) / name
     if dest.is_dir() and any(dest.iterdir()):
-        existing = dest / MANIFEST
-        if not existing.is_file() or existing.read_bytes() != _tar_manifest(path):
-            raise BundleError(f"{dest} exists and holds something other than {path}; remove it or pass "
-                              f"another cache folder")
-        verify_bundle(dest, public_key, require_signature)
+        tar_manifest = _tar_member(path, MANIFEST)
+        same = (tar_manifest is not None and _file_or_none(dest / MANIFEST) == tar_manifest
+                and _file_or_none(dest / SIGNATURE) == _tar_member(path, SIGNATURE))
+        if not same:
+            raise BundleError(f"{dest} exists and holds something other than {path} (its manifest or signature "
+                              f"differs); remove it or pass another cache folder")
+        _verify_dir(dest, trust.check, only)
         return dest
-    return unpack_bundle(path, dest, public_key=public_key, require_signature=require_signature)
+    unpack_bundle(path, dest, verify=False)
+    try:
+        _verify_dir(dest, trust.check, only)
+    except BundleError:
+        shutil.rmtree(dest, ignore_errors=True)  # nothing untrusted stays where it could be mistaken for a bundle
+        raise
+    return dest
 
 
 # ---------------------------------------------------------------- command line

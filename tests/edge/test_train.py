@@ -15,7 +15,7 @@ from PIL import Image
 from blockskip.edge.lora import load_adapter, read_adapter
 from blockskip.edge.train import TrainConfig, train
 from blockskip.features import FeatureReader
-from blockskip.host.bundle import build_bundle
+from blockskip.host.bundle import TrustPolicy, build_bundle
 from blockskip.host.cache import build_cache, draw_inputs
 from blockskip.host.patches import PatchSchedule, load_image
 from blockskip.host.plan import LoraSettings, make_plan
@@ -23,6 +23,7 @@ from blockskip.models.pipeline import tiny_model
 from blockskip.models.skip import SkipPlan, reduced_forward
 
 PROMPTS = ["a photo of sks leaf"]
+UNSIGNED_OK = TrustPolicy(allow_unsigned=True)  # these tests are not about signatures (tests/edge/test_trust.py is)
 
 
 def make_bundle(tmp, name, n, m, samples=8, images=2):
@@ -49,7 +50,7 @@ def test_adapter_loads_into_full_model_and_matches_reduced_training(tmp_path, na
     model, plan_doc, bundle = make_bundle(tmp_path, name, n, m)
     events = []
     result = train(bundle, tmp_path / "out", TrainConfig(steps=4, grad_accum=2, lr=5e-2, checkpoint_every=0),
-                   on_event=events.append)
+                   on_event=events.append, trust=UNSIGNED_OK)
     assert result["steps"] == 4 and not result["stopped"]
     progress = [e for e in events if e["type"] == "progress"]
     assert [e["step"] for e in progress] == [1, 2, 3, 4]
@@ -132,7 +133,7 @@ def test_loss_goes_down_on_one_subject(tmp_path):
         return sum(losses) / len(losses)
 
     before = mean_loss(None)
-    train(bundle, tmp_path / "out", TrainConfig(steps=40, grad_accum=1, lr=3e-3, checkpoint_every=0))
+    train(bundle, tmp_path / "out", TrainConfig(steps=40, grad_accum=1, lr=3e-3, checkpoint_every=0), trust=UNSIGNED_OK)
     after = mean_loss(tmp_path / "out")
     # the velocity target holds irreducible noise variance; a 5% drop on fixed draws is a real signal
     assert after < 0.95 * before, (before, after)
@@ -141,7 +142,7 @@ def test_loss_goes_down_on_one_subject(tmp_path):
 def _run_train(bundle, out, *extra):
     return subprocess.Popen([sys.executable, "-m", "blockskip", "train", str(bundle), "--out", str(out),
                              "--steps", "40", "--grad-accum", "2", "--lr", "1e-2", "--checkpoint-every", "1",
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--allow-unsigned", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_killed_training_resumes_to_the_same_adapter(tmp_path):
@@ -183,8 +184,8 @@ def test_tampered_bundle_is_refused_and_nothing_is_written(tmp_path):
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "blockskip", "train", str(bundle), "--out", str(out), "--steps", "1"],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "blockskip", "train", str(bundle), "--out", str(out), "--steps", "1",
+                           "--allow-unsigned"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "features/shard-00000.safetensors" in proc.stderr
     assert not out.exists() or not any(out.iterdir())
@@ -198,7 +199,8 @@ def test_tracked_tensor_peak_falls_with_the_blocks_skipped(tmp_path):
         _, _, bundle = make_bundle(tmp_path / f"{n}-{m}", "flux", n, m, samples=4)
         events = []
         result = train(bundle, tmp_path / f"out-{n}-{m}", TrainConfig(steps=2, grad_accum=1, checkpoint_every=0,
-                                                                       track_memory=True), on_event=events.append)
+                                                                       track_memory=True), on_event=events.append,
+                       trust=UNSIGNED_OK)
         start = next(e for e in events if e["type"] == "start")
         progress = [e["peak_tensor_bytes"] for e in events if e["type"] == "progress"]
         assert progress == sorted(progress) and progress[-1] == result["peak_tensor_bytes"]

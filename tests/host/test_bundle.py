@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from blockskip.cli import main as cli_main
 from blockskip.errors import BundleError, ConfigError, InputError
 from blockskip.host.bundle import (build_bundle, generate_keypair, load_private_key, load_public_key,
-                                   open_bundle, unpack_bundle, verify_bundle)
+                                   TrustPolicy, open_bundle, unpack_bundle, verify_bundle)
 
 METADATA = {"model": {"family": "flux", "config_hash": "abc123"}, "plan": {"num_blocks": 8, "skipped": [[0, 2]]},
             "patch_schedule": {"s_min": 256, "s_max": 512, "granularity": 16, "schedule": "low-to-high"},
@@ -205,10 +205,11 @@ def test_tar_is_plain_ordered_and_opens(signed, keys, tmp_path):
     unpacked = unpack_bundle(tar_path, tmp_path / "unpacked", public_key=keys / "a.pub", require_signature=True)
     assert (unpacked / "manifest.json").read_bytes() == (signed / "manifest.json").read_bytes()
     assert verify_bundle(tar_path, public_key=keys / "a.pub")["samples"] == 3
-    assert open_bundle(tar_path) == signed  # the sibling folder holds the same bundle: reused
-    cached = open_bundle(tar_path, cache_dir=tmp_path / "cache")
+    trust = TrustPolicy((keys / "a.pub",))
+    assert open_bundle(tar_path, trust) == signed  # the sibling folder holds the same bundle: reused
+    cached = open_bundle(tar_path, trust, cache_dir=tmp_path / "cache")
     assert cached == tmp_path / "cache" / "bundle" and verify_bundle(cached)
-    assert open_bundle(signed) == signed
+    assert open_bundle(signed, trust) == signed
 
 
 def test_tampered_tar_fails_on_unpack(signed, tmp_path):
@@ -220,7 +221,8 @@ def test_tampered_tar_fails_on_unpack(signed, tmp_path):
     with pytest.raises(BundleError, match="plan.json: sha256 mismatch"):
         unpack_bundle(tar_path, tmp_path / "dest")
     with pytest.raises(BundleError, match="plan.json: sha256 mismatch"):
-        open_bundle(tar_path)
+        open_bundle(tar_path, TrustPolicy(allow_unsigned=True))
+    assert not (tmp_path / "tampered").exists(), "a tar that fails is not left unpacked beside it"
 
 
 def _evil_tar(path, member):
