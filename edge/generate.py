@@ -19,13 +19,14 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from blockskip.errors import ConfigError, InputError
+from blockskip.host.bundle import TrustPolicy, add_trust_arguments, trust_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -169,14 +170,25 @@ def peak_memory_bytes() -> int:
 
 
 # ---- the job ---------------------------------------------------------------------------------
+class _Stopped(Exception):
+    """Raised from the step callback when the caller asks to stop: ends the image being sampled."""
+
+
 def generate(config: GenerateConfig, on_event: Callable[[dict], None] | None = None,
-             should_stop: Callable[[], bool] | None = None) -> list[dict]:
-    """Render every prompt `count` times; returns [{"path", "sha256", "prompt", "seed"}]."""
+             should_stop: Callable[[], bool] | None = None, trust: TrustPolicy | None = None) -> list[dict]:
+    """Render every prompt `count` times; returns [{"path", "sha256", "prompt", "seed"}].
+
+    A `bundle` (its prompt bank) is opened under `trust`, the board's TrustPolicy; the default
+    trusts nothing. `should_stop()` is asked after every sampling step: when true, the image being
+    sampled is dropped and generation ends (the report says `stopped`)."""
     from blockskip.edge.backends import pick_backend
     from blockskip.edge.lora import adapter_hash
     from blockskip.edge.onnx_export import Shapes
+    from blockskip.edge.prompt_bank import open_bank
     from blockskip.models.pipeline import load_model, sample
 
+    if config.bundle:
+        config = replace(config, bundle=str(open_bank(config.bundle, trust or TrustPolicy())))
     texts, loaded = resolve_texts(config)
     chosen_torch = config.backend == "torch"
     full = loaded if loaded is not None else (load_model(config.model, text_encoder=False) if chosen_torch else None)
@@ -203,6 +215,8 @@ def generate(config: GenerateConfig, on_event: Callable[[dict], None] | None = N
 
     def on_step(step: int, steps: int) -> None:
         nonlocal done
+        if should_stop and should_stop():
+            raise _Stopped
         done += 1
         rate = done / max(time.perf_counter() - start, 1e-9)
         if on_event:
@@ -210,25 +224,24 @@ def generate(config: GenerateConfig, on_event: Callable[[dict], None] | None = N
                       "peak_mem_bytes": peak_memory_bytes(), "eta_s": (total - done) / rate})
 
     stopped = False
-    for prompt, text in texts:
-        backend = backend_for(text["encoder_hidden_states"].shape[1])
-        for k in range(config.count):
-            seed = config.seed + k
-            images = sample(model, text, seed=seed, steps=config.steps, height=config.height,
-                            width=config.width, predict=backend.predict, on_step=on_step,
-                            negative=negative, guidance_scale=config.guidance_scale)
-            path = out / f"{len(results):03d}-seed{seed}.png"
-            meta = {"prompt": prompt, "seed": seed, "adapter_hash": adapter_id, "steps": config.steps,
-                    "backend": backend.name, "height": config.height, "width": config.width,
-                    "model": config.model}
-            digest = save_png(to_pil(images[0]), path, meta)
-            results.append({"path": str(path), "sha256": digest, "prompt": prompt, "seed": seed})
-            logger.info("wrote %s", path)
-            if should_stop and should_stop():
-                stopped = True
-                break
-        if stopped:
-            break
+    try:
+        for prompt, text in texts:
+            backend = backend_for(text["encoder_hidden_states"].shape[1])
+            for k in range(config.count):
+                seed = config.seed + k
+                images = sample(model, text, seed=seed, steps=config.steps, height=config.height,
+                                width=config.width, predict=backend.predict, on_step=on_step,
+                                negative=negative, guidance_scale=config.guidance_scale)
+                path = out / f"{len(results):03d}-seed{seed}.png"
+                meta = {"prompt": prompt, "seed": seed, "adapter_hash": adapter_id, "steps": config.steps,
+                        "backend": backend.name, "height": config.height, "width": config.width,
+                        "model": config.model}
+                digest = save_png(to_pil(images[0]), path, meta)
+                results.append({"path": str(path), "sha256": digest, "prompt": prompt, "seed": seed})
+                logger.info("wrote %s", path)
+    except _Stopped:
+        stopped = True
+        logger.info("generation stopped after %d image(s)", len(results))
     if results:
         contact_sheet([Path(r["path"]) for r in results], out / "contact_sheet.png")
     report = {"config": asdict(config), "backends": [b.describe() for b in backends.values()],
@@ -248,7 +261,8 @@ def register(subparsers) -> None:
                         help="a prompt (repeatable); needs a text encoder unless it is in the bundle's bank")
     parser.add_argument("--bank-index", action="append", type=int, default=[], metavar="I",
                         help="render entry I of the bundle's prompt bank (repeatable)")
-    parser.add_argument("--bundle", help="bundle folder with prompts/bank.* (offline text conditioning)")
+    parser.add_argument("--bundle", help="bundle folder or .tar with prompts/bank.* (offline text conditioning); "
+                                         "opened under the trust options below")
     parser.add_argument("--list-prompts", action="store_true", help="print the bundle's prompt bank and exit")
     parser.add_argument("--adapter", help="LoRA adapter folder or .safetensors (default: the base model)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image of each prompt (default: 0)")
@@ -263,16 +277,18 @@ def register(subparsers) -> None:
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE,
                         help="ONNX exports and engines (default: $BLOCKSKIP_CACHE or %(default)s)")
     parser.add_argument("--out", default="blockskip-images", help="output folder (default: %(default)s)")
+    add_trust_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    trust = trust_from_args(args) if args.bundle else None
     if args.list_prompts:
-        from blockskip.edge.prompt_bank import load_prompt_bank
+        from blockskip.edge.prompt_bank import load_prompt_bank, open_bank
 
         if not args.bundle:
             raise ConfigError("--list-prompts needs --bundle")
-        for i, prompt in enumerate(load_prompt_bank(args.bundle)):
+        for i, prompt in enumerate(load_prompt_bank(open_bank(args.bundle, trust))):
             print(f"[{i}] {prompt}")
         return 0
     config = GenerateConfig(model=args.model, prompts=args.prompt, out_dir=args.out, adapter=args.adapter,
@@ -281,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
                             cache_dir=args.cache_dir, precision=args.precision,
                             prompt_indices=args.bank_index)
     progress = _Progress()
-    results = generate(config, on_event=progress)
+    results = generate(config, on_event=progress, trust=trust)
     progress.close()
     report = json.loads((Path(config.out_dir) / "generate.json").read_text())
     print(f"backend: {', '.join(b['backend'] for b in report['backends'])}")

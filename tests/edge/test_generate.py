@@ -12,20 +12,28 @@ from blockskip.cli import main
 from blockskip.edge.generate import GenerateConfig, generate
 from blockskip.edge.prompt_bank import load_prompt_bank, write_prompt_bank
 from blockskip.errors import ConfigError, InputError
+from blockskip.host.bundle import TrustPolicy, build_bundle, generate_keypair
 from blockskip.models.pipeline import load_model, save_model, tiny_model
 
 BANK = ["a photo of sks maize leaf with rust", "a photo of sks maize leaf, close-up"]
 
 
+def bank_bundle(model, prompts, folder, key=None):
+    """A real bundle holding only a prompt bank (what generate reads from a bundle)."""
+    write_prompt_bank(folder.with_name(folder.name + "-stage"), model, prompts)
+    return build_bundle(folder.with_name(folder.name + "-stage"), folder, {"kind": "prompt-bank-only"},
+                        signing_key=key)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("generate")
-    out = {}
+    generate_keypair(root / "host.key", root / "host.pub")
+    out = {"trust": TrustPolicy((root / "host.pub",)), "pub": str(root / "host.pub")}
     for name in ("flux", "sana"):
         model = tiny_model(name)
         out[name] = str(save_model(model, root / name))
-        write_prompt_bank(root / f"{name}-bundle", model, BANK)
-        out[f"{name}-bundle"] = str(root / f"{name}-bundle")
+        out[f"{name}-bundle"] = str(bank_bundle(model, BANK, root / f"{name}-bundle", root / "host.key"))
     # a model folder without a text encoder: the board's case
     offline = save_model(tiny_model("flux"), root / "flux-offline")
     meta = json.loads((offline / "blockskip.json").read_text())
@@ -94,10 +102,15 @@ def test_adapter_hash_in_metadata_and_adapter_changes_the_image(models, tmp_path
         assert image.text["adapter_hash"] == adapter_hash(adapter)
 
 
-def test_should_stop_ends_after_the_current_image(models, tmp_path):
-    results = generate(config(models, "flux", tmp_path, count=3), should_stop=lambda: True)
-    assert len(results) == 1
-    assert json.loads((tmp_path / "generate.json").read_text())["stopped"] is True
+def test_should_stop_ends_at_the_next_step_not_after_the_image(models, tmp_path):
+    """A 300-step image takes minutes on a board: a stop must not wait for it to finish."""
+    steps = []
+    results = generate(config(models, "flux", tmp_path, count=3, steps=50), on_event=steps.append,
+                       should_stop=lambda: len(steps) >= 60)  # asked for during the second image
+    assert len(results) == 1, "the finished image is kept, the one being sampled is dropped"
+    assert steps[-1]["step"] == 60, "no step ran after the stop was asked for"
+    report = json.loads((tmp_path / "generate.json").read_text())
+    assert report["stopped"] is True and len(report["images"]) == 1
 
 
 def test_prompt_bank_round_trip(models):
@@ -112,7 +125,7 @@ def test_prompt_bank_round_trip(models):
 def test_offline_bank_prompt_needs_no_text_encoder(models, tmp_path):
     assert load_model(models["flux-offline"]).text_encoder is None
     offline = generate(config(models, "flux-offline", tmp_path / "off", prompts=[], prompt_indices=[0],
-                              bundle=models["flux-bundle"]))
+                              bundle=models["flux-bundle"]), trust=models["trust"])
     online = generate(config(models, "flux", tmp_path / "on"))
     assert offline[0]["prompt"] == BANK[0]
     with Image.open(offline[0]["path"]) as a, Image.open(online[0]["path"]) as b:
@@ -122,14 +135,16 @@ def test_offline_bank_prompt_needs_no_text_encoder(models, tmp_path):
 
 def test_unknown_prompt_without_text_encoder_lists_the_bank(models, tmp_path):
     with pytest.raises(InputError) as err:
-        generate(config(models, "flux-offline", tmp_path, prompts=["a dog"], bundle=models["flux-bundle"]))
+        generate(config(models, "flux-offline", tmp_path, prompts=["a dog"], bundle=models["flux-bundle"]),
+                 trust=models["trust"])
     message = str(err.value)
     assert "a dog" in message and "text encoder" in message
     assert all(p in message for p in BANK)
 
 
 def test_command_line_generate_and_list_prompts(models, tmp_path, capsys):
-    assert main(["generate", "--model", models["flux"], "--bundle", models["flux-bundle"], "--list-prompts"]) == 0
+    assert main(["generate", "--model", models["flux"], "--bundle", models["flux-bundle"], "--list-prompts",
+                 "--key", models["pub"]]) == 0
     assert BANK[1] in capsys.readouterr().out
     code = main(["generate", "--model", models["flux"], "--prompt", BANK[0], "--steps", "2", "--height", "16",
                  "--width", "16", "--backend", "torch", "--out", str(tmp_path), "--cache-dir", models["cache"]])
@@ -178,12 +193,12 @@ def test_sana_uses_classifier_free_guidance_with_the_banks_negative(tmp_path):
     scale 1 turns it off, and the two differ."""
     import torch
 
-    from blockskip.edge.prompt_bank import load_negative, write_prompt_bank
+    from blockskip.edge.prompt_bank import load_negative
     from blockskip.models.pipeline import sample, save_model, tiny_model
 
     model = tiny_model("sana")
     save_model(model, tmp_path / "model")
-    write_prompt_bank(tmp_path / "bundle", model, ["a leaf on soil"])
+    bank_bundle(model, ["a leaf on soil"], tmp_path / "bundle")
     negative = load_negative(tmp_path / "bundle")
     assert negative is not None and torch.equal(negative["encoder_hidden_states"],
                                                 model.encode_text("")["encoder_hidden_states"])
@@ -195,7 +210,8 @@ def test_sana_uses_classifier_free_guidance_with_the_banks_negative(tmp_path):
 
     results = generate(GenerateConfig(model=str(tmp_path / "model"), prompts=["a leaf on soil"],
                                       bundle=str(tmp_path / "bundle"), out_dir=str(tmp_path / "out"), steps=3,
-                                      height=16, width=16, backend="torch", cache_dir=str(tmp_path / "c")))
+                                      height=16, width=16, backend="torch", cache_dir=str(tmp_path / "c")),
+                       trust=TrustPolicy(allow_unsigned=True))
     from PIL import Image
     import numpy as np
 
