@@ -31,8 +31,10 @@ from blockskip import __version__
 from blockskip.edge import messages
 from blockskip.edge.messages import Command, CommandError
 from blockskip.edge.outbox import Outbox, OutboxSender
-from blockskip.edge.spool import CaptureError, Spool
-from blockskip.errors import BlockskipError, ConfigError, NotAvailableError
+from blockskip.edge.spool import CaptureError, Spool, capture_meta
+from blockskip.edge.journal import Journal
+from blockskip.errors import BlockskipError, BundleError, ConfigError, InputError, NotAvailableError
+from blockskip.host.bundle import TrustPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ class BrokerConfig:
     ca_file: str | None = None  # CA certificate (PEM): enables TLS
     cert_file: str | None = None  # optional client certificate (PEM)
     key_file: str | None = None  # its private key (PEM)
-    username: str | None = None  # usually the device id (the ACL pattern uses %u)
+    username: str | None = None  # the agent's: its device id (client id and ACL prefix are the login)
     password_file: str | None = None  # file holding the password (first line)
     password_env: str | None = None  # or: the environment variable holding it
     reconnect_min_s: float = 1.0  # first reconnect delay; doubled per failure ...
@@ -91,17 +93,40 @@ class AgentConfig:
     job_stop_timeout_s: float = 300.0  # on SIGTERM, wait this long for the job to checkpoint
     thumbnails: bool = False  # add a small base64 PNG thumbnail to each `result`
     backend: str = "auto"  # generation backend when a command names none (Pi: onnxruntime)
+    trusted_keys: list[str] = field(default_factory=list)  # ed25519 public keys (PEM) bundles must be signed by
+    allow_unsigned_bundles: bool = False  # also use bundles whose signature is not checked (say so plainly)
+    max_capture_pixels: int = 64_000_000  # larger images are refused from their header, before decoding
+    command_id_window_s: float = 86_400.0  # a repeated command id within this window gets its first reply
+    resume_interrupted: bool = False  # restart a training job the agent was killed in, from its checkpoint
 
     def __post_init__(self) -> None:
         if not isinstance(self.device_id, str) or not messages.ID_PATTERN.match(self.device_id):
             raise ConfigError("device_id must be 1-64 characters of [A-Za-z0-9_.:-]")
         if isinstance(self.broker, dict):
             self.broker = BrokerConfig(**self.broker)
+        if self.broker.username is not None and self.broker.username != self.device_id:
+            raise ConfigError(f"broker.username {self.broker.username!r} must equal device_id {self.device_id!r}: the "
+                              f"broker makes the login the client id and allows it only blockskip/<login>/...")
         if self.backend not in ("auto", "tensorrt", "onnxruntime", "torch"):
             raise ConfigError(f"backend must be auto, tensorrt, onnxruntime or torch, got {self.backend!r}")
-        for name in ("max_command_bytes", "max_capture_bytes", "outbox_max_messages", "outbox_max_bytes"):
+        for name in ("max_command_bytes", "max_capture_bytes", "outbox_max_messages", "outbox_max_bytes",
+                     "max_capture_pixels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
+        if not self.command_id_window_s > 0:
+            raise ConfigError("command_id_window_s must be > 0")
+        if not isinstance(self.trusted_keys, list) or not all(isinstance(k, str) and k for k in self.trusted_keys):
+            raise ConfigError("trusted_keys must be a list of public key file paths")
+        if not isinstance(self.allow_unsigned_bundles, bool):
+            raise ConfigError("allow_unsigned_bundles must be true or false")
+        self.trust_policy()  # a missing or malformed key file is a config error now, not at the first bundle
+
+    def trust_policy(self) -> TrustPolicy:
+        """The board's bundle trust policy, applied to every bundle a command names."""
+        try:
+            return TrustPolicy(tuple(Path(k) for k in self.trusted_keys), self.allow_unsigned_bundles)
+        except InputError as err:
+            raise ConfigError(f"trusted_keys: {err}") from err
 
     @property
     def prefix(self) -> str:
@@ -168,6 +193,7 @@ class JobContext:
     emit: Callable[[dict[str, Any]], None]  # a progress event (rate-limited when type == progress)
     publish_result: Callable[[dict[str, Any]], None]  # one generated image
     stop: threading.Event
+    trust: TrustPolicy = field(default_factory=TrustPolicy)  # the board's bundle trust policy
 
     def should_stop(self) -> bool:
         return self.stop.is_set()
@@ -191,7 +217,8 @@ def train_job() -> JobFn:
     def run(ctx: JobContext) -> Any:
         keys = ("steps", "grad_accum", "lr", "seed", "checkpoint_every", "resume")
         config = mod.TrainConfig(**{k: ctx.args[k] for k in keys if k in ctx.args})
-        return mod.train(ctx.args["bundle"], ctx.args["out"], config, on_event=ctx.emit, should_stop=ctx.should_stop)
+        return mod.train(ctx.args["bundle"], ctx.args["out"], config, on_event=ctx.emit, should_stop=ctx.should_stop,
+                         trust=ctx.trust)
 
     return run
 
@@ -203,7 +230,7 @@ def generate_job() -> JobFn:
     def run(ctx: JobContext) -> Any:
         fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in ctx.args.items() if k != "out"}
         config = mod.GenerateConfig(out_dir=str(ctx.args["out"]), **fields)
-        images = mod.generate(config, on_event=ctx.emit, should_stop=ctx.should_stop)
+        images = mod.generate(config, on_event=ctx.emit, should_stop=ctx.should_stop, trust=ctx.trust)
         for image in images:
             ctx.publish_result(image)
         return {"images": len(images)}
@@ -212,7 +239,9 @@ def generate_job() -> JobFn:
 
 
 DEFAULT_JOBS: dict[str, JobFactory] = {"train": train_job, "generate": generate_job}
-# Where a job writes when the command gives no `out` (relative to the data directory).
+# The only folders a job writes into (relative to the data directory): `out` must name a folder
+# inside its action's root, and defaults to <root>/<command id>. The spool, the outbox, the
+# journal, engines and config are never a job's output.
 DEFAULT_OUT = {"train": "adapters", "generate": "generated"}
 
 
@@ -242,13 +271,22 @@ class Agent:
         self.data_dir = Path(config.data_dir).resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.prefix = config.prefix
-        self.spool = Spool(self.data_dir / "spool", max_bytes=config.max_capture_bytes)
+        self.spool = Spool(self.data_dir / "spool", max_bytes=config.max_capture_bytes,
+                           max_pixels=config.max_capture_pixels)
         self.outbox = Outbox(self.data_dir / "outbox.sqlite3", config.outbox_max_messages, config.outbox_max_bytes)
+        self.journal = Journal(self.data_dir / "journal.sqlite3", config.command_id_window_s)
+        self.trust = config.trust_policy()
         self.client = make_client(config.broker, client_id=config.device_id, manual_ack=True)
         self.client.will_set(self.prefix + "status", messages.status_payload("offline", None, __version__), qos=1, retain=True)
         self.sender = OutboxSender(self.outbox, self.client)
+        # Commands and captures are handled on two threads, so decoding a large capture never
+        # holds up a command (or a cancel).
         self._inbox: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue()
-        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="agent-dispatch", daemon=True)
+        self._captures: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue()
+        self._dispatcher = threading.Thread(target=self._dispatch_loop, args=(self._inbox,), name="agent-dispatch",
+                                            daemon=True)
+        self._capture_worker = threading.Thread(target=self._dispatch_loop, args=(self._captures,),
+                                                name="agent-captures", daemon=True)
         self._job_lock = threading.Lock()
         self._job: dict[str, Any] | None = None  # {"id", "action", "started"} of the running job
         self._job_thread: threading.Thread | None = None
@@ -264,7 +302,9 @@ class Agent:
     def start(self) -> None:
         """Connect in the background (retrying with backoff) and start serving."""
         self.sender.start()
+        self._recover_interrupted_job()
         self._dispatcher.start()
+        self._capture_worker.start()
         broker = self.config.broker
         logger.info("agent %s connecting to %s:%d", self.config.device_id, broker.host, broker.port)
         self.client.connect_async(
@@ -281,7 +321,9 @@ class Agent:
             self._job_stop.set()
             thread.join(timeout=self.config.job_stop_timeout_s)
         self._inbox.put(None)
+        self._captures.put(None)
         self._dispatcher.join(timeout=5)
+        self._capture_worker.join(timeout=5)
         self.sender.put(self.prefix + "status", messages.status_payload("offline", None, __version__), retain=True, kind="status")
         deadline = time.monotonic() + flush_timeout_s
         while self.connected.is_set() and not self.sender.idle() and time.monotonic() < deadline:
@@ -290,6 +332,7 @@ class Agent:
         self.client.loop_stop()
         self.sender.stop()
         self.outbox.close()
+        self.journal.close()
 
     # ---- paho callbacks (network thread: never block) ---------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
@@ -309,15 +352,16 @@ class Agent:
         logger.warning("disconnected from broker (%s); reconnecting with backoff", reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self._inbox.put(msg)
+        is_capture = msg.topic.startswith(self.prefix + "capture/")
+        (self._captures if is_capture else self._inbox).put(msg)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         self.sender.on_publish(mid, not reason_code.is_failure)
 
     # ---- dispatcher -----------------------------------------------------------------------
-    def _dispatch_loop(self) -> None:
+    def _dispatch_loop(self, inbox: "queue.Queue[mqtt.MQTTMessage | None]") -> None:
         while True:
-            msg = self._inbox.get()
+            msg = inbox.get()
             if msg is None:
                 return
             try:
@@ -341,18 +385,43 @@ class Agent:
 
     def _handle_command(self, payload: bytes) -> None:
         cmd: Command | None = None
+        cid: str | None = None
         try:
-            cmd = messages.parse_command(payload, self.config.max_command_bytes)
+            try:
+                cmd = messages.parse_command(payload, self.config.max_command_bytes)
+            except CommandError as err:
+                if err.command_id is None or not self._repeat(err.command_id):
+                    raise
+                return
+            cid = cmd.id
+            if self._repeat(cid):
+                return
             result = self._execute(cmd)
-            self._reply(cmd.id, messages.reply_ok(cmd.id, result))
+            reply = messages.reply_ok(cmd.id, result)
+            if cmd.action not in messages.JOB_ACTIONS:  # a job's reply was journaled with the job itself
+                self.journal.remember(cmd.id, reply)
+            self._reply(cmd.id, reply)
         except CommandError as err:
             cid = cmd.id if cmd else err.command_id
             logger.info("command %s refused (%s): %s", cid, err.code, err.message)
-            self._reply(cid, messages.reply_error(cid, err.code, err.message))
+            self._reply_remembered(cid, messages.reply_error(cid, err.code, err.message))
         except Exception as err:
             logger.exception("command failed")
-            cid = cmd.id if cmd else None
-            self._reply(cid, messages.reply_error(cid, "internal", f"{type(err).__name__}: {err}"))
+            self._reply_remembered(cid, messages.reply_error(cid, "internal", f"{type(err).__name__}: {err}"))
+
+    def _repeat(self, command_id: str) -> bool:
+        """A command id seen within the window: send its first reply again and run nothing."""
+        first = self.journal.reply_for(command_id)
+        if first is None:
+            return False
+        logger.info("command id %s was already answered; sending the same reply, running nothing", command_id)
+        self._reply(command_id, first)
+        return True
+
+    def _reply_remembered(self, command_id: str | None, payload: bytes) -> None:
+        if command_id is not None:
+            self.journal.remember(command_id, payload)
+        self._reply(command_id, payload)
 
     def _execute(self, cmd: Command) -> Any:
         if cmd.action == "status":
@@ -388,7 +457,7 @@ class Agent:
                 raise CaptureError("bad_properties", "camera_id property does not match the topic")
             if expected is not None and not isinstance(expected, str):
                 raise CaptureError("bad_properties", "sha256 property must be a string")
-            meta = {"camera_id": camera_id, "capture_time": props.get("capture_time"), "gps": props.get("gps")}
+            meta = capture_meta(camera_id, props.get("capture_time"), props.get("gps"))
             stored = self.spool.store(msg.payload, meta, expected)
             ack.update(sha256=stored.sha256, stored=True, duplicate=stored.duplicate)
         except CaptureError as err:
@@ -411,9 +480,16 @@ class Agent:
     def _resolve_paths(self, cmd: Command) -> dict[str, Any]:
         args = dict(cmd.args)
         for name in messages.PATH_ARGS:
-            if name in args:
-                args[name] = messages.resolve_in(self.data_dir, args[name], must_exist=name != "out")
-        args["out"] = args.get("out") or messages.resolve_in(self.data_dir, f"{DEFAULT_OUT[cmd.action]}/{cmd.id}")
+            if name in args and name != "out":
+                args[name] = messages.resolve_in(self.data_dir, args[name], must_exist=True)
+        root = self.data_dir / DEFAULT_OUT[cmd.action]
+        out = messages.resolve_in(self.data_dir, args.get("out") or f"{DEFAULT_OUT[cmd.action]}/{cmd.id}")
+        if root not in out.parents:
+            raise CommandError("bad_path", f"`out` of {cmd.action} must be a folder inside {DEFAULT_OUT[cmd.action]}/ "
+                                           f"(e.g. {DEFAULT_OUT[cmd.action]}/{cmd.id}); jobs never write elsewhere")
+        if out.exists() and not out.is_dir():
+            raise CommandError("bad_path", f"`out` {args.get('out')!r} exists and is not a folder")
+        args["out"] = out
         if cmd.action == "generate":  # engines and exports stay in the data directory
             args.setdefault("backend", self.config.backend)
             args.setdefault("cache_dir", str(self.data_dir / "engines"))
@@ -430,14 +506,24 @@ class Agent:
                 fn = self.jobs[cmd.action]()
             except NotAvailableError as err:
                 raise CommandError("not_available", str(err)) from err
-            self._job = {"id": cmd.id, "action": cmd.action, "started": time.time()}
-            self._job_stop = threading.Event()
-            self._last_progress = 0.0
-            ctx = JobContext(cmd.id, cmd.action, args, self._emit, self._publish_result, self._job_stop)
-            self._job_thread = threading.Thread(target=self._run_job, args=(fn, ctx), name=f"job-{cmd.id}", daemon=True)
-            self._job_thread.start()
+            result = {"job": cmd.id, "action": cmd.action, "state": "started"}
+            self._launch(fn, cmd.id, cmd.action, args, reply=messages.reply_ok(cmd.id, result))
         self._publish_status()
-        return {"job": cmd.id, "action": cmd.action, "state": "started"}
+        return result
+
+    def _launch(self, fn: JobFn, job_id: str, action: str, args: dict[str, Any], reply: bytes | None) -> None:
+        """Record the job as running (with its reply, in one transaction) and start its thread.
+        The caller holds the job lock."""
+        started = time.time()
+        record = {"id": job_id, "action": action, "args": _jsonable(args), "started": started}
+        if reply is not None:
+            self.journal.remember(job_id, reply, job=record)
+        self._job = {"id": job_id, "action": action, "started": started}
+        self._job_stop = threading.Event()
+        self._last_progress = 0.0
+        ctx = JobContext(job_id, action, args, self._emit, self._publish_result, self._job_stop, self.trust)
+        self._job_thread = threading.Thread(target=self._run_job, args=(fn, ctx), name=f"job-{job_id}", daemon=True)
+        self._job_thread.start()
 
     def _run_job(self, fn: JobFn, ctx: JobContext) -> None:
         event: dict[str, Any] = {"job": ctx.id, "action": ctx.action}
@@ -445,6 +531,9 @@ class Agent:
             result = fn(ctx)
             stopped = ctx.should_stop() or (isinstance(result, dict) and bool(result.get("stopped")))
             event.update(type="cancelled" if stopped else "done", result=_jsonable(result))
+        except BundleError as err:
+            logger.error("job %s refused its bundle: %s", ctx.id, err)
+            event.update(type="failed", error={"code": "bad_bundle", "message": str(err)})
         except BlockskipError as err:
             logger.error("job %s failed: %s", ctx.id, err)
             event.update(type="failed", error={"code": "job_failed", "message": f"{type(err).__name__}: {err}"})
@@ -452,12 +541,46 @@ class Agent:
             logger.exception("job %s crashed", ctx.id)
             event.update(type="failed", error={"code": "internal", "message": f"{type(err).__name__}: {err}"})
         self.sender.put(self.prefix + "progress", messages.dumps(event), kind="job")
+        self.journal.job_ended()  # after the end event is on disk: a crash in between repeats it, never loses it
         with self._job_lock:
             self._job = None
         self._publish_status()
 
+    def _recover_interrupted_job(self) -> None:
+        """A job recorded as running when the agent starts was cut off by a kill or a power loss:
+        publish its end (`failed`, code `interrupted`), or, for training with `resume_interrupted`,
+        start it again from its last checkpoint under the same id."""
+        job = self.journal.running_job()
+        if job is None:
+            return
+        if job["action"] == "train" and self.config.resume_interrupted and "train" in self.jobs:
+            args = {**job["args"], "resume": True}
+            args.update({k: Path(v) for k, v in args.items() if k in messages.PATH_ARGS})
+            logger.warning("training job %s was interrupted; resuming it from its last checkpoint", job["id"])
+            with self._job_lock:
+                self._launch(self.jobs["train"](), job["id"], "train", args, reply=None)
+            self.sender.put(self.prefix + "progress", messages.dumps(
+                {"type": "resumed", "job": job["id"], "action": "train",
+                 "message": "the agent restarted during this job; training continues from its last checkpoint"}),
+                kind="job")
+            return
+        hint = ""
+        if job["action"] == "train":
+            out = os.path.relpath(job["args"].get("out", ""), self.data_dir)
+            hint = (f"; send train again with the same bundle, out {out!r} and resume: true to continue from "
+                    f"its last checkpoint (or set resume_interrupted: true in the agent config)")
+        message = f"the agent stopped while this job was running (killed or power loss){hint}"
+        logger.warning("job %s (%s) was interrupted: %s", job["id"], job["action"], message)
+        self.sender.put(self.prefix + "progress", messages.dumps(
+            {"type": "failed", "job": job["id"], "action": job["action"],
+             "error": {"code": "interrupted", "message": message}}), kind="job")
+        self.journal.job_ended()
+
     def _emit(self, event: dict[str, Any]) -> None:
-        """Publish a job event on `progress`; progress events at most once per interval (first/last kept)."""
+        """Publish a job event on `progress`; progress events at most once per interval (first/last kept).
+        A job's own end event is not forwarded: the agent publishes the one end of every job."""
+        if event.get("type") in ("done", "cancelled", "failed"):
+            return
         event = dict(event, job=self._job["id"] if self._job else None)
         if event.get("type", "progress") == "progress":
             now = time.monotonic()

@@ -33,6 +33,8 @@ ERROR_CODES = {
     "no_job": "cancel was asked but no job is running",
     "not_available": "the feature is not part of this build",
     "job_failed": "the job raised an error",
+    "bad_bundle": "the job's bundle failed verification or is not signed by a key the board trusts",
+    "interrupted": "the agent stopped (killed, power loss) while the job ran; reported when it restarts",
     "internal": "an unexpected error in the agent (logged); the agent keeps serving",
 }
 
@@ -139,6 +141,8 @@ def parse_command(payload: bytes, max_bytes: int = MAX_COMMAND_BYTES) -> Command
         obj = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as err:
         raise CommandError("bad_json", f"command is not valid UTF-8 JSON: {err}") from err
+    except RecursionError as err:
+        raise CommandError("bad_json", "command is nested too deeply to be a command") from err
     if not isinstance(obj, dict):
         raise CommandError("bad_json", "command must be a JSON object")
     cid = obj.get("id")

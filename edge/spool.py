@@ -9,12 +9,15 @@ metadata file is written last, so its presence means the capture is complete. On
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,11 +63,45 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.close(dfd)
 
 
-def image_format(data: bytes) -> str:
-    """Return "JPEG" or "PNG" if `data` decodes as such an image, else raise CaptureError(not_image)."""
+def capture_meta(camera_id: str, capture_time: str | None, gps: str | None) -> dict[str, Any]:
+    """The metadata stored with a capture, from its MQTT user properties; malformed values are
+    refused (`bad_properties`), never stored as given. `capture_time` is ISO 8601 (a time zone is
+    recommended; it is kept as sent), `gps` is "lat,lon[,alt]" in degrees and metres."""
+    if capture_time is not None:
+        try:
+            if len(capture_time) > 64:
+                raise ValueError("too long")
+            datetime.datetime.fromisoformat(capture_time.replace("Z", "+00:00"))
+        except ValueError as err:
+            raise CaptureError("bad_properties", f"capture_time {capture_time[:64]!r} is not an ISO 8601 time "
+                                                 f"(e.g. 2026-06-01T10:15:00Z): {err}") from err
+    if gps is not None:
+        parts = gps.split(",") if len(gps) <= 96 else []
+        try:
+            values = [float(v) for v in parts]
+        except ValueError:
+            values = []
+        if len(values) not in (2, 3) or not all(math.isfinite(v) for v in values) \
+                or not -90 <= values[0] <= 90 or not -180 <= values[1] <= 180:
+            raise CaptureError("bad_properties", f"gps {gps[:96]!r} is not \"lat,lon[,alt]\" "
+                                                 f"(latitude -90..90, longitude -180..180, in degrees)")
+    return {"camera_id": camera_id, "capture_time": capture_time, "gps": gps}
+
+
+def image_format(data: bytes, max_pixels: int | None = None) -> str:
+    """Return "JPEG" or "PNG" if `data` decodes as such an image, else raise CaptureError(not_image).
+    With `max_pixels`, an image with more pixels is refused (`too_large`) from its header, before
+    any pixel is decoded: a small compressed file can hold a huge image."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with warnings.catch_warnings():  # the pixel limit below is ours; PIL's bomb warning is noise here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        with img:
             fmt = img.format
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise CaptureError("too_large", f"image is {width} x {height} = {width * height} pixels; "
+                                                f"the limit is {max_pixels} (max_capture_pixels)")
             img.load()  # decode the pixels: a truncated or corrupt file fails here
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise CaptureError("not_image", f"payload does not decode as an image: {err}") from err
@@ -74,11 +111,12 @@ def image_format(data: bytes) -> str:
 
 
 class Spool:
-    """The spool directory. Stores are serialized by the caller (the agent's dispatcher thread)."""
+    """The spool directory. Stores are serialized by the caller (the agent's capture thread)."""
 
-    def __init__(self, root: Path, max_bytes: int = 16 * 1024 * 1024):
+    def __init__(self, root: Path, max_bytes: int = 16 * 1024 * 1024, max_pixels: int = 64_000_000):
         self.root = root
         self.max_bytes = max_bytes  # largest accepted capture payload
+        self.max_pixels = max_pixels  # largest accepted image, width x height, checked before decoding
         root.mkdir(parents=True, exist_ok=True)
 
     def store(self, data: bytes, meta: dict[str, Any], expected_sha256: str | None = None) -> Stored:
@@ -88,7 +126,7 @@ class Spool:
         digest = hashlib.sha256(data).hexdigest()
         if expected_sha256 is not None and expected_sha256.lower() != digest:
             raise CaptureError("bad_sha256", f"sha256 of the payload is {digest}, not the {expected_sha256[:64]} sent")
-        fmt = image_format(data)
+        fmt = image_format(data, self.max_pixels)
         path = self.root / f"{digest}.{FORMATS[fmt]}"
         meta_path = self.root / f"{digest}.json"
         if meta_path.exists() and path.exists():

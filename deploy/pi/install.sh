@@ -101,6 +101,7 @@ if [[ $START -eq 1 ]]; then
     systemctl restart blockskip-agent.service
     systemctl --no-pager status blockskip-agent.service || true
 else
-    echo "next: put the broker CA at /etc/blockskip/ca.crt and the password in /etc/blockskip/mqtt-password"
-    echo "      (root:blockskip, mode 0640), then: sudo systemctl start blockskip-agent && journalctl -fu blockskip-agent"
+    echo "next: put the broker CA at /etc/blockskip/ca.crt, the password in /etc/blockskip/mqtt-password and the"
+    echo "      host's bundle-signing public key at /etc/blockskip/host.pub (root:blockskip, mode 0640), then:"
+    echo "      sudo systemctl start blockskip-agent && journalctl -fu blockskip-agent"
 fi

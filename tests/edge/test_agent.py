@@ -223,7 +223,14 @@ def test_sigterm_publishes_offline_and_exits_zero(broker, tmp_path, probe_factor
             proc.wait()
 
 
-def test_the_example_config_loads():
-    config = load_config(Path(__file__).resolve().parents[2] / "deploy" / "agent.example.yaml")
+def test_the_example_config_loads(tmp_path):
+    from blockskip.host.bundle import generate_keypair
+
+    text = (Path(__file__).resolve().parents[2] / "deploy" / "agent.example.yaml").read_text()
+    assert "/etc/blockskip/host.pub" in text, "the example trusts the host's key"
+    generate_keypair(tmp_path / "host.key", tmp_path / "host.pub")
+    (tmp_path / "agent.yaml").write_text(text.replace("/etc/blockskip/host.pub", str(tmp_path / "host.pub")))
+    config = load_config(tmp_path / "agent.yaml")
+    assert config.trust_policy().keys and not config.allow_unsigned_bundles
     assert isinstance(config, AgentConfig) and config.broker.ca_file and config.broker.password_file
     assert config.broker.reconnect_max_s > config.broker.reconnect_min_s

@@ -13,7 +13,7 @@ DEV = "dev-a"
 
 
 def test_agent_trains_then_generates_with_the_real_code(broker, start_agent, probe_factory, wait_until):
-    agent = start_agent(progress_interval_s=0.0)
+    agent = start_agent(progress_interval_s=0.0, allow_unsigned_bundles=True)  # signatures: test_trust.py
     data = agent.data_dir
     make_bundle(data / "work", "flux", 2, 1, samples=4)
     save_model(tiny_model("flux"), data / "flux-model")
