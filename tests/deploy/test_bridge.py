@@ -1,9 +1,10 @@
-"""deploy/systemd/mosquitto-bridge.conf against real brokers: the board's bridged mosquitto and a
-central TLS + password + ACL mosquitto, both on loopback, with certificates made here.
+"""deploy/systemd/mosquitto-bridge.conf against real brokers: the board's bridged mosquitto and the
+central broker of deploy/mosquitto/mosquitto.conf (TLS + passwords + ACL), both on loopback, with
+certificates made here.
 
-The shipped config is rendered as deploy/README.md says (placeholders and /etc paths replaced);
-the test only moves its two listeners to free ports and adds `user root` (mosquitto would
-otherwise drop to the mosquitto user, which cannot read pytest's private temp dir).
+The shipped configs are rendered as deploy/README.md says (placeholders and /etc paths replaced);
+the test only moves their listeners to free ports and adds `user root` (mosquitto would otherwise
+drop to the mosquitto user, which cannot read pytest's private temp dir).
 """
 
 from __future__ import annotations
@@ -26,12 +27,16 @@ x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
+from paho.mqtt.packettypes import PacketTypes  # noqa: E402
+from paho.mqtt.properties import Properties  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not shutil.which("mosquitto") or not shutil.which("mosquitto_passwd"),
                                 reason="needs mosquitto (apt-get install mosquitto)")
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
+CENTRAL_CONF = DEPLOY.parent / "mosquitto" / "mosquitto.conf"
 DEVICE = "field-07"
+CAMERAS = {"cam1": "camera-secret", "cam2": "camera2-secret"}
 
 
 def _free_port() -> int:
@@ -88,20 +93,43 @@ def _start(conf: Path, ports: list[int]):
 
 
 class Client:
-    """A paho MQTT v5 client that collects what it receives."""
+    """A paho MQTT v5 client that collects what it receives (and every time it was dropped).
 
-    def __init__(self, port, username=None, password=None, ca=None):
+    With a `session_expiry` it keeps a persistent session, like the agent and the cameras; paho's
+    loop reconnects it whenever it is dropped.
+    """
+
+    def __init__(self, port, username=None, password=None, ca=None, client_id="",
+                 clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY, session_expiry=None):
         self.messages: queue.Queue = queue.Queue()
         self.subscribed = threading.Event()
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.connected = threading.Event()
+        self.disconnects: list = []
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         if ca:
             self.c.tls_set(ca_certs=str(ca))
         if username:
             self.c.username_pw_set(username, password)
+        self.c.reconnect_delay_set(0.1, 0.5)
         self.c.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload.decode()))
         self.c.on_subscribe = lambda *a: self.subscribed.set()
-        self.c.connect("localhost" if ca else "127.0.0.1", port)
+        self.c.on_connect = self._on_connect
+        self.c.on_disconnect = self._on_disconnect
+        properties = None
+        if session_expiry is not None:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = session_expiry
+        self.c.connect("localhost" if ca else "127.0.0.1", port, clean_start=clean_start, properties=properties)
         self.c.loop_start()
+        assert self.connected.wait(5), "no CONNACK"
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if not reason_code.is_failure:
+            self.connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self.connected.clear()
+        self.disconnects.append(reason_code)
 
     def subscribe(self, topic):
         self.subscribed.clear()
@@ -136,23 +164,33 @@ class Client:
 
 @pytest.fixture
 def brokers(tmp_path, request):
-    """Central TLS broker (server cert from `central_ca`) + the board's broker from the shipped config."""
+    """The central broker (deploy/mosquitto/, server cert from `central_ca`) + the board's broker.
+
+    `brokers(where, ...)` connects a Client to "central", "local" (the agent's listener) or "lan" (the
+    cameras' listener).
+    """
     rogue = getattr(request, "param", False)
     pki = make_pki(tmp_path, "central")
     served = make_pki(tmp_path, "rogue") if rogue else pki  # rogue: the central broker's cert is not from our CA
     central_port, local_port, lan_port = _free_port(), _free_port(), _free_port()
-    _passwd(tmp_path / "central.passwd", {DEVICE: "device-secret", "host": "host-secret"})
-    (tmp_path / "central.acl").write_text("user host\ntopic readwrite blockskip/#\n\n"
-                                          "pattern readwrite blockskip/%u/#\n")
-    (tmp_path / "central.conf").write_text(
-        f"user root\nper_listener_settings false\nallow_anonymous false\nlistener {central_port} 127.0.0.1\n"
-        f"certfile {served['cert']}\nkeyfile {served['key']}\n"
-        f"password_file {tmp_path / 'central.passwd'}\nacl_file {tmp_path / 'central.acl'}\n")
+    _passwd(tmp_path / "central.passwd", {DEVICE: "device-secret", "operator": "operator-secret"})
+    shutil.copy(CENTRAL_CONF.parent / "acl.example", tmp_path / "central.acl")
+    (tmp_path / "central-db").mkdir()
+    central = CENTRAL_CONF.read_text()
+    for key, value in {"/etc/mosquitto/certs/ca.crt": served["ca"], "/etc/mosquitto/certs/server.crt": served["cert"],
+                       "/etc/mosquitto/certs/server.key": served["key"],
+                       "/etc/mosquitto/passwd": tmp_path / "central.passwd",
+                       "/etc/mosquitto/blockskip.acl": tmp_path / "central.acl",
+                       "/var/lib/mosquitto/": f"{tmp_path / 'central-db'}/",
+                       "listener 8883": f"listener {central_port} 127.0.0.1"}.items():
+        assert key in central, f"deploy/mosquitto/mosquitto.conf no longer has {key!r}"
+        central = central.replace(key, str(value))
+    (tmp_path / "central.conf").write_text("user root\n" + central)
 
     etc = tmp_path / "etc"
     (etc / "tls").mkdir(parents=True)
     shutil.copy(pki["ca"], etc / "tls" / "ca.crt")
-    _passwd(etc / "cameras.passwd", {"cam1": "camera-secret"})
+    _passwd(etc / "cameras.passwd", CAMERAS)
     (etc / "cameras.acl").write_text((DEPLOY / "cameras.acl").read_text().replace("@DEVICE_ID@", DEVICE))
     conf = (DEPLOY / "mosquitto-bridge.conf").read_text()
     for key, value in {"@DEVICE_ID@": DEVICE, "@CENTRAL_HOST@": "localhost", "@CENTRAL_PORT@": str(central_port),
@@ -184,7 +222,7 @@ def brokers(tmp_path, request):
 
 
 def test_bridge_relays_device_topics_over_tls(brokers):
-    central = brokers("central", "host", "host-secret")
+    central = brokers("central", "operator", "operator-secret")
     central.subscribe("blockskip/#")
     assert central.wait_for(f"blockskip/{DEVICE}/bridge", "1") == "1", "the bridge did not connect over TLS"
 
@@ -229,9 +267,46 @@ def test_camera_needs_its_password(brokers):
 def test_bridge_refuses_a_central_broker_it_cannot_verify(brokers):
     # The central broker presents a certificate that our CA did not sign (a man in the middle):
     # the bridge must not connect, so nothing the board publishes reaches it.
-    central = brokers("central", "host", "host-secret")  # the host itself trusts the other CA
+    central = brokers("central", "operator", "operator-secret")  # the operator itself trusts the other CA
     central.subscribe("blockskip/#")
     agent = brokers("local")
     agent.publish(f"blockskip/{DEVICE}/status", "must not leave the board")
     seen = central.drain(4.0)
     assert seen == [], seen
+
+
+@pytest.mark.parametrize("owner", ["agent", "camera"])
+def test_a_camera_login_cannot_take_over_the_agents_or_another_cameras_client_id(brokers, owner):
+    # Client ids are one namespace across the board broker's listeners. The LAN listener binds them to
+    # the camera's login, so cam2 asking for the agent's id (field-07) or cam1's gets its own instead.
+    central = brokers("central", "operator", "operator-secret")
+    central.subscribe(f"blockskip/{DEVICE}/bridge")
+    assert central.wait_for(f"blockskip/{DEVICE}/bridge", "1") == "1", "the bridge did not connect"
+    if owner == "agent":  # the agent on the loopback listener; its commands come from the fleet
+        where, login, client_id = "local", (), DEVICE
+        topic, send = f"blockskip/{DEVICE}/cmd", central.publish
+    else:  # camera cam1 on the LAN listener; its acks come from the agent on the board
+        where, login, client_id = "lan", ("cam1", CAMERAS["cam1"]), "cam1"
+        topic, send = f"blockskip/{DEVICE}/capture/ack", brokers("local").publish
+    observer = brokers("local")
+    observer.subscribe(topic)
+
+    def connect_owner():
+        return brokers(where, *login, client_id=client_id, clean_start=False, session_expiry=3600)
+
+    # Online: the owner is not dropped and keeps getting its messages.
+    owner_client = connect_owner()
+    owner_client.subscribe(topic)
+    intruder = brokers("lan", "cam2", CAMERAS["cam2"], client_id=client_id)  # paho reconnects it if dropped
+    time.sleep(1.0)
+    send(topic, "while-online")
+    owner_client.wait_for(topic, "while-online", timeout=5)
+    intruder.close()
+    assert owner_client.disconnects == [], f"the {owner} was dropped: {owner_client.disconnects[:3]}"
+
+    # Offline: what is queued for the owner survives a clean start in its name.
+    owner_client.close()
+    send(topic, "while-offline")
+    assert observer.wait_for(topic, "while-offline") == "while-offline"  # on the board, queued for the owner
+    brokers("lan", "cam2", CAMERAS["cam2"], client_id=client_id, clean_start=True).close()
+    assert connect_owner().wait_for(topic, "while-offline") == "while-offline", "the queued message was wiped"

@@ -5,17 +5,21 @@ from __future__ import annotations
 import getpass
 import json
 import logging
-import shutil
 import threading
 import time
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 
-from blockskip.edge.agent import Agent, AgentConfig, BrokerConfig, make_client
+from blockskip.edge.agent import Agent, AgentConfig, BrokerConfig, connect_properties, make_client
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto"
-PASSWORDS = {"dev-a": "pa55-dev-a", "dev-b": "pa55-dev-b", "operator": "pa55-operator"}
+PASSWORDS = {"dev-a": "pa55-dev-a", "dev-b": "pa55-dev-b", "operator": "pa55-operator",
+             "dev-a-cam-01": "pa55-cam-01", "dev-a-cam-02": "pa55-cam-02"}
+# dev-a's two cameras, added to the shipped ACL as deploy/mosquitto/README.md says ("Adding a device").
+CAMERA_ACL = "".join(f"\nuser dev-a-cam-{n}\ntopic write blockskip/dev-a/capture/cam-{n}\n"
+                     f"topic read blockskip/dev-a/capture/ack\n" for n in ("01", "02"))
 
 
 @pytest.fixture
@@ -23,7 +27,7 @@ def secure_broker(tmp_path, pki, mq):
     """mosquitto running deploy/mosquitto/mosquitto.conf and acl.example, paths moved into tmp."""
     work = tmp_path / "secure"
     work.mkdir()
-    shutil.copy(DEPLOY / "acl.example", work / "blockskip.acl")
+    (work / "blockskip.acl").write_text((DEPLOY / "acl.example").read_text() + CAMERA_ACL)
     mq.mosquitto_passwd(work / "passwd", PASSWORDS)
     port = mq.free_port()
     conf = (DEPLOY / "mosquitto.conf").read_text()
@@ -44,19 +48,31 @@ def settings(broker, pki: Path, user: str | None, password: str | None = None, t
                         password_env="TEST_MQTT_PASSWORD" if password else None, **kw)
 
 
+def login(broker, pki: Path, user: str) -> BrokerConfig:
+    """Settings for `user` with its own password (from a file next to the PKI, as on a device)."""
+    password_file = pki / f"{user}.password"
+    password_file.write_text(PASSWORDS[user] + "\n")
+    return settings(broker, pki, user, None, password_file=str(password_file))
+
+
 class Client:
     """A test client built with the agent's own make_client; records the CONNACK, SUBACK and messages."""
 
-    def __init__(self, config: BrokerConfig, client_id: str):
+    def __init__(self, config: BrokerConfig, client_id: str, clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                 session_expiry_s: int | None = None):
         self.connack: list = []
         self.suback: list = []
         self.messages: list[tuple[str, bytes]] = []
+        self.disconnects: list = []  # reason codes of every lost connection (e.g. "Session taken over")
         self.event = threading.Event()
         self.client = make_client(config, client_id)
         self.client.on_connect = lambda c, u, f, rc, p: (self.connack.append(rc), self.event.set())
+        self.client.on_disconnect = lambda c, u, f, rc, p: self.disconnects.append(rc)
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self.suback.extend(rcs)
         self.client.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload))
-        self.client.connect_async(config.host, config.port, config.keepalive)
+        properties = None if session_expiry_s is None else connect_properties(session_expiry_s)
+        self.client.connect_async(config.host, config.port, config.keepalive, clean_start=clean_start,
+                                  properties=properties)
         self.client.loop_start()
 
     def connected(self, timeout: float = 5.0) -> bool:
@@ -72,8 +88,8 @@ class Client:
 def clients():
     made: list[Client] = []
 
-    def make(config: BrokerConfig, client_id: str) -> Client:
-        made.append(Client(config, client_id))
+    def make(config: BrokerConfig, client_id: str, **kw) -> Client:
+        made.append(Client(config, client_id, **kw))
         return made[-1]
 
     yield make
@@ -138,3 +154,110 @@ def test_agent_serves_over_tls_with_a_password_it_never_logs(secure_broker, pki,
     finally:
         agent.stop(flush_timeout_s=1)
     assert caplog.records and PASSWORDS["dev-a"] not in caplog.text
+
+
+# ---- client ids are bound to logins -------------------------------------------------------------
+# A valid login of another device or of a camera asks the broker for someone else's client id. Bound
+# (use_username_as_clientid), it gets its own id instead, so the owner is neither kicked off nor has
+# its persistent session (what is queued for it while it is offline) replaced.
+
+def secure_agent(broker, pki: Path, tmp_path: Path) -> Agent:
+    """The agent of dev-a (client id dev-a), logged in as dev-a over TLS; started."""
+    config = AgentConfig(device_id="dev-a", data_dir=str(tmp_path / "data"), broker=login(broker, pki, "dev-a"))
+    agent = Agent(config)
+    agent.start()
+    return agent
+
+
+def replies(client: Client) -> set[str]:
+    return {topic.rsplit("/", 1)[1] for topic, _ in client.messages if "/reply/" in topic}
+
+
+def within(seconds: float, predicate) -> bool:
+    """True as soon as predicate() holds; False after `seconds` (the assertion after it says what was missed)."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.parametrize("intruder", ["dev-b", "dev-a-cam-01"])
+def test_another_login_cannot_kick_the_running_agent(intruder, secure_broker, pki, clients, tmp_path, mq):
+    agent = secure_agent(secure_broker, pki, tmp_path)
+    try:
+        mq.wait_until(agent.connected.is_set)
+        drops = []
+        on_disconnect = agent.client.on_disconnect
+        agent.client.on_disconnect = lambda *a: (drops.append(a[3]), on_disconnect(*a))
+        op = clients(login(secure_broker, pki, "operator"), "operator")
+        assert op.connected()
+        op.client.subscribe("blockskip/dev-a/reply/+", qos=1)
+        mq.wait_until(lambda: op.suback)
+        # The intruder asks for client id dev-a; its paho loop reconnects whenever it is dropped.
+        intruding = clients(login(secure_broker, pki, intruder), "dev-a")
+        assert intruding.connected()
+        sent = {f"c{i}" for i in range(30)}
+        for command_id in sorted(sent):
+            op.client.publish("blockskip/dev-a/cmd", json.dumps({"id": command_id, "action": "status"}), qos=1)
+            time.sleep(0.1)
+        within(10, lambda: replies(op) >= sent)
+        assert not sent - replies(op), f"{len(sent - replies(op))} of {len(sent)} commands never answered"
+        assert drops == [], f"the agent was disconnected {len(drops)} times: {drops[:3]}"
+        assert intruding.connected() and not intruding.disconnects  # its own session, left alone
+    finally:
+        agent.stop(flush_timeout_s=1)
+
+
+@pytest.mark.parametrize("intruder", ["dev-b", "dev-a-cam-01"])
+def test_another_login_cannot_wipe_the_commands_queued_for_the_offline_agent(intruder, secure_broker, pki, clients,
+                                                                             tmp_path, mq):
+    agent = secure_agent(secure_broker, pki, tmp_path)
+    mq.wait_until(agent.connected.is_set)
+    agent.stop(flush_timeout_s=1)  # offline; its persistent session (subscribed to cmd) stays on the broker
+    op = clients(login(secure_broker, pki, "operator"), "operator")
+    assert op.connected()
+    op.client.subscribe("blockskip/dev-a/reply/+", qos=1)
+    mq.wait_until(lambda: op.suback)
+    queued = json.dumps({"id": "queued", "action": "status"})
+    op.client.publish("blockskip/dev-a/cmd", queued, qos=1).wait_for_publish(5)
+    wiping = clients(login(secure_broker, pki, intruder), "dev-a", clean_start=True)  # a fresh session for "dev-a"
+    assert wiping.connected()
+    wiping.close()
+    agent = secure_agent(secure_broker, pki, tmp_path)  # back online: the queued command is delivered
+    try:
+        mq.wait_until(lambda: "queued" in replies(op), 10)
+    finally:
+        agent.stop(flush_timeout_s=1)
+
+
+@pytest.mark.parametrize("intruder", ["dev-a-cam-02", "dev-b"])
+def test_another_login_cannot_take_over_a_cameras_session(intruder, secure_broker, pki, clients, mq):
+    camera_login = login(secure_broker, pki, "dev-a-cam-01")
+    op = clients(login(secure_broker, pki, "operator"), "operator")
+    assert op.connected()
+    camera = clients(camera_login, "dev-a-cam-01", clean_start=False, session_expiry_s=3600)
+    assert camera.connected()
+    camera.client.subscribe("blockskip/dev-a/capture/ack", qos=1)
+    mq.wait_until(lambda: camera.suback)
+
+    # Online: another login asking for the camera's client id does not drop the camera.
+    intruding = clients(login(secure_broker, pki, intruder), "dev-a-cam-01")
+    assert intruding.connected()
+    time.sleep(1.0)  # time for the intruder's paho loop to come back if it gets dropped
+    op.client.publish("blockskip/dev-a/capture/ack", b"ack-1", qos=1).wait_for_publish(5)
+    within(5, lambda: camera.messages)
+    intruding.close()
+    assert camera.disconnects == [], f"the camera was disconnected: {camera.disconnects[:3]}"
+    assert camera.messages == [("blockskip/dev-a/capture/ack", b"ack-1")]
+
+    # Offline: an ack queued for the camera survives another login's clean start with the camera's id.
+    camera.close()
+    op.client.publish("blockskip/dev-a/capture/ack", b"ack-2", qos=1).wait_for_publish(5)
+    wiping = clients(login(secure_broker, pki, intruder), "dev-a-cam-01", clean_start=True)
+    assert wiping.connected()
+    wiping.close()
+    camera = clients(camera_login, "dev-a-cam-01", clean_start=False, session_expiry_s=3600)
+    assert camera.connected()
+    mq.wait_until(lambda: ("blockskip/dev-a/capture/ack", b"ack-2") in camera.messages, 5)
