@@ -1,11 +1,22 @@
 """The LoRA adapter file: safetensors with the full model's diffusers/PEFT key names.
 
 Keys are `transformer.<module path>.lora_A.weight` / `.lora_B.weight`, module paths exactly as in
-the full diffusers transformer (e.g. `transformer.single_transformer_blocks.3.attn.to_q`), and
-the LoRA config is stored the way diffusers' own `save_lora_weights` stores it (safetensors
-metadata `lora_adapter_metadata`, keys prefixed `transformer.`), so both
-`transformer.load_lora_adapter(dir, prefix="transformer")` and a pipeline's
-`load_lora_weights(dir)` load it with no remapping.
+the full diffusers transformer (e.g. `transformer.single_transformer_blocks.3.attn.to_q`). The
+trained LoRA scale alpha / r is folded into `lora_B`, so the file holds the trained model at
+scale 1 and says so: its config (safetensors metadata `lora_adapter_metadata`, keys prefixed
+`transformer.`, the way diffusers' own `save_lora_weights` stores it) has `lora_alpha == r`.
+A loader that reads that metadata and one that does not (diffusers infers alpha = r without
+it) load the same model. Each of these gives the trained model, with no remapping:
+
+    transformer.load_lora_adapter("adapter/pytorch_lora_weights.safetensors")   # the file
+    transformer.load_lora_adapter("adapter", prefix="transformer", use_safetensors=True)
+    transformer.load_lora_adapter("adapter", weight_name="pytorch_lora_weights.safetensors")
+    pipeline.load_lora_weights("adapter")               # e.g. FluxPipeline; lora_state_dict too
+
+The folder form of `load_lora_adapter` needs `use_safetensors=True` or `weight_name`: without
+either, diffusers' model-level loader looks only for `pytorch_lora_weights.bin` (a pickle,
+which this project does not write). `adapter_config.json` holds the same config plus the
+trained alpha (`trained_lora_alpha`) and what produced the adapter.
 """
 
 from __future__ import annotations
@@ -31,24 +42,36 @@ def lora_config_dict(rank: int, alpha: float, target_modules: list[str]) -> dict
             "lora_dropout": 0.0, "bias": "none", "init_lora_weights": True, "use_dora": False}
 
 
+def _lora_scale(config: dict) -> float:
+    """peft's LoRA scale for a `lora_config_dict` config (one rank and alpha for every module)."""
+    if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_rslora"):
+        raise ValueError("adapter configs with rank_pattern, alpha_pattern or use_rslora are not supported")
+    return float(config["lora_alpha"]) / int(config["r"])
+
+
 def save_adapter(state_dict: dict[str, torch.Tensor], config: dict, out_dir: str | Path,
                  extra: dict | None = None) -> Path:
-    """Write the adapter atomically. `state_dict` keys are module paths without prefix,
-    as peft's `get_peft_model_state_dict` returns them."""
+    """Write the adapter atomically. `state_dict` is peft's (unscaled) LoRA state, keys are
+    module paths without prefix as `get_peft_model_state_dict` returns them, trained with
+    `config`; the file gets lora_B * alpha / r and a config with lora_alpha = r."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    scale = _lora_scale(config)
     tensors = {}
     for key, value in state_dict.items():
         if not torch.isfinite(value).all():
             raise ValueError(f"adapter tensor {key} has non-finite values; refusing to write it")
-        tensors[f"{PREFIX}.{key}"] = value.detach().to("cpu", torch.float32).contiguous()
+        value = value.detach().to("cpu", torch.float32)
+        tensors[f"{PREFIX}.{key}"] = (value * scale if ".lora_B." in key else value).contiguous()
+    folded = {**config, "lora_alpha": int(config["r"])}
     metadata = {"format": "pt",
-                "lora_adapter_metadata": json.dumps({f"{PREFIX}.{k}": v for k, v in config.items()},
+                "lora_adapter_metadata": json.dumps({f"{PREFIX}.{k}": v for k, v in folded.items()},
                                                     sort_keys=True)}
     tmp = out / f".{ADAPTER_FILE}.tmp"
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, out / ADAPTER_FILE)
-    (out / CONFIG_FILE).write_text(json.dumps({**config, **(extra or {})}, indent=2, sort_keys=True))
+    about = {**folded, "trained_lora_alpha": config["lora_alpha"], **(extra or {})}
+    (out / CONFIG_FILE).write_text(json.dumps(about, indent=2, sort_keys=True))
     return out / ADAPTER_FILE
 
 
@@ -62,7 +85,8 @@ def adapter_file(path: str | Path) -> Path:
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict with `transformer.` keys, LoRA config without prefix)."""
+    """(state dict with `transformer.` keys, LoRA config without prefix) as stored: with peft,
+    `LoraConfig(**config)` and these tensors (prefix removed) give the trained model."""
     file = adapter_file(path)
     tensors = {}
     with safe_open(str(file), framework="pt") as handle:
