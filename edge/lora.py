@@ -17,6 +17,19 @@ The folder form of `load_lora_adapter` needs `use_safetensors=True` or `weight_n
 either, diffusers' model-level loader looks only for `pytorch_lora_weights.bin` (a pickle,
 which this project does not write). `adapter_config.json` holds the same config plus the
 trained alpha (`trained_lora_alpha`) and what produced the adapter.
+
+`save_comfy_formats` writes the same LoRA with two more naming schemes (`train --format comfy`):
+- `comfy_lora.safetensors`: `lora_transformer_<module path, "." -> "_">.lora_down/lora_up/alpha`
+  (OneTrainer's naming). ComfyUI reads it; diffusers reads it for FLUX only when the LoRA is on
+  attention projections alone (its converter maps no MLP keys of this naming).
+- `kohya_lora.safetensors` (FLUX only): kohya sd-scripts' names, `lora_unet_double_blocks_<i>_
+  img_attn_qkv`, `lora_unet_single_blocks_<i>_linear1`, ... on the original FLUX modules, where
+  q, k, v (and a single block's MLP input) are one fused Linear: their LoRAs become one LoRA with
+  the down weights stacked and the up weights block-diagonal (rank 3r, or 4r for `linear1`).
+  ComfyUI, kohya's tools and diffusers (`FluxPipeline.load_lora_weights`, whose converter splits
+  the fused LoRA back) read it. diffusers' converter splits `linear1` at FLUX.1's widths
+  (3 x 3072 + 12288), so on a FLUX of another width a LoRA on single blocks does not load there.
+Both store `alpha` = rank (scale 1), as the weights are already scaled.
 """
 
 from __future__ import annotations
@@ -33,6 +46,8 @@ from blockskip.errors import InputError
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 CONFIG_FILE = "adapter_config.json"
+COMFY_FILE = "comfy_lora.safetensors"
+KOHYA_FILE = "kohya_lora.safetensors"
 PREFIX = "transformer"
 
 
@@ -102,6 +117,80 @@ def load_adapter(transformer, path: str | Path, adapter_name: str = "blockskip")
     file = adapter_file(path)
     transformer.load_lora_adapter(str(file.parent), weight_name=file.name, prefix=PREFIX,
                                   adapter_name=adapter_name)
+
+
+def _lora_pairs(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module path: (down, up)} of an adapter file at scale 1 (an older file that kept alpha
+    only in its metadata is scaled here)."""
+    tensors, config = read_adapter(path)
+    scale = _lora_scale(config) if config else 1.0
+    pairs = {}
+    for key, down in tensors.items():
+        if ".lora_A." in key:
+            module = key.removeprefix(f"{PREFIX}.").rsplit(".lora_A.", 1)[0]
+            pairs[module] = (down, tensors[key.replace(".lora_A.", ".lora_B.")] * scale)
+    return pairs
+
+
+def _kohya_entry(out: dict, name: str, down: torch.Tensor, up: torch.Tensor) -> None:
+    """One LoRA in kohya's key style: `<name>.lora_down.weight`, `.lora_up.weight`, `.alpha`."""
+    out[f"{name}.lora_down.weight"] = down.contiguous()
+    out[f"{name}.lora_up.weight"] = up.contiguous()
+    out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))  # alpha = rank: scale 1
+
+
+def comfy_state_dict(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """`lora_transformer_<module path, "." -> "_">` keys (OneTrainer's naming, read by ComfyUI)."""
+    out: dict[str, torch.Tensor] = {}
+    for module, (down, up) in pairs.items():
+        _kohya_entry(out, "lora_transformer_" + module.replace(".", "_"), down, up)
+    return out
+
+
+def kohya_state_dict(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                     groups: dict[str, list[tuple[str, int]]]) -> dict[str, torch.Tensor]:
+    """kohya sd-scripts' keys: one LoRA per original module of `groups` (`Family.kohya_groups`).
+    A fused module gets down = [A_1; ...; A_k] and up = blockdiag(B_1, ..., B_k), a member with
+    no LoRA a zero block, so (up @ down) restricted to member j's outputs is B_j @ A_j."""
+    out: dict[str, torch.Tensor] = {}
+    covered = set()
+    for name, members in groups.items():
+        present = [pairs[path] for path, _ in members if path in pairs]
+        if not present:
+            continue
+        ranks = {down.shape[0] for down, _ in present}
+        if len(ranks) != 1:
+            raise InputError(f"LoRA ranks {sorted(ranks)} differ within the fused kohya module {name}")
+        rank, in_features = ranks.pop(), present[0][0].shape[1:]
+        downs, ups = [], []
+        for path, out_features in members:
+            down, up = pairs.get(path, (torch.zeros(rank, *in_features), torch.zeros(out_features, rank)))
+            downs.append(down)
+            ups.append(up)
+            covered.add(path)
+        _kohya_entry(out, name, torch.cat(downs), torch.block_diag(*ups))  # (k*r, in), (sum out, k*r)
+    unnamed = sorted(set(pairs) - covered)
+    if unnamed:
+        raise InputError(f"no kohya name for the LoRA on {', '.join(unnamed)}; use the diffusers file")
+    return out
+
+
+def save_comfy_formats(path: str | Path, family) -> list[Path]:
+    """Write the adapter in `path` also as `comfy_lora.safetensors` and, where the family has a
+    kohya form (FLUX), `kohya_lora.safetensors`, next to it. Returns the files written."""
+    pairs = _lora_pairs(path)
+    out_dir = adapter_file(path).parent
+    files = [(COMFY_FILE, comfy_state_dict(pairs))]
+    groups = family.kohya_groups()
+    if groups is not None:
+        files.append((KOHYA_FILE, kohya_state_dict(pairs, groups)))
+    written = []
+    for name, tensors in files:
+        tmp = out_dir / f".{name}.tmp"
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out_dir / name)
+        written.append(out_dir / name)
+    return written
 
 
 def adapter_hash(path: str | Path) -> str:

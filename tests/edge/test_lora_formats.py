@@ -1,6 +1,6 @@
 """The adapter in every form a user loads it (equivalence tests): diffusers' loaders (the file,
-the folder, a pipeline) and peft, each against the model as trained in-process (peft LoRA at its
-trained alpha, alpha != rank)."""
+the folder, a pipeline), peft, and the ComfyUI and kohya files through diffusers' own converter,
+each against the model as trained in-process (peft LoRA at its trained alpha, alpha != rank)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from diffusers import FluxPipeline
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from test_train import make_bundle
 
-from blockskip.edge.lora import ADAPTER_FILE, load_adapter, lora_config_dict, read_adapter
+from blockskip.edge.lora import (ADAPTER_FILE, COMFY_FILE, KOHYA_FILE, load_adapter, lora_config_dict,
+                                 read_adapter, save_adapter, save_comfy_formats)
 from blockskip.edge.train import TrainConfig, train
 from blockskip.host.plan import LoraSettings
 from blockskip.models import Flux
@@ -62,7 +63,7 @@ def train_adapter(root, n, m, scope):
     peft state (its checkpoint) in a full model at the trained alpha."""
     _, plan, bundle = make_bundle(root, "flux", n, m, samples=4, lora=LoraSettings(RANK, ALPHA, scope))
     out = root / "adapter"
-    train(bundle, out, TrainConfig(steps=3, grad_accum=1, lr=5e-2, checkpoint_every=0))
+    train(bundle, out, TrainConfig(steps=3, grad_accum=1, lr=5e-2, checkpoint_every=0, output_format="comfy"))
     targets = plan["lora"]["target_modules"]
     reference = Flux.tiny(seed=0).model
     inject_adapter_in_model(LoraConfig(**lora_config_dict(RANK, ALPHA, targets)), reference)
@@ -90,6 +91,85 @@ def test_equivalence_every_loading_form_gives_the_trained_model(request, setup, 
     transformer = Flux.tiny(seed=0).model
     FORMS[form](transformer, trained["dir"])
     torch.testing.assert_close(output(transformer), trained["want"], atol=ATOL, rtol=0)
+
+
+def test_equivalence_kohya_file_through_diffusers_converter(double_all):
+    """kohya names, fused img/txt qkv (rank 3r) split back by diffusers' converter."""
+    kohya = load_file_keys(double_all["dir"] / KOHYA_FILE)
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in kohya
+    assert "lora_unet_double_blocks_1_txt_mlp_2.lora_up.weight" in kohya
+    transformer = Flux.tiny(seed=0).model
+    pipeline(transformer).load_lora_weights(str(double_all["dir"]), weight_name=KOHYA_FILE)
+    torch.testing.assert_close(output(transformer), double_all["want"], atol=ATOL, rtol=0)
+
+
+def test_equivalence_comfy_file_through_diffusers_converter(single_attention):
+    """The `lora_transformer_` file (diffusers maps only its attention keys, which is all it has here)."""
+    assert any(k.startswith("lora_transformer_single_transformer_blocks_") for k in
+               load_file_keys(single_attention["dir"] / COMFY_FILE))
+    transformer = Flux.tiny(seed=0).model
+    pipeline(transformer).load_lora_weights(str(single_attention["dir"]), weight_name=COMFY_FILE)
+    torch.testing.assert_close(output(transformer), single_attention["want"], atol=ATOL, rtol=0)
+
+
+def load_file_keys(path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return set(handle.keys())
+
+
+def peft_adapter(family, targets, out_dir, seed=0):
+    """A non-zero peft LoRA (rank != alpha) on `targets`, injected in `family.model` (the in-process
+    reference) and written as the trainer writes it, comfy and kohya files included."""
+    from peft import get_peft_model_state_dict
+
+    config = lora_config_dict(RANK, ALPHA, targets)
+    family.model.add_adapter(LoraConfig(**config), adapter_name="trained")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in family.model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    save_adapter(get_peft_model_state_dict(family.model, adapter_name="trained"), config, out_dir)
+    save_comfy_formats(out_dir, family)
+
+
+def test_equivalence_kohya_modulation_and_partial_qkv(tmp_path):
+    """Every double-block module kohya names, modulation included; a qkv with LoRA on q and v only
+    (k gets a zero block)."""
+    family = Flux.tiny(seed=0)
+    base = output(family.model)
+    block = "transformer_blocks.1."
+    targets = [block + name for name in ["attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
+                                         "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj",
+                                         "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear",
+                                         "norm1_context.linear"]]
+    peft_adapter(family, targets, tmp_path)
+    want = output(family.model)
+    assert (want - base).abs().max() > EFFECT
+    assert "lora_unet_double_blocks_1_img_mod_lin.alpha" in load_file_keys(tmp_path / KOHYA_FILE)
+    transformer = Flux.tiny(seed=0).model
+    pipeline(transformer).load_lora_weights(str(tmp_path), weight_name=KOHYA_FILE)
+    torch.testing.assert_close(output(transformer), want, atol=ATOL, rtol=0)
+
+
+def test_equivalence_kohya_single_block_at_flux1_width(tmp_path):
+    """diffusers' converter splits `linear1` at FLUX.1's widths (3 x 3072 + 12288), so the single
+    block is checked on a one-block FLUX of that width (~180 M parameters): q, k, v into linear1
+    (the MLP input gets a zero block), proj_out as linear2, the modulation."""
+    family = Flux.tiny(seed=0, num_layers=0, num_single_layers=1, attention_head_dim=128, num_attention_heads=24,
+                       axes_dims_rope=(16, 56, 56))
+    base = output(family.model)
+    targets = [f"single_transformer_blocks.0.{name}" for name in
+               ["attn.to_q", "attn.to_k", "attn.to_v", "proj_out", "norm.linear"]]
+    peft_adapter(family, targets, tmp_path)
+    want = output(family.model)
+    assert (want - base).abs().max() > EFFECT
+    family.model.unload_lora()  # back to the base weights; the loader under test starts from them
+    torch.testing.assert_close(output(family.model), base, atol=0, rtol=0)
+    pipeline(family.model).load_lora_weights(str(tmp_path), weight_name=KOHYA_FILE)
+    torch.testing.assert_close(output(family.model), want, atol=ATOL, rtol=0)
 
 
 def test_adapter_config_records_the_trained_alpha(double_all):
