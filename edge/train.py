@@ -148,17 +148,6 @@ def _inject_lora(family, plan, lora: dict, seed: int):
     return config, params
 
 
-def comfy_state_dict(state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """kohya/ComfyUI keys: lora_transformer_<module_path_with_underscores>.lora_down/up.weight + alpha."""
-    out = {}
-    for key, value in state_dict.items():
-        module, kind = key.rsplit(".lora_", 1)
-        base = "lora_transformer_" + module.replace(".", "_")
-        out[f"{base}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value.contiguous()
-        out[f"{base}.alpha"] = torch.tensor(float(alpha))
-    return out
-
-
 def _bundle_lock(bundle_dir: Path, job: str):
     """`<bundle>.inuse` while training: `blockskip deploy` refuses to overwrite a bundle in use."""
     lock = bundle_dir.with_name(bundle_dir.name + ".inuse")
@@ -276,10 +265,9 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
     if not stopped:
         adapter = save_adapter(state_dict, lora_config, out_dir, extra)
         if config.output_format == "comfy":
-            from safetensors.torch import save_file
+            from blockskip.edge.lora import save_comfy_formats
 
-            save_file(comfy_state_dict(state_dict, lora_config["lora_alpha"]),
-                      str(out_dir / "comfy_lora.safetensors"))
+            save_comfy_formats(out_dir, family)
         (out_dir / "losses.json").write_text(json.dumps(losses))
         save_checkpoint()
     else:
@@ -312,7 +300,8 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="cpu trains in fp32; cuda in bf16 autocast (fp16 where bf16 is missing)")
     parser.add_argument("--format", dest="output_format", default="diffusers", choices=["diffusers", "comfy"],
-                        help="also write kohya/ComfyUI keys (comfy_lora.safetensors) with 'comfy'")
+                        help="'comfy' also writes ComfyUI/OneTrainer keys (comfy_lora.safetensors) and, "
+                             "for FLUX, kohya sd-scripts keys (kohya_lora.safetensors)")
     add_trust_arguments(parser)
     parser.add_argument("--track-memory", action="store_true",
                         help="count the bytes of every live tensor per op and report the exact peak "

@@ -99,6 +99,12 @@ class Family(abc.ABC):
     def lora_targets(self, index: int) -> list[str]:
         """Full-model names of the Linear modules in block `index` that carry LoRA."""
 
+    def kohya_groups(self) -> dict[str, list[tuple[str, int]]] | None:
+        """kohya sd-scripts' LoRA names of this family: {kohya name: [(diffusers module path,
+        out features), ...]}, several modules where the original checkpoint fuses them into one
+        Linear (outputs concatenated in that order). None: the family has no kohya form."""
+        return None
+
     @abc.abstractmethod
     def head_module_names(self) -> list[str]:
         """Top-level parameters/modules used by `head` (the edge keeps their weights)."""

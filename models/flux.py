@@ -20,6 +20,20 @@ DOUBLE_MLP = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.
 SINGLE_ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v"]
 SINGLE_MLP = ["proj_mlp", "proj_out"]
 
+# kohya sd-scripts' FLUX LoRA (networks/lora_flux.py) names a module `lora_unet_<path>` after the
+# original FLUX checkpoint (black-forest-labs/flux), "." -> "_". There q, k, v are one Linear
+# (`img_attn.qkv`), and a single block's q, k, v and MLP input are one Linear (`linear1`), their
+# outputs concatenated in the order listed. diffusers' `_convert_kohya_flux_lora_to_diffusers`
+# reads these names back.
+KOHYA_DOUBLE = {
+    "img_attn_qkv": ["attn.to_q", "attn.to_k", "attn.to_v"], "img_attn_proj": ["attn.to_out.0"],
+    "img_mlp_0": ["ff.net.0.proj"], "img_mlp_2": ["ff.net.2"], "img_mod_lin": ["norm1.linear"],
+    "txt_attn_qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"], "txt_attn_proj": ["attn.to_add_out"],
+    "txt_mlp_0": ["ff_context.net.0.proj"], "txt_mlp_2": ["ff_context.net.2"], "txt_mod_lin": ["norm1_context.linear"],
+}
+KOHYA_SINGLE = {"linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"], "linear2": ["proj_out"],
+                "modulation_lin": ["norm.linear"]}
+
 
 class _ImageToTextMask:
     """Wraps a FLUX attention processor; image queries get no text keys.
@@ -98,6 +112,19 @@ class Flux(Family):
             local = SINGLE_ATTENTION + (SINGLE_MLP if scope == "all" else [])
         prefix = self.block_names()[index]
         return [f"{prefix}.{name}" for name in local]
+
+    def kohya_groups(self) -> dict[str, list[tuple[str, int]]]:
+        cfg = self.model.config
+        groups = {}
+        for kind, count, table in (("double", cfg.num_layers, KOHYA_DOUBLE),
+                                   ("single", cfg.num_single_layers, KOHYA_SINGLE)):
+            for i in range(count):
+                block = self.block_names()[i if kind == "double" else cfg.num_layers + i]
+                for name, parts in table.items():
+                    paths = [f"{block}.{part}" for part in parts]
+                    groups[f"lora_unet_{kind}_blocks_{i}_{name}"] = [
+                        (path, self.model.get_submodule(path).out_features) for path in paths]
+        return groups
 
     def head_module_names(self) -> list[str]:
         return ["norm_out", "proj_out"]

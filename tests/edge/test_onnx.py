@@ -130,13 +130,12 @@ def test_export_refuses_non_finite_adapter(setup, tmp_path):
     from blockskip.edge.lora import read_adapter
     from safetensors.torch import save_file
 
-    tensors, _ = read_adapter(setup["b"])
+    tensors, config = read_adapter(setup["b"])
     key = next(k for k in tensors if "lora_B" in k)
     tensors[key] = tensors[key].clone()
     tensors[key][0, 0] = float("inf")
     bad = tmp_path / "bad"
     bad.mkdir()
-    config = json.loads((setup["root"] / "adapter_b" / "adapter_config.json").read_text())
     metadata = {"format": "pt", "lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in config.items()})}
     save_file(tensors, str(bad / "pytorch_lora_weights.safetensors"), metadata=metadata)
     with pytest.raises(InputError, match="not finite"):

@@ -26,7 +26,7 @@ PROMPTS = ["a photo of sks leaf"]
 UNSIGNED_OK = TrustPolicy(allow_unsigned=True)  # these tests are not about signatures (tests/edge/test_trust.py is)
 
 
-def make_bundle(tmp, name, n, m, samples=8, images=2):
+def make_bundle(tmp, name, n, m, samples=8, images=2, lora=None):
     model = tiny_model(name)
     folder = tmp / "images"
     folder.mkdir(parents=True, exist_ok=True)
@@ -39,7 +39,7 @@ def make_bundle(tmp, name, n, m, samples=8, images=2):
                "d_pre": [0.0 if i <= n else 9.0 for i in range(size + 1)],
                "d_suf": [0.0 if i <= m else 9.0 for i in range(size + 1)]}
     schedule = PatchSchedule(s_min=16, s_max=32, granularity=model.granularity)
-    plan = make_plan(profile, model, n + m, schedule, LoraSettings(rank=4, alpha=8), samples)
+    plan = make_plan(profile, model, n + m, schedule, lora or LoraSettings(rank=4, alpha=8), samples)
     stage = build_cache(model, plan, sorted(folder.iterdir()), PROMPTS, tmp / "stage", shard_size=4, progress=False)
     bundle = build_bundle(stage, tmp / "bundle", json.loads((stage / "bundle.json").read_text()))
     return model, plan, bundle
@@ -79,7 +79,7 @@ def test_adapter_loads_into_full_model_and_matches_reduced_training(tmp_path, na
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     reduced, rplan = build_reduced(bundle, manifest)
-    _inject_lora(reduced, rplan, manifest["lora"], 0)
+    _inject_lora(reduced, rplan, {**manifest["lora"], "alpha": config["lora_alpha"]}, 0)  # the file's scale
     set_peft_model_state_dict(reduced.model, {k.removeprefix("transformer."): v for k, v in tensors.items()},
                               adapter_name="default")
     reader = FeatureReader(bundle, reduced.prompt_cond_keys)
@@ -118,9 +118,10 @@ def test_loss_goes_down_on_one_subject(tmp_path):
         from blockskip.edge.train import _inject_lora
 
         family, plan = build_reduced(bundle, manifest)
-        _inject_lora(family, plan, manifest["lora"], 0)
+        tensors, config = read_adapter(adapter_dir) if adapter_dir else ({}, {})
+        alpha = config.get("lora_alpha", manifest["lora"]["alpha"])  # the file's scale
+        _inject_lora(family, plan, {**manifest["lora"], "alpha": alpha}, 0)
         if adapter_dir:
-            tensors, _ = read_adapter(adapter_dir)
             set_peft_model_state_dict(family.model, {k.removeprefix("transformer."): v for k, v in tensors.items()},
                                       adapter_name="default")
         reader = FeatureReader(bundle, family.prompt_cond_keys)
