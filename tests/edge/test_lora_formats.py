@@ -15,6 +15,7 @@ from test_train import make_bundle
 from blockskip.edge.lora import (ADAPTER_FILE, COMFY_FILE, KOHYA_FILE, load_adapter, lora_config_dict,
                                  read_adapter, save_adapter, save_comfy_formats)
 from blockskip.edge.train import TrainConfig, train
+from blockskip.host.bundle import TrustPolicy
 from blockskip.host.plan import LoraSettings
 from blockskip.models import Flux
 
@@ -63,7 +64,8 @@ def train_adapter(root, n, m, scope):
     peft state (its checkpoint) in a full model at the trained alpha."""
     _, plan, bundle = make_bundle(root, "flux", n, m, samples=4, lora=LoraSettings(RANK, ALPHA, scope))
     out = root / "adapter"
-    train(bundle, out, TrainConfig(steps=3, grad_accum=1, lr=5e-2, checkpoint_every=0, output_format="comfy"))
+    train(bundle, out, TrainConfig(steps=3, grad_accum=1, lr=5e-2, checkpoint_every=0, output_format="comfy"),
+          trust=TrustPolicy(allow_unsigned=True))
     targets = plan["lora"]["target_modules"]
     reference = Flux.tiny(seed=0).model
     inject_adapter_in_model(LoraConfig(**lora_config_dict(RANK, ALPHA, targets)), reference)
