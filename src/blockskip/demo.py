@@ -169,7 +169,7 @@ kept {report['plan']['kept']}. Bundle verified: {report['bundle_verified']}. Gen
 def run(args: argparse.Namespace) -> int:
     from blockskip.edge.generate import GenerateConfig, generate
     from blockskip.edge.train import TrainConfig, train
-    from blockskip.host.bundle import build_bundle, generate_keypair, verify_bundle
+    from blockskip.host.bundle import TrustPolicy, build_bundle, generate_keypair, verify_bundle
     from blockskip.host.cache import build_cache, list_images
     from blockskip.host.encoders import EfficientNetLite0
     from blockskip.host.patches import PatchSchedule
@@ -225,13 +225,14 @@ def run(args: argparse.Namespace) -> int:
     bundle = build_bundle(stage, out / "bundle", json.loads((stage / "bundle.json").read_text()),
                           signing_key=out / "host.key")
     verify_bundle(bundle, public_key=out / "host.pub", require_signature=True)
+    trust = TrustPolicy((out / "host.pub",))  # the board trusts the host's key, as deploy/ sets it up
     seconds["bundle"] = time.perf_counter() - t
 
     t = _step("train: LoRA on the kept blocks only (edge)", 6)
     events = []
     result = train(bundle, out / "adapter", TrainConfig(steps=args.steps, grad_accum=2, lr=1e-3,
                                                         checkpoint_every=50, seed=args.seed, track_memory=True),
-                   on_event=events.append)
+                   on_event=events.append, trust=trust)
     losses = json.loads((out / "adapter" / "losses.json").read_text())
     start_event = next(e for e in events if e["type"] == "start")
     peak = max(e["peak_mem_bytes"] for e in events if e["type"] == "progress")
@@ -241,8 +242,8 @@ def run(args: argparse.Namespace) -> int:
     t = _step(f"generate before/after through {args.backend}", 7)
     common = dict(model=str(model_dir), prompts=BANK, bundle=str(bundle), seed=args.seed, steps=12, count=2,
                   height=args.size, width=args.size, backend=args.backend, cache_dir=str(out / "engines"))
-    before = generate(GenerateConfig(out_dir=str(out / "before"), **common))
-    after = generate(GenerateConfig(out_dir=str(out / "after"), adapter=str(out / "adapter"), **common))
+    before = generate(GenerateConfig(out_dir=str(out / "before"), **common), trust=trust)
+    after = generate(GenerateConfig(out_dir=str(out / "after"), adapter=str(out / "adapter"), **common), trust=trust)
     backend = json.loads((out / "after" / "generate.json").read_text())["backends"][0].get("backend", args.backend)
     seconds["generate"] = time.perf_counter() - t
 
