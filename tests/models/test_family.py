@@ -28,9 +28,11 @@ def test_lora_targets_are_real_linear_modules(family):
 def test_from_pretrained_reads_local_directory(tmp_path, family):
     family.model.save_pretrained(tmp_path / "transformer")
     loaded = type(family).from_pretrained(str(tmp_path))
+    saved = family.model.state_dict()
+    assert all(torch.equal(value, saved[key]) for key, value in loaded.model.state_dict().items())
     inputs = family.example_inputs()
-    with torch.no_grad():
-        assert torch.equal(loaded.forward(**inputs), family.forward(**inputs))
+    with torch.no_grad():  # same weights; the CPU kernels may differ in the last bits (memory-mapped tensors)
+        torch.testing.assert_close(loaded.forward(**inputs), family.forward(**inputs), rtol=1e-5, atol=1e-6)
     assert loaded.config_hash() == family.config_hash()
 
 
