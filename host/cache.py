@@ -1,5 +1,6 @@
 """`blockskip cache`: run the frozen full model once per training draw and store what the kept
-blocks need (DESIGN.md, method step 3), as a staging folder that `blockskip bundle` seals.
+blocks need (the repository's DESIGN.md, "The method", step 3), as a staging folder that
+`blockskip bundle` seals.
 
 A draw is (subject image, crop by the patch schedule at the draw's timestep, timestep from the
 model's flow-matching training distribution, noise, prompt). Every draw is seeded from

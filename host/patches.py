@@ -1,4 +1,5 @@
-"""Timestep-aware dynamic patch sampling (DESIGN.md, method step 1; DiT-BlockSkip).
+"""Timestep-aware dynamic patch sampling (DiT-BlockSkip; the repository's DESIGN.md, "The method",
+step 1).
 
 For a training draw with timestep t in [0, T] the crop side is
 

@@ -3,7 +3,8 @@
 For a budget of k blocks the plan skips the first n and the last m blocks with n + m = k,
 choosing the split that minimizes `Dpre[n] + Dsuf[m]`. The plan JSON also carries the patch
 schedule, the LoRA config, the sample count and estimates of edge training memory and of the
-feature cache on disk.
+feature cache on disk. Crop sizes and the text length not given on the command line come from
+the model (its recorded image size and text encoder; see --help), and the command prints which.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from blockskip.errors import ConfigError, InputError
 from blockskip.models.skip import SkipPlan
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# The paper's largest crop side (its LoRA baseline's resolution): FLUX 512 -> s_min 256, SANA 1024 -> 512.
+PAPER_S_MAX = {"flux": 512, "sana": 1024}
+# Text tokens of the families' own text encoders as `DiffusersTextEncoder` runs them (FLUX's T5: 512,
+# SANA's Gemma: 300).
+PIPELINE_TEXT_LEN = {"flux": 512, "sana": 300}
 
 
 @dataclass(frozen=True)
@@ -119,8 +125,13 @@ def register(subparsers) -> None:
                              "The last span's cached residual goes stale as LoRA trains; on shallow models a "
                              "cap keeps fidelity (benchmarks/results/quality.md)")
     parser.add_argument("--out", required=True, help="plan JSON to write")
-    parser.add_argument("--s-min", type=int, default=256, help="training resolution (FLUX paper: 256)")
-    parser.add_argument("--s-max", type=int, default=512, help="largest crop side (FLUX paper: 512)")
+    parser.add_argument("--s-max", type=int,
+                        help="largest crop side (default: from the model: the image_size its blockskip.json "
+                             "records, e.g. 32 for the built-in crop model; else for a latent-space FLUX / SANA "
+                             "the paper's 512 / 1024; else the profile's generation size)")
+    parser.add_argument("--s-min", type=int,
+                        help="training resolution (default: half of --s-max, the paper's ratio: FLUX 512 -> 256, "
+                             "SANA 1024 -> 512)")
     parser.add_argument("--schedule", default="low-to-high",
                         help="patch schedule: low-to-high (paper), high-to-low, random, resize")
     parser.add_argument("--samples", type=int, default=2000, help="training draws to cache (default: %(default)s)")
@@ -128,8 +139,14 @@ def register(subparsers) -> None:
     parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default: %(default)s)")
     parser.add_argument("--lora-scope", default="attention", choices=["attention", "all"],
                         help="LoRA on attention projections only, or on the MLPs too")
-    parser.add_argument("--text-len", type=int, default=512, help="text tokens, for the estimates")
-    parser.add_argument("--precision", default="bf16", choices=sorted(BYTES), help="for the memory estimate")
+    parser.add_argument("--text-len", type=int,
+                        help="text tokens, for the estimates (default: the max_length of the model's text "
+                             "encoder, e.g. 16 for the built-in crop model; a diffusers text_encoder/ folder or none: "
+                             "FLUX 512, SANA 300)")
+    parser.add_argument("--precision", default="fp32", choices=sorted(BYTES),
+                        help="weight and activation bytes for the memory estimate (default: fp32, the dtype of "
+                             "the kept weights that `blockskip cache` writes and `blockskip train` holds; bf16 "
+                             "is the paper's FLUX setting)")
     parser.set_defaults(func=run)
 
 
@@ -166,6 +183,41 @@ def plan_document(model, plan: SkipPlan, schedule, lora: LoraSettings, samples: 
     }
 
 
+def default_s_max(model, profile: dict) -> tuple[int, str]:
+    """(--s-max, where it comes from) when the user gives none."""
+    from blockskip.host.profile import PIXEL_SIZE, recorded_size
+
+    size = recorded_size(model)
+    if size:
+        return size, "the image_size in the model's blockskip.json"
+    if model.codec.kind != "pixel" and model.family.name in PAPER_S_MAX:
+        return PAPER_S_MAX[model.family.name], f"the paper's {model.family.name.upper()} s_max"
+    size = profile.get("size") or profile.get("key", {}).get("size")
+    if size:
+        return int(size), "the profile's generation size"
+    return PIXEL_SIZE, "a pixel-space model with no recorded size"
+
+
+def default_s_min(s_max: int, granularity: int) -> int:
+    """Half of s_max on the model's granularity grid (the paper: 512 -> 256, 1024 -> 512)."""
+    return max(granularity, (s_max // 2) // granularity * granularity)
+
+
+def default_text_len(model) -> tuple[int, str]:
+    """(--text-len, where it comes from) when the user gives none."""
+    encoder = model.text_encoder.config() if model.text_encoder else model.meta.get("text_encoder")
+    if encoder and encoder.get("kind") in ("hash", "words"):
+        return int(encoder["max_length"]), "the max_length of the model's text encoder"
+    length = PIPELINE_TEXT_LEN[model.family.name]
+    if model.path and (Path(model.path) / "text_encoder").is_dir():
+        return length, f"{model.family.name.upper()}'s text encoder as blockskip runs it"
+    return length, f"no text encoder in the model folder: {model.family.name.upper()}'s pipeline length"
+
+
+def _size(count: float) -> str:
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
 def run(args: argparse.Namespace) -> int:
     from blockskip.host.patches import PatchSchedule
     from blockskip.host.profile import resolve_model
@@ -176,15 +228,27 @@ def run(args: argparse.Namespace) -> int:
     profile = json.loads(profile_path.read_text())
     model = resolve_model(args.model, text_encoder=False)
     k = skip_budget(model.family.num_blocks, args.skip_ratio, args.skip_blocks)
-    schedule = PatchSchedule(s_min=args.s_min, s_max=args.s_max, granularity=model.granularity,
-                             schedule=args.schedule)
+    taken = []
+    s_max, s_min, text_len = args.s_max, args.s_min, args.text_len
+    if s_max is None:
+        s_max, source = default_s_max(model, profile)
+        taken.append(f"--s-max {s_max} ({source})")
+    if s_min is None:
+        s_min = default_s_min(s_max, model.granularity)
+        taken.append(f"--s-min {s_min} (half of --s-max)")
+    if text_len is None:
+        text_len, source = default_text_len(model)
+        taken.append(f"--text-len {text_len} ({source})")
+    if taken:
+        print("defaults from the model: " + ", ".join(taken))
+    schedule = PatchSchedule(s_min=s_min, s_max=s_max, granularity=model.granularity, schedule=args.schedule)
     plan = make_plan(profile, model, k, schedule, LoraSettings(args.rank, args.alpha, args.lora_scope),
-                     args.samples, args.text_len, args.precision, max_last=args.max_last)
+                     args.samples, text_len, args.precision, max_last=args.max_last)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(plan, indent=2))
     est = plan["estimates"]
     print(f"skip first {plan['plan']['n']} and last {plan['plan']['m']} of {model.family.num_blocks} blocks; "
-          f"est. edge training memory {est['train_memory_bytes'] / 2**30:.2f} GiB, cache "
-          f"{est['cache_bytes_per_draw'] * args.samples / 2**20:.1f} MiB for {args.samples} draws -> {out}")
+          f"est. edge training memory {_size(est['train_memory_bytes'])} ({est['precision']}, {est['assumes']}), "
+          f"cache {_size(est['cache_bytes_per_draw'] * args.samples)} for {args.samples} draws -> {out}")
     return 0

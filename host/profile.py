@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPTS = ["a photo of a leaf on soil", "a close-up photo of a plant in a field",
                    "a green leaf against the sky"]
+PIXEL_SIZE = 32  # pixel-space models with no recorded size (tiny-flux, tiny-sana): the demo's size
+LATENT_PROFILE_SIZE = 256  # latent-space models with no recorded size (FLUX, SANA folders)
+TEXT_ENCODER_PLACES = ("a text_encoder/ folder (diffusers pipeline layout, with tokenizer/; FLUX also "
+                       "text_encoder_2/ and tokenizer_2/), or a 'text_encoder' entry in blockskip.json "
+                       "(the project's own hash and word encoders)")
 
 
 def masking_profile(model, encoder, prompts: list[str], seeds: list[int], steps: int, size: int,
@@ -62,12 +67,18 @@ def register(subparsers) -> None:
         "profile", help="measure the cross-attention masking sensitivity profile of a base model",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True,
-                        help="local diffusers model folder (transformer/ ...), or 'tiny-flux' / 'tiny-sana'")
+                        help="local model folder: a diffusers pipeline folder (transformer/, vae/, text_encoder/ "
+                             "...) or a bare transformer folder (config.json at its root), or 'tiny-flux' / "
+                             "'tiny-sana'")
     parser.add_argument("--out", required=True, help="profile JSON to write")
     parser.add_argument("--prompts", help="text file, one prompt per line (default: a few crop prompts)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=8, help="sampling steps per generation (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=256, help="generation size in pixels (default: %(default)s)")
+    parser.add_argument("--size", type=int,
+                        help="generation size in pixels (default: from the model: the image_size its "
+                             "blockskip.json records, e.g. 32 for the built-in crop model; else "
+                             f"{LATENT_PROFILE_SIZE} for a latent-space model (with vae/) and {PIXEL_SIZE} for a "
+                             "pixel-space one such as tiny-flux)")
     parser.add_argument("--encoder", default="efficientnet-lite0",
                         help="image encoder: 'efficientnet-lite0' (default, ships with the host extra) or a "
                              "local DINO/CLIP folder in transformers' layout")
@@ -81,6 +92,23 @@ def resolve_model(spec: str, text_encoder: bool = True):
     if spec.startswith("tiny-"):
         return tiny_model(spec.removeprefix("tiny-"))
     return load_model(spec, text_encoder=text_encoder)
+
+
+def recorded_size(model) -> int | None:
+    """The image side the model was trained at, when its folder records it (blockskip.json
+    `image_size`; the built-in crop model: 32)."""
+    size = model.meta.get("image_size")
+    return int(size) if size else None
+
+
+def default_profile_size(model) -> tuple[int, str]:
+    """(--size, where it comes from) when the user gives none."""
+    size = recorded_size(model)
+    if size:
+        return size, "the image_size in the model's blockskip.json"
+    if model.codec.kind == "pixel":
+        return PIXEL_SIZE, "a pixel-space model with no recorded image_size"
+    return LATENT_PROFILE_SIZE, "a latent-space model with no recorded image_size"
 
 
 def read_prompts(path: str | None) -> list[str]:
@@ -99,12 +127,20 @@ def run(args: argparse.Namespace) -> int:
     from blockskip.host.encoders import load_encoder
 
     model = resolve_model(args.model)
-    if args.size % model.granularity:
-        raise InputError(f"--size {args.size} must be a multiple of the model's granularity {model.granularity}")
+    if model.text_encoder is None:
+        raise InputError(f"profile generates images from prompts, so it needs the model's text encoder, and "
+                         f"{args.model!r} has none: it looks for {TEXT_ENCODER_PLACES}. Point --model at the "
+                         "full pipeline folder")
+    size = args.size
+    if size is None:
+        size, source = default_profile_size(model)
+        print(f"generation size {size} px ({source}; --size sets another)")
+    if size % model.granularity:
+        raise InputError(f"--size {size} must be a multiple of the model's granularity {model.granularity}")
     prompts = read_prompts(args.prompts)
     encoder = load_encoder(args.encoder)
     started = time.perf_counter()
-    result = masking_profile(model, encoder, prompts, list(range(args.seeds)), args.steps, args.size)
+    result = masking_profile(model, encoder, prompts, list(range(args.seeds)), args.steps, size)
     profile = {
         "kind": "blockskip-profile",
         "model": model.describe(),
@@ -112,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         "prompts": prompts,
         "seeds": args.seeds,
         "steps": args.steps,
-        "size": args.size,
+        "size": size,
         **result,
         "seconds": round(time.perf_counter() - started, 2),
     }

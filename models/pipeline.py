@@ -6,7 +6,12 @@ Folder layout (diffusers' own, plus one optional file of ours):
     vae/                    AutoencoderKL / AutoencoderDC (absent: pixel space)
     scheduler/              scheduler_config.json (absent: the family's default)
     text_encoder*/, tokenizer*/   the pipeline's text encoders (absent: prompt bank or hash encoder)
-    blockskip.json          {"family": ..., "text_encoder": {"kind": "hash", ...}} (optional)
+    blockskip.json          {"family": ..., "text_encoder": {"kind": "hash", ...}, "image_size": ...}
+                            (optional)
+
+A bare transformer folder (config.json + weights at its root, what
+`FluxTransformer2DModel.from_pretrained(folder)` reads) is accepted too; the other parts are then
+looked up beside config.json in the same folder.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class Model:
     text_encoder: HashTextEncoder | DiffusersTextEncoder | None = None
     scheduler_config: dict = field(default_factory=dict)
     path: str | None = None
+    meta: dict = field(default_factory=dict)  # the folder's blockskip.json ({} when it has none)
 
     @property
     def granularity(self) -> int:
@@ -96,28 +102,39 @@ def save_model(model: Model, path: str | Path) -> Path:
     return root
 
 
+LAYOUTS = ("a diffusers pipeline folder with transformer/config.json (and optional vae/, scheduler/, "
+           "text_encoder/), or a bare transformer folder with config.json at its root")
+
+
 def load_model(path: str | Path, torch_dtype: torch.dtype = torch.float32, text_encoder: bool = True,
                weights: bool = True) -> Model:
     """A model folder as a Model. With `weights=False` the transformer is built on the meta
     device from its config alone (backends that run an exported graph need only its shapes)."""
     root = Path(path)
+    if not root.is_dir():
+        raise InputError(f"model folder {str(root)!r} does not exist; expected {LAYOUTS}")
     config_path = root / "transformer" / "config.json"
     if not config_path.is_file():
-        raise InputError(f"{str(root)!r} is not a model folder: {config_path} is missing "
-                         "(expected a diffusers layout with a transformer/ subfolder)")
+        config_path = root / "config.json"
+    if not config_path.is_file():
+        raise InputError(f"{str(root)!r} is not a model folder: neither transformer/config.json nor config.json "
+                         f"is in it; expected {LAYOUTS}")
     meta = json.loads((root / "blockskip.json").read_text()) if (root / "blockskip.json").is_file() else {}
-    class_name = json.loads(config_path.read_text()).get("_class_name")
+    config = json.loads(config_path.read_text())
+    class_name = config.get("_class_name")
     name = meta.get("family") or CLASS_TO_FAMILY.get(class_name)
     if name is None:
-        raise InputError(f"{config_path}: transformer class {class_name!r} is not a supported family "
-                         f"({', '.join(sorted(CLASS_TO_FAMILY))})")
+        raise InputError(f"{config_path}: class {class_name!r} is not a supported transformer "
+                         f"({', '.join(sorted(CLASS_TO_FAMILY))}); expected {LAYOUTS}")
     cls = family_class(name)
+    vae_config = root / "vae" / "config.json"
+    _check_in_channels(cls, config, config_path, root)
     if weights:
         family = cls.from_pretrained(str(root), torch_dtype=torch_dtype)
     else:
         with torch.device("meta"):
-            family = cls(cls.model_cls.from_config(json.loads(config_path.read_text())).eval())
-    codec = VaeCodec.from_pretrained(str(root / "vae")) if (root / "vae" / "config.json").is_file() else PixelCodec()
+            family = cls(cls.model_cls.from_config(config).eval())
+    codec = VaeCodec.from_pretrained(str(root / "vae")) if vae_config.is_file() else PixelCodec()
     encoder = None
     if text_encoder:
         text_meta = meta.get("text_encoder")
@@ -134,7 +151,31 @@ def load_model(path: str | Path, torch_dtype: torch.dtype = torch.float32, text_
         scheduler = {k: v for k, v in json.loads(scheduler_file.read_text()).items() if not k.startswith("_")}
     else:
         scheduler = meta.get("scheduler") or dict(DEFAULT_SCHEDULERS[name])
-    return Model(family, codec, encoder, scheduler, str(root))
+    return Model(family, codec, encoder, scheduler, str(root), meta)
+
+
+def _check_in_channels(cls: type[Family], config: dict, config_path: Path, root: Path) -> None:
+    """The transformer's `in_channels` must be what the codec feeds it: the image's channels
+    (3 in pixel space, the VAE's latent channels otherwise) times the family's token packing
+    (FLUX packs 2 x 2 latent pixels per token)."""
+    side = getattr(cls, "latent_packing", 1)
+    packing = side * side
+    in_channels = config.get("in_channels")
+    vae_config = root / "vae" / "config.json"
+    if vae_config.is_file():
+        channels = json.loads(vae_config.read_text()).get("latent_channels")
+        if channels is not None and in_channels != channels * packing:
+            raise InputError(f"{config_path}: the transformer takes in_channels={in_channels}, but the VAE in "
+                             f"{vae_config.parent} has {channels} latent channels, which give {channels * packing}; "
+                             "use the VAE that belongs to this transformer")
+        return
+    expected = PixelCodec.channels * packing
+    if in_channels != expected:
+        packed = f" ({PixelCodec.channels} RGB channels x {side} x {side} packing)" if side > 1 else " (RGB)"
+        raise InputError(f"{config_path}: the transformer takes in_channels={in_channels}, but a model without a "
+                         f"vae/ folder runs in pixel space, which needs in_channels={expected}{packed}. For a latent-space "
+                         f"model add its VAE as {root / 'vae'}/ (diffusers layout: config.json + weights), or point "
+                         "--model at the pipeline folder that holds both transformer/ and vae/")
 
 
 # ---- flow matching ------------------------------------------------------------------------

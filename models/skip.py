@@ -1,4 +1,4 @@
-"""Skip plans and the cached-feature forward (DESIGN.md, method step 3).
+"""Skip plans and the cached-feature forward (the repository's DESIGN.md, "The method", step 3).
 
 A plan names the skipped blocks as half-open spans. From the first kept block on, the forward
 alternates: run a run of kept blocks, then add the cached residual `f_{i+l} - f_i` of the

@@ -107,3 +107,90 @@ def test_plan_cli_rejects_infeasible_ratio(tmp_path):
     assert good.returncode == 0, good.stderr
     assert json.loads((tmp_path / "p.json").read_text())["plan"]["n"] + 3 == 6 - len(
         json.loads((tmp_path / "p.json").read_text())["plan"]["kept"]) + 3
+
+
+def _plan_cli(*args):
+    return subprocess.run(["blockskip", "plan", *map(str, args)], capture_output=True, text=True)
+
+
+def test_plan_on_the_built_in_model_takes_its_sizes_and_text_length(tmp_path):
+    """A newcomer's first plan: the built-in 32 px model, the committed profile, no size flags.
+    The FLUX paper's 256/512 px and 512 text tokens would estimate over 20 GiB for 2.8 M params."""
+    from blockskip.models.crops import MODEL_DIR
+
+    out = tmp_path / "plan.json"
+    result = _plan_cli("--profile", MODEL_DIR.parent / "crop-profile.json", "--model", MODEL_DIR,
+                       "--skip-ratio", "0.5", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "--s-max 32 (the image_size in the model's blockskip.json)" in result.stdout
+    assert "--s-min 16 (half of --s-max)" in result.stdout
+    assert "--text-len 16 (the max_length of the model's text encoder)" in result.stdout
+    plan = json.loads(out.read_text())
+    assert (plan["patch_schedule"]["s_min"], plan["patch_schedule"]["s_max"]) == (16, 32)
+    # measured: `blockskip train --track-memory` on this plan peaks at 8.8 MiB of tensors
+    assert plan["estimates"]["train_memory_bytes"] < 32 * 2**20
+    assert "MiB (fp32, batch 1 at 16x16, 16 text tokens)" in result.stdout
+
+
+def test_plan_flags_override_the_model_defaults(tmp_path):
+    from blockskip.models.crops import MODEL_DIR
+
+    out = tmp_path / "plan.json"
+    result = _plan_cli("--profile", MODEL_DIR.parent / "crop-profile.json", "--model", MODEL_DIR, "--skip-ratio",
+                       "0.5", "--out", out, "--s-max", "24", "--text-len", "8", "--precision", "bf16")
+    assert result.returncode == 0, result.stderr
+    assert "defaults from the model: --s-min 12 (half of --s-max)\n" in result.stdout
+    plan = json.loads(out.read_text())
+    assert (plan["patch_schedule"]["s_min"], plan["patch_schedule"]["s_max"]) == (12, 24)
+    assert plan["estimates"]["assumes"] == "batch 1 at 12x12, 8 text tokens" and plan["estimates"]["precision"] == "bf16"
+
+
+def test_plan_on_a_latent_flux_without_a_recorded_size_takes_the_papers_sizes(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from blockskip.models.pipeline import save_model
+
+    model = tiny_model("flux")
+    model.family = Flux.tiny(in_channels=16)  # 4 latent channels x 2 x 2 packing
+    save_model(model, tmp_path / "m")
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                  norm_num_groups=4).save_pretrained(tmp_path / "m" / "vae")
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"model": {"config_hash": model.family.config_hash()}, "size": 64,
+                                   "d_pre": [0.0] * 7, "d_suf": [0.0] * 7}))
+    result = _plan_cli("--profile", profile, "--model", tmp_path / "m", "--skip-ratio", "0.5",
+                       "--out", tmp_path / "plan.json")
+    assert result.returncode == 0, result.stderr
+    assert "--s-max 512 (the paper's FLUX s_max), --s-min 256 (half of --s-max)" in result.stdout
+    assert "--text-len 16 (the max_length of the model's text encoder)" in result.stdout
+
+
+@pytest.mark.timeout(150)
+def test_profile_on_the_built_in_model_generates_at_its_size(tmp_path):
+    """At the old fixed 256 px the 32 px model ran 64x the tokens and took many minutes."""
+    from blockskip.models.crops import MODEL_DIR
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a leaf\n")
+    out = tmp_path / "profile.json"
+    result = subprocess.run(["blockskip", "profile", "--model", str(MODEL_DIR), "--out", str(out), "--prompts",
+                             str(prompts), "--seeds", "1", "--steps", "1"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "generation size 32 px (the image_size in the model's blockskip.json" in result.stdout
+    assert json.loads(out.read_text())["size"] == 32
+
+
+def test_profile_without_a_text_encoder_says_it_needs_one(tmp_path):
+    from blockskip.models.pipeline import save_model
+
+    model = tiny_model("flux")
+    model.text_encoder = None
+    save_model(model, tmp_path / "m")
+    result = subprocess.run(["blockskip", "profile", "--model", str(tmp_path / "m"), "--out",
+                             str(tmp_path / "p.json")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "profile generates images from prompts, so it needs the model's text encoder" in result.stderr
+    assert "text_encoder/" in result.stderr and "blockskip.json" in result.stderr
+    assert "prompt bank" not in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "p.json").exists()

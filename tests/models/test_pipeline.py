@@ -1,5 +1,8 @@
 """Model folders: a real diffusers VAE in the folder, a local vision encoder for the profile."""
 
+import json
+import subprocess
+
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -49,5 +52,46 @@ def test_profile_encoder_from_a_local_transformers_folder(tmp_path):
 
 
 def test_not_a_model_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(InputError, match="transformer/config.json"):
+    with pytest.raises(InputError, match="transformer/config.json") as info:
         load_model(tmp_path)
+    assert "a bare transformer folder with config.json at its root" in str(info.value)
+
+
+def test_bare_transformer_folder_is_a_model_folder(tmp_path):
+    """What `FluxTransformer2DModel.from_pretrained(folder)` reads: config.json at the root."""
+    model = tiny_model("flux")
+    model.family.model.save_pretrained(tmp_path / "bare")
+    loaded = load_model(tmp_path / "bare", text_encoder=False)
+    assert loaded.family.config_hash() == model.family.config_hash()
+    for name, tensor in model.family.model.state_dict().items():
+        assert torch.equal(loaded.family.model.state_dict()[name], tensor), name
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"model": {"config_hash": model.family.config_hash()}, "size": 32,
+                                   "d_pre": [0.0] * 7, "d_suf": [0.0] * 7}))
+    result = subprocess.run(["blockskip", "plan", "--profile", str(profile), "--model", str(tmp_path / "bare"),
+                             "--skip-ratio", "0.5", "--out", str(tmp_path / "plan.json")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "plan.json").read_text())["model"]["config_hash"] == model.family.config_hash()
+
+
+def test_pixel_space_model_with_latent_in_channels_is_a_clear_error(tmp_path):
+    """A latent-space transformer (in_channels 16 = 4 latent channels x 2 x 2) without its vae/."""
+    model = tiny_model("flux")
+    model.family = Flux.tiny(in_channels=16)
+    save_model(model, tmp_path / "m")
+    result = subprocess.run(["blockskip", "profile", "--model", str(tmp_path / "m"), "--out",
+                             str(tmp_path / "p.json"), "--size", "16"], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "in_channels=16" in result.stderr and "pixel space, which needs in_channels=12" in result.stderr
+    assert f"add its VAE as {tmp_path / 'm' / 'vae'}/" in result.stderr
+
+
+def test_vae_of_another_model_is_a_clear_error(tmp_path):
+    model = tiny_model("flux")  # pixel space: in_channels 12
+    save_model(model, tmp_path / "m")
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                  up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
+                  norm_num_groups=4).save_pretrained(tmp_path / "m" / "vae")
+    with pytest.raises(InputError, match="in_channels=12, but the VAE in .* has 4 latent channels, which give 16"):
+        load_model(tmp_path / "m")
