@@ -65,11 +65,14 @@ class Shapes:
 
 # ---- identities ----------------------------------------------------------------------------
 def model_hash(model_dir: str | Path) -> str:
-    """sha256 (16 hex) over the transformer's config and weight files, memoized per file by
-    (size, mtime) in `transformer/.blockskip-hash.json` when the folder is writable."""
+    """sha256 (16 hex) over the transformer's config and weight files (`transformer/`, or the
+    folder itself when it is a bare transformer folder with config.json at its root), memoized
+    per file by (size, mtime) in `.blockskip-hash.json` there when the folder is writable."""
     root = Path(model_dir) / "transformer"
     if not root.is_dir():
-        raise InputError(f"{str(model_dir)!r} has no transformer/ folder")
+        root = Path(model_dir)
+        if not (root / "config.json").is_file():
+            raise InputError(f"{str(model_dir)!r} has neither a transformer/ folder nor a config.json at its root")
     files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
     stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     memo = root / ".blockskip-hash.json"

@@ -107,7 +107,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "cache", help="precompute the kept blocks' features with the frozen full model (host)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="local diffusers model folder (or tiny-flux / tiny-sana)")
+    parser.add_argument("--model", required=True,
+                        help="local model folder with its text encoder (diffusers pipeline layout), or tiny-flux / "
+                             "tiny-sana")
     parser.add_argument("--plan", required=True, help="plan JSON from `blockskip plan`")
     parser.add_argument("--images", required=True, help="folder of subject photos")
     parser.add_argument("--prompt", action="append", required=True,
@@ -199,13 +201,14 @@ def build_cache(model, plan_doc: dict, image_paths: list[Path], prompts: list[st
 
 
 def run(args: argparse.Namespace) -> int:
-    from blockskip.host.profile import read_prompts, resolve_model
+    from blockskip.host.profile import read_prompts, require_text_encoder, resolve_model
 
     plan_path = Path(args.plan)
     if not plan_path.is_file():
         raise InputError(f"plan {args.plan!r} does not exist (run `blockskip plan` first)")
     plan_doc = json.loads(plan_path.read_text())
     model = resolve_model(args.model)
+    require_text_encoder(model, args.model, "cache encodes the training and prompt-bank prompts")
     bank = list(args.bank_prompt) + (read_prompts(args.bank_file) if args.bank_file else [])
     out = build_cache(model, plan_doc, list_images(args.images), args.prompt, Path(args.out), bank,
                       args.seed, args.samples, args.shard_size, args.feature_dtype)

@@ -123,14 +123,18 @@ def read_prompts(path: str | None) -> list[str]:
     return prompts
 
 
+def require_text_encoder(model, spec: str, why: str) -> None:
+    """Host commands encode prompts themselves (the prompt bank is what they make for the board)."""
+    if model.text_encoder is None:
+        raise InputError(f"{why}, so it needs the model's text encoder, and {spec!r} has none: it looks for "
+                         f"{TEXT_ENCODER_PLACES}. Point --model at the full pipeline folder")
+
+
 def run(args: argparse.Namespace) -> int:
     from blockskip.host.encoders import load_encoder
 
     model = resolve_model(args.model)
-    if model.text_encoder is None:
-        raise InputError(f"profile generates images from prompts, so it needs the model's text encoder, and "
-                         f"{args.model!r} has none: it looks for {TEXT_ENCODER_PLACES}. Point --model at the "
-                         "full pipeline folder")
+    require_text_encoder(model, args.model, "profile generates images from prompts")
     size = args.size
     if size is None:
         size, source = default_profile_size(model)

@@ -4,6 +4,7 @@ adapter applied by refitting the export's weights (equivalence tests)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +141,18 @@ def test_export_refuses_non_finite_adapter(setup, tmp_path):
     save_file(tensors, str(bad / "pytorch_lora_weights.safetensors"), metadata=metadata)
     with pytest.raises(InputError, match="not finite"):
         export_onnx(load_model(setup["dir"], text_encoder=False), str(bad), tmp_path / "x", setup["shapes"])
+
+
+def test_a_bare_transformer_folder_exports_to_onnx(tmp_path, capsys):
+    """`load_model` takes a folder with config.json at its root; export (and so generate) takes it too."""
+    from blockskip.cli import main
+
+    tiny_model("flux").family.model.save_pretrained(tmp_path / "bare")
+    code = main(["export", "--model", str(tmp_path / "bare"), "--height", "16", "--width", "16", "--text-len", "16",
+                 "--cache-dir", str(tmp_path / "cache")])
+    assert code == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    onnx_path = json.loads(out[out.index("{\n"):])["onnx"]  # the report (exporter notes may come before it)
+    assert read_sidecar(Path(onnx_path))["model_hash"] == model_hash(tmp_path / "bare")
+    (tmp_path / "bare" / "x.bin").write_bytes(b"changed")  # another file: another model identity
+    assert model_hash(tmp_path / "bare") != read_sidecar(Path(onnx_path))["model_hash"]

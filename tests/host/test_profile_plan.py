@@ -194,3 +194,19 @@ def test_profile_without_a_text_encoder_says_it_needs_one(tmp_path):
     assert "text_encoder/" in result.stderr and "blockskip.json" in result.stderr
     assert "prompt bank" not in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "p.json").exists()
+
+
+def test_cache_without_a_text_encoder_says_it_needs_one(tmp_path, capsys):
+    from blockskip.cli import main
+    from blockskip.models.pipeline import save_model
+
+    model = tiny_model("flux")
+    model.text_encoder = None
+    save_model(model, tmp_path / "m")
+    (tmp_path / "plan.json").write_text("{}")
+    (tmp_path / "images").mkdir()
+    code = main(["cache", "--model", str(tmp_path / "m"), "--plan", str(tmp_path / "plan.json"), "--images",
+                 str(tmp_path / "images"), "--prompt", "a photo of sks leaf", "--out", str(tmp_path / "stage")])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs the model's text encoder" in err and "prompt bank" not in err
+    assert not (tmp_path / "stage").exists()
