@@ -33,7 +33,7 @@ SUBJECT = {"shape": "heart", "colour": "red", "pattern": "stripes"}  # held out 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "demo", help="run the end-to-end demo on the built-in tiny model (CPU, offline)",
+        "demo", help="run the end-to-end demo on the built-in crop-leaf model (CPU, offline)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="blockskip-demo", help="report folder (default: %(default)s)")
     parser.add_argument("--images", help="folder of subject photos (default: generate a procedural leaf set)")
