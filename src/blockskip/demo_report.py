@@ -212,7 +212,8 @@ of {loss['steps']} steps (single steps vary a lot with the random timestep of ea
 <img src='{_embed(loss_png)}' alt='training loss per step'>
 <h2>Memory</h2><table class="grid nums">{memory}</table>
 <p class=note>The edge trainer holds only the kept blocks' weights; the peaks are measured during training.</p>
-<h2>Seconds per stage</h2><table class="grid nums"><tr><th>stage</th><th>seconds</th></tr>{stages}<tr><td><b>total</b></td><td><b>{total:.1f}</b></td></tr></table>
+<h2>Seconds per stage</h2><table class="grid nums"><tr><th>stage</th><th>seconds</th></tr>{stages}
+<tr><td><b>total</b></td><td><b>{total:.1f}</b></td></tr></table>
 <p class=note>This folder also holds report.json (every number above), profile.json, plan.json, the
 signed bundle, the adapter, and the images as PNG files.</p>
 </body></html>"""
