@@ -21,11 +21,13 @@ and shapes (seconds, no tracing). That is the same by-name refit TensorRT does o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +132,31 @@ def example_inputs(model, shapes: Shapes, dtype: torch.dtype = torch.float32) ->
 
 
 # ---- export ----------------------------------------------------------------------------------
+class _NoTorchvisionNotice(logging.Filter):
+    """Drops the exporter's "torchvision is not installed. Skipping torchvision::nms" (one per
+    torchvision op, at its first export): the transformers exported here use no torchvision op."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("torchvision is not installed. Skipping")
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence two known-harmless notices of torch's dynamo exporter, and nothing else: the
+    torchvision notice above and torch's own FutureWarning about its internal pytree LeafSpec.
+    (`verbose=False` turns off its "[torch.onnx] ..." step lines.) Errors still raise."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    notice = _NoTorchvisionNotice()
+    registration.addFilter(notice)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        registration.removeFilter(notice)
+
+
 def export_onnx(model, adapter: str | Path | None, out_dir: str | Path, shapes: Shapes,
                 precision: str = "fp32", model_id: str | None = None, check: bool = True) -> Path:
     """Export `model`'s transformer (a `blockskip.models.pipeline.Model`, loaded in full) with
@@ -149,9 +176,9 @@ def export_onnx(model, adapter: str | Path | None, out_dir: str | Path, shapes: 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     logger.info("exporting %s transformer (%s) to ONNX at %s", model.family.name, shapes.key(), out)
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_exporter():
         torch.onnx.export(transformer, (), str(tmp / ONNX_FILE), kwargs={**inputs, "return_dict": False},
-                          input_names=list(inputs), output_names=["output"], dynamo=True,
+                          input_names=list(inputs), output_names=["output"], dynamo=True, verbose=False,
                           optimize=False, external_data=True, opset_version=OPSET)
     meta = {"model_hash": model_id, "adapter": str(adapter) if adapter else None,
             "adapter_hash": adapter_hash(adapter) if adapter else None, "family": model.family.name,

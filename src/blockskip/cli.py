@@ -3,6 +3,12 @@
 Each command lives in its own module, which exposes `register(subparsers)`; that function adds
 one or more subparsers and sets `func` to a callable taking the parsed args and returning an exit
 code. Commands whose module is not part of this build are listed as unavailable, never faked.
+
+Start-up stays fast: the command modules import torch, diffusers and peft (seconds), so the
+top-level parser is built from the static table COMMANDS below and only the module of the command
+on the command line is imported. `blockskip --help`, `--version` and a mistyped command import
+none of them; `blockskip COMMAND --help` imports that command's module and shows its full help.
+tests/test_cli.py checks that the table says what the modules' own `register` says.
 """
 
 from __future__ import annotations
@@ -11,24 +17,31 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Iterable
 
 from blockskip import __version__
 from blockskip.errors import BlockskipError
 
-# (module, commands it registers): the order is the order of `blockskip --help`.
-COMMAND_MODULES = [
-    ("blockskip.demo", ["demo"]),
-    ("blockskip.host.profile", ["profile"]),
-    ("blockskip.host.plan", ["plan"]),
-    ("blockskip.host.cache", ["cache"]),
-    ("blockskip.host.bundle", ["bundle", "verify", "keygen"]),
-    ("blockskip.host.deploy", ["deploy"]),
-    ("blockskip.edge.train", ["train"]),
-    ("blockskip.edge.export", ["export"]),
-    ("blockskip.edge.generate", ["generate"]),
-    ("blockskip.edge.agent", ["agent"]),
-    ("blockskip.edge.capture", ["capture"]),
+# (command, module that registers it, its one-line help): the order is the order of `--help`.
+COMMANDS = [
+    ("demo", "blockskip.demo", "run the end-to-end demo on the built-in crop-leaf model (CPU, offline)"),
+    ("profile", "blockskip.host.profile", "measure the cross-attention masking sensitivity profile of a base model"),
+    ("plan", "blockskip.host.plan", "turn a sensitivity profile and a skip budget into a skip plan"),
+    ("cache", "blockskip.host.cache", "precompute the kept blocks' features with the frozen full model (host)"),
+    ("bundle", "blockskip.host.bundle", "pack a staging folder into a checksummed (optionally signed) bundle"),
+    ("verify", "blockskip.host.bundle", "check a bundle's checksums (and signature) before using it"),
+    ("keygen", "blockskip.host.bundle", "create an ed25519 key pair for signing bundles"),
+    ("deploy", "blockskip.host.deploy",
+     "copy a bundle (and the agent config) to a board over SSH and verify it there"),
+    ("train", "blockskip.edge.train", "train LoRA on the kept blocks from a bundle (edge)"),
+    ("export", "blockskip.edge.export",
+     "export the transformer (adapter merged) to ONNX; build/refit a TensorRT engine"),
+    ("generate", "blockskip.edge.generate", "generate images offline (TensorRT / ONNX Runtime / torch)"),
+    ("agent", "blockskip.edge.agent", "run the edge MQTT agent (commands, progress, captures, results)"),
+    ("capture", "blockskip.edge.capture",
+     "camera side: publish a folder of images to a device's agent and wait for acks"),
 ]
+MODULE_OF = {name: module for name, module, _ in COMMANDS}
 
 
 def _not_available(name: str, reason: str):
@@ -39,30 +52,55 @@ def _not_available(name: str, reason: str):
     return run
 
 
-def build_parser() -> argparse.ArgumentParser:
+def chosen_command(argv: list[str]) -> str | None:
+    """The command named on the command line: the first word that is not an option (the top-level
+    options take no value), or None."""
+    for word in argv:
+        if word == "--":
+            return None
+        if not word.startswith("-"):
+            return word if word in MODULE_OF else None
+    return None
+
+
+def build_parser(load: Iterable[str] = ()) -> argparse.ArgumentParser:
+    """The parser; the commands named in `load` come from their modules' `register`, every other
+    command is a placeholder with its help line from COMMANDS (enough for `--help`)."""
     parser = argparse.ArgumentParser(
         prog="blockskip",
         description="DiT-BlockSkip: prepare on a host, personalize and generate on an edge board.",
+        epilog="`blockskip COMMAND --help` documents each command.",
     )
     parser.add_argument("--version", action="version", version=f"blockskip {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name, names in COMMAND_MODULES:
+    modules = {MODULE_OF[name] for name in load}
+    registered = set()
+    for name, module_name, help_line in COMMANDS:
+        if module_name not in modules:
+            subparsers.add_parser(name, help=help_line)
+            continue
+        if module_name in registered:
+            continue  # one module registers all of its commands at once (bundle, verify, keygen)
+        registered.add(module_name)
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
             if err.name != module_name:
                 raise
-            for name in names:
-                sub = subparsers.add_parser(name, help="(not available in this build)")
-                sub.set_defaults(func=_not_available(name, f"module {module_name} is missing"))
+            for other, other_module, other_help in COMMANDS:
+                if other_module == module_name:
+                    sub = subparsers.add_parser(other, help=f"(not available in this build) {other_help}")
+                    sub.set_defaults(func=_not_available(other, f"module {module_name} is missing"))
             continue
         module.register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = chosen_command(argv)
+    parser = build_parser(load=[command] if command else [])
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

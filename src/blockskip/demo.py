@@ -7,8 +7,13 @@ folder), profile (cross-attention masking sensitivity; committed for the built-i
 models/weights/crop-profile.json, and used while the weights and settings match), plan (50% skip),
 cache (frozen full model, one pass per draw), bundle (signed) and verify, train LoRA on the kept
 blocks only (the edge path), then generate before/after images through ONNX Runtime. Writes a
-report folder: report.html (one page embedding everything), samples_before.png /
-samples_after.png, loss.png, memory table, and report.json.
+report folder: report.html (one page embedding everything: attribute scores against chance and
+the base model, every sample with its prompt and seed, the loss curve, memory, seconds per
+stage), report.json, loss.png and the images as PNG files.
+
+The arguments are checked before any work. The report folder must be new or empty; a folder
+left by an interrupted or failed demo run (it holds demo-run.json but no report.html) is cleared
+and reused, a finished report is never overwritten.
 
 `--model tiny-flux` / `tiny-sana` run the same steps on random tiny models instead (their
 images are noise; they show the mechanics only).
@@ -17,29 +22,36 @@ images are noise; they show the mechanics only).
 from __future__ import annotations
 
 import argparse
-import base64
 import json
+import shutil
 import time
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from blockskip.errors import InputError
+from blockskip.errors import ConfigError, InputError
 
 PROMPT = "a photo of sks leaf"
 BANK = ["a photo of sks leaf", "a photo of sks leaf on soil", "a photo of sks leaf on sky"]
 SUBJECT = {"shape": "heart", "colour": "red", "pattern": "stripes"}  # held out of pretraining
+SAMPLE_STEPS, SAMPLE_COUNT = 12, 2  # Euler steps per image; seeds per prompt
+MARKER = "demo-run.json"  # written first: marks a folder as the demo's own, finished or not
+# What a demo run writes into its folder: an unfinished run's folder holding only these is cleared.
+DEMO_ENTRIES = {MARKER, "model", "subject", "profile.json", "plan.json", "staging", "host.key", "host.pub",
+                "bundle", "bundle.inuse", "adapter", "before", "after", "engines", "report.json", "loss.png",
+                "report.html.tmp"}
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "demo", help="run the end-to-end demo on the built-in tiny model (CPU, offline)",
+        "demo", help="run the end-to-end demo on the built-in crop-leaf model (CPU, offline)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="blockskip-demo", help="report folder (default: %(default)s)")
     parser.add_argument("--images", help="folder of subject photos (default: generate a procedural leaf set)")
     parser.add_argument("--model", default="builtin", choices=["builtin", "tiny-flux", "tiny-sana"],
                         help="builtin: the pretrained crop-leaf model; tiny-*: random tiny models")
-    parser.add_argument("--skip-ratio", type=float, default=0.5, help="fraction of blocks to skip (default: 0.5)")
+    parser.add_argument("--skip-ratio", type=float, default=0.5,
+                        help="fraction of blocks to skip, in [0, 1) (default: %(default)s)")
     parser.add_argument("--max-last", type=int,
                         help="skip at most this many blocks at the end (see `blockskip plan --help`; "
                              "default: the profile's argmin)")
@@ -100,73 +112,129 @@ def subject_photos(folder: Path, size: int, seed: int = 0, count: int = 5) -> li
     return paths
 
 
-def subject_scores(classifier, paths: list[str]) -> dict[str, float]:
-    """How often the attribute classifier sees the subject's shape, colour and pattern."""
+def seen_attributes(classifier, paths: list) -> list[dict[str, str]]:
+    """What the attribute classifier sees in each image (its 32 px input size), for SUBJECT's attributes."""
+    import torch
+
     from blockskip.models.crops import ATTRIBUTES, to_tensor
 
-    images = [Image.open(p).convert("RGB") for p in paths]
-    predicted = classifier.predict(to_tensor(images))
-    return {attr: float((predicted[attr] == ATTRIBUTES[attr].index(SUBJECT[attr])).float().mean())
-            for attr in SUBJECT}
+    images = to_tensor([Image.open(p).convert("RGB") for p in paths])
+    if images.shape[-1] != 32 or images.shape[-2] != 32:
+        images = torch.nn.functional.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
+    predicted = classifier.predict(images)
+    return [{attr: ATTRIBUTES[attr][int(predicted[attr][i])] for attr in SUBJECT} for i in range(len(paths))]
 
 
+def subject_scores(classifier, paths: list) -> dict[str, float]:
+    """How often the attribute classifier sees the subject's shape, colour and pattern."""
+    seen = seen_attributes(classifier, paths)
+    return {attr: sum(s[attr] == SUBJECT[attr] for s in seen) / len(seen) for attr in SUBJECT}
+
+
+# ---- checks before any work ------------------------------------------------------------------
+def check_args(args: argparse.Namespace) -> None:
+    """Values that need no model; raises ConfigError naming the option."""
+    for option, value, low in (("--steps", args.steps, 1), ("--samples", args.samples, 1), ("--size", args.size, 1),
+                               ("--train-size", args.train_size, 1), ("--max-last", args.max_last, 0)):
+        if value is not None and value < low:
+            raise ConfigError(f"{option} must be >= {low}, got {value}")
+    if args.train_size is not None and args.train_size > args.size:
+        raise ConfigError(f"--train-size ({args.train_size}) must be <= --size ({args.size})")
+    if not 0 <= args.skip_ratio < 1:
+        raise ConfigError(f"--skip-ratio must be in [0, 1) (at least one block is kept), got {args.skip_ratio}")
+
+
+def check_sizes(args: argparse.Namespace, model) -> None:
+    """Sizes against the model's pixel granularity (pixels per token side)."""
+    g = model.granularity
+    for option, value in (("--size", args.size), ("--train-size", args.train_size)):
+        if value is not None and value % g:
+            raise ConfigError(f"{option} must be a multiple of {g} (pixels per token of this model), got {value}")
+
+
+def unfinished_run(out: Path) -> list[Path]:
+    """What to clear before the run: nothing for a new or empty folder, the entries of an earlier
+    demo run that did not finish; raises InputError for a finished report or somebody else's files."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; pass a folder")
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return []
+    if (out / "report.html").exists():
+        raise InputError(f"{out} holds a finished demo report; pass another --out or remove it")
+    foreign = [p.name for p in entries if p.name not in DEMO_ENTRIES]
+    if not (out / MARKER).is_file() or foreign:
+        raise InputError(f"{out} is not empty ({', '.join(foreign[:3]) or 'files of another program'}); "
+                         "pass another --out or remove it")
+    return entries
+
+
+# ---- progress --------------------------------------------------------------------------------
 def _step(name: str, number: int, total: int = 7) -> float:
     print(f"[{number}/{total}] {name}", flush=True)
     return time.perf_counter()
 
 
-def _grid(paths: list[str], out: Path, scale: int = 4) -> Path:
-    images = [Image.open(p).convert("RGB") for p in paths]
-    w, h = images[0].size
-    sheet = Image.new("RGB", (w * scale * len(images), h * scale), "white")
-    for i, image in enumerate(images):
-        sheet.paste(image.resize((w * scale, h * scale), Image.Resampling.NEAREST), (i * w * scale, 0))
-    sheet.save(out)
-    return out
+def _say(text: str) -> None:
+    print(f"      {text}", flush=True)
 
 
-def _loss_plot(losses: list[float], out: Path, width: int = 480, height: int = 200) -> Path:
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    lo, hi = min(losses), max(losses)
-    span = (hi - lo) or 1.0
-    points = [(20 + i * (width - 40) / max(1, len(losses) - 1), height - 20 - (v - lo) / span * (height - 40))
-              for i, v in enumerate(losses)]
-    draw.line([(20, 20), (20, height - 20), (width - 20, height - 20)], fill="black")
-    draw.line(points, fill=(30, 90, 200), width=2)
-    draw.text((24, 4), f"training loss: {losses[0]:.3f} -> {losses[-1]:.3f} ({len(losses)} steps)", fill="black")
-    image.save(out)
-    return out
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def _html(out: Path, report: dict, images: dict[str, Path]) -> Path:
-    def embed(path: Path) -> str:
-        return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+class TrainProgress:
+    """Plain progress lines, on a terminal and in a log alike: every tenth of the run, at least
+    every `every_s` seconds, and at the end; the loss is the mean of the last tenth of the steps."""
 
-    rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in report["memory_table"].items())
-    steps = "".join(f"<tr><td>{k}</td><td>{v:.1f}</td></tr>" for k, v in report["seconds"].items())
-    if report["subject_attributes_after"]:
-        note = "Subject attributes recognised by the attribute classifier, before -> after: " + ", ".join(
-            f"{k} {report['subject_attributes_before'][k]:.0%} -> {report['subject_attributes_after'][k]:.0%}"
-            for k in SUBJECT)
-    else:
-        note = "A random tiny model: its images show no leaf; this run shows the pipeline's mechanics."
-    figures = "".join(f"<h2>{title}</h2><img src='{embed(path)}' style='image-rendering:pixelated'>"
-                      for title, path in images.items())
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>blockskip demo</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td{{padding:2px 12px}}</style></head>
-<body><h1>blockskip demo: DiT-BlockSkip on the {report['model']} {report['family']} model</h1>
-<p>Skip plan: first {report['plan']['n']} and last {report['plan']['m']} of {report['plan']['num_blocks']} blocks;
-kept {report['plan']['kept']}. Bundle verified: {report['bundle_verified']}. Generation backend: {report['backend']}.</p>
-<p>{note}</p>
-<h2>Memory</h2><table>{rows}</table><h2>Seconds per step</h2><table>{steps}</table>{figures}
-</body></html>"""
-    path = out / "report.html"
-    path.write_text(page)
-    return path
+    def __init__(self, every_s: float = 30.0):
+        self.every_s, self.events, self.losses, self.last = every_s, [], [], time.perf_counter()
+
+    def __call__(self, event: dict) -> None:
+        from blockskip.demo_report import smoothing_window
+
+        self.events.append(event)
+        if event["type"] != "progress":
+            return
+        step, total = event["step"], event["total"]
+        self.losses.append(event["loss"])
+        now = time.perf_counter()
+        if step % max(1, total // 10) and step != total and now - self.last < self.every_s:
+            return
+        self.last = now
+        window = self.losses[-smoothing_window(total):]
+        eta = f"ETA {_duration(event['eta_s'])}" if step < total and event.get("eta_s") is not None else "done"
+        _say(f"step {step:>{len(str(total))}}/{total}  loss {sum(window) / len(window):.4f} "
+             f"(mean of last {len(window)})  {event['steps_per_s']:.1f} steps/s  {eta}")
 
 
+def _generate_progress(label: str, images: int, steps: int, every_s: float = 10.0):
+    """Progress of one generate() call: when the backend is ready (an ONNX export takes a while),
+    then the images done, at most every `every_s` seconds."""
+    state = {"start": time.perf_counter(), "last": 0.0}
+
+    def on_event(event: dict) -> None:
+        now = time.perf_counter()
+        if event["step"] == 1:
+            _say(f"{label}: backend ready after {_duration(now - state['start'])}")
+            state["last"] = now
+        done = event["step"] // steps
+        if event["step"] % steps == 0 and (done == images or now - state["last"] >= every_s):
+            state["last"] = now
+            _say(f"{label}: {done}/{images} images" + (f", ETA {_duration(event['eta_s'])}" if done < images else ""))
+
+    return on_event
+
+
+# ---- the demo --------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
+    out = Path(args.out).resolve()
+    check_args(args)
+    leftovers = unfinished_run(out)
+    started = time.perf_counter()
+
+    from blockskip.demo_report import html_page, loss_plot, loss_summary
     from blockskip.edge.generate import GenerateConfig, generate
     from blockskip.edge.train import TrainConfig, train
     from blockskip.host.bundle import TrustPolicy, build_bundle, generate_keypair, verify_bundle
@@ -177,22 +245,32 @@ def run(args: argparse.Namespace) -> int:
     from blockskip.host.profile import masking_profile
     from blockskip.models.pipeline import load_model, save_model, tiny_model
 
-    out = Path(args.out).resolve()
-    if out.exists() and any(out.iterdir()):
-        raise InputError(f"{out} is not empty; pass another --out or remove it")
+    if args.model == "builtin":
+        from blockskip.models.crops import MODEL_DIR
+
+        model = load_model(MODEL_DIR)
+    else:
+        model = tiny_model(args.model.removeprefix("tiny-"), seed=args.seed)
+    check_sizes(args, model)
+    k = skip_budget(model.family.num_blocks, args.skip_ratio)
+    user_photos = list_images(args.images) if args.images else None
+    if leftovers:
+        print(f"clearing the unfinished demo run in {out}")
+        for path in leftovers:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2))
     seconds = {}
 
     t = _step("model and subject photos", 1)
     if args.model == "builtin":
-        from blockskip.models.crops import MODEL_DIR
-
         model_dir = MODEL_DIR
     else:
-        model_dir = save_model(tiny_model(args.model.removeprefix("tiny-"), seed=args.seed), out / "model")
-    model = load_model(model_dir)
-    subject = list_images(args.images) if args.images else subject_photos(out / "subject", args.size, args.seed)
-    seconds["model and subject"] = time.perf_counter() - t
+        model_dir = save_model(model, out / "model")
+        model = load_model(model_dir)
+    subject = user_photos or subject_photos(out / "subject", args.size, args.seed)
+    _say(f"{len(subject)} subject photos" + ("" if user_photos else f" in {out / 'subject'}"))
+    seconds["model and subject photos"] = time.perf_counter() - started
 
     t = _step("profile: cross-attention masking sensitivity", 2)
     key = profile_key(model_dir, args.size) if args.model == "builtin" else None
@@ -202,23 +280,25 @@ def run(args: argparse.Namespace) -> int:
         profile["model"] = model.describe()
         profile["key"] = key
     else:
-        print(f"      cached for the built-in model ({_profile_cache().name}: same weights, prompts, seed, steps)")
+        _say(f"cached for the built-in model ({_profile_cache().name}: same weights, prompts, seed, steps)")
     (out / "profile.json").write_text(json.dumps(profile, indent=2))
     seconds["profile"] = time.perf_counter() - t
 
     t = _step("plan", 3)
     schedule = PatchSchedule(s_min=args.train_size or args.size, s_max=args.size, granularity=model.granularity)
-    k = skip_budget(model.family.num_blocks, args.skip_ratio)
     plan = make_plan(profile, model, k, schedule, LoraSettings(rank=8, alpha=8, scope="all"), args.samples,
                      text_len=model.text_encoder.max_length, precision="fp32", max_last=args.max_last)
     (out / "plan.json").write_text(json.dumps(plan, indent=2))
-    print(f"      skip first {plan['plan']['n']} and last {plan['plan']['m']}; keep {plan['plan']['kept']}")
+    _say(f"skip first {plan['plan']['n']} and last {plan['plan']['m']}; keep {plan['plan']['kept']}")
     seconds["plan"] = time.perf_counter() - t
 
     t = _step("cache: frozen full model, one pass per draw", 4)
+    _say(f"{args.samples} training draws (crop, timestep, noise, prompt) through all "
+         f"{model.family.num_blocks} blocks")
     stage = build_cache(model, plan, subject, [PROMPT], out / "staging", bank_prompts=BANK, seed=args.seed,
                         shard_size=16)
     seconds["cache"] = time.perf_counter() - t
+    _say(f"done in {_duration(seconds['cache'])}")
 
     t = _step("bundle: checksummed and signed, then verified", 5)
     generate_keypair(out / "host.key", out / "host.pub")
@@ -229,40 +309,56 @@ def run(args: argparse.Namespace) -> int:
     seconds["bundle"] = time.perf_counter() - t
 
     t = _step("train: LoRA on the kept blocks only (edge)", 6)
-    events = []
+    progress = TrainProgress()
     result = train(bundle, out / "adapter", TrainConfig(steps=args.steps, grad_accum=2, lr=1e-3,
                                                         checkpoint_every=50, seed=args.seed, track_memory=True),
-                   on_event=events.append, trust=trust)
+                   on_event=progress, trust=trust)
     losses = json.loads((out / "adapter" / "losses.json").read_text())
-    start_event = next(e for e in events if e["type"] == "start")
-    peak = max(e["peak_mem_bytes"] for e in events if e["type"] == "progress")
-    print(f"      loss {losses[0]:.4f} -> {losses[-1]:.4f}; adapter {result['adapter']}")
+    loss = loss_summary(losses)
+    start_event = next(e for e in progress.events if e["type"] == "start")
+    peak = max(e["peak_mem_bytes"] for e in progress.events if e["type"] == "progress")
+    _say(f"loss {loss['first']:.4f} -> {loss['last']:.4f} (mean of the first and of the last {loss['window']} "
+         f"steps); adapter {result['adapter']}")
     seconds["train"] = time.perf_counter() - t
 
     t = _step(f"generate before/after through {args.backend}", 7)
-    common = dict(model=str(model_dir), prompts=BANK, bundle=str(bundle), seed=args.seed, steps=12, count=2,
-                  height=args.size, width=args.size, backend=args.backend, cache_dir=str(out / "engines"))
-    before = generate(GenerateConfig(out_dir=str(out / "before"), **common), trust=trust)
-    after = generate(GenerateConfig(out_dir=str(out / "after"), adapter=str(out / "adapter"), **common), trust=trust)
+    images = len(BANK) * SAMPLE_COUNT
+    common = dict(model=str(model_dir), prompts=BANK, bundle=str(bundle), seed=args.seed, steps=SAMPLE_STEPS,
+                  count=SAMPLE_COUNT, height=args.size, width=args.size, backend=args.backend,
+                  cache_dir=str(out / "engines"))
+    before = generate(GenerateConfig(out_dir=str(out / "before"), **common),
+                      on_event=_generate_progress("base model", images, SAMPLE_STEPS), trust=trust)
+    after = generate(GenerateConfig(out_dir=str(out / "after"), adapter=str(out / "adapter"), **common),
+                     on_event=_generate_progress("with the adapter", images, SAMPLE_STEPS), trust=trust)
     backend = json.loads((out / "after" / "generate.json").read_text())["backends"][0].get("backend", args.backend)
     seconds["generate"] = time.perf_counter() - t
 
-    full_bytes = sum(p.numel() * p.element_size() for p in model.family.model.parameters())
-    if args.model == "builtin" and not args.images:
-        from blockskip.models.crops import load_classifier
+    samples = [{"prompt": b["prompt"], "seed": b["seed"], "before": b["path"], "after": a["path"]}
+               for b, a in zip(before, after)]
+    scores = None
+    if args.model == "builtin" and not user_photos:
+        from blockskip.models.crops import ATTRIBUTES, load_classifier
 
         classifier = load_classifier()
-        before_scores = subject_scores(classifier, [r["path"] for r in before])
-        after_scores = subject_scores(classifier, [r["path"] for r in after])
-        print("      subject attributes seen by the classifier, before -> after: " + ", ".join(
-            f"{k} {before_scores[k]:.0%} -> {after_scores[k]:.0%}" for k in SUBJECT))
-    else:
-        before_scores = after_scores = None
+        for name in ("before", "after"):
+            for sample, seen in zip(samples, seen_attributes(classifier, [s[name] for s in samples])):
+                sample[f"{name}_seen"] = seen
+        photos = subject_scores(classifier, subject)
+        scores = {attr: {"subject": SUBJECT[attr], "classes": len(ATTRIBUTES[attr]),
+                         "chance": 1 / len(ATTRIBUTES[attr]), "photos": photos[attr],
+                         "before": sum(s["before_seen"][attr] == SUBJECT[attr] for s in samples) / len(samples),
+                         "after": sum(s["after_seen"][attr] == SUBJECT[attr] for s in samples) / len(samples)}
+                  for attr in SUBJECT}
+        _say("subject attributes seen by the classifier, base model -> after training (chance): " + ", ".join(
+            f"{a} {s['before']:.0%} -> {s['after']:.0%} ({s['chance']:.0%})" for a, s in scores.items()))
+    full_bytes = sum(p.numel() * p.element_size() for p in model.family.model.parameters())
     report = {
-        "family": model.family.name, "model": args.model,
-        "subject_attributes_before": before_scores, "subject_attributes_after": after_scores,
+        "family": model.family.name, "model": args.model, "steps": args.steps, "samples_cached": args.samples,
+        "attribute_scores": scores,
+        "subject_attributes_before": {a: s["before"] for a, s in scores.items()} if scores else None,
+        "subject_attributes_after": {a: s["after"] for a, s in scores.items()} if scores else None,
         "plan": plan["plan"], "bundle_verified": True, "backend": backend,
-        "losses": losses, "seconds": seconds,
+        "loss": loss, "losses": losses, "seconds": seconds, "samples": samples,
         "memory_table": {
             "full transformer weights": f"{full_bytes / 1024:.0f} KiB",
             "weights held by the edge trainer": f"{start_event['model_bytes'] / 1024:.0f} KiB "
@@ -275,10 +371,6 @@ def run(args: argparse.Namespace) -> int:
         "images_before": [r["path"] for r in before], "images_after": [r["path"] for r in after],
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    figures = {"subject photos": _grid([str(p) for p in subject], out / "subject.png", scale=1),
-               "samples before (base model)": _grid(report["images_before"], out / "samples_before.png"),
-               "samples after (with the adapter)": _grid(report["images_after"], out / "samples_after.png"),
-               "loss": _loss_plot(losses, out / "loss.png")}
-    page = _html(out, report, figures)
-    print(f"report: {page}")
+    page = html_page(out, report, [Path(p) for p in subject], loss_plot(losses, out / "loss.png"), SUBJECT)
+    print(f"report: {page}  ({_duration(time.perf_counter() - started)} in all)")
     return 0
