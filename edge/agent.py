@@ -553,12 +553,18 @@ class Agent:
         job = self.journal.running_job()
         if job is None:
             return
+        fn = None
         if job["action"] == "train" and self.config.resume_interrupted and "train" in self.jobs:
+            try:
+                fn = self.jobs["train"]()
+            except NotAvailableError as err:
+                logger.error("cannot resume interrupted job %s: %s", job["id"], err)
+        if fn is not None:
             args = {**job["args"], "resume": True}
             args.update({k: Path(v) for k, v in args.items() if k in messages.PATH_ARGS})
             logger.warning("training job %s was interrupted; resuming it from its last checkpoint", job["id"])
             with self._job_lock:
-                self._launch(self.jobs["train"](), job["id"], "train", args, reply=None)
+                self._launch(fn, job["id"], "train", args, reply=None)
             self.sender.put(self.prefix + "progress", messages.dumps(
                 {"type": "resumed", "job": job["id"], "action": "train",
                  "message": "the agent restarted during this job; training continues from its last checkpoint"}),
