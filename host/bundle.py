@@ -31,7 +31,14 @@ from blockskip.errors import BundleError, ConfigError, InputError
 logger = logging.getLogger(__name__)
 
 FORMAT = "blockskip-bundle"
+# 1: a self-contained single bundle (weights and features in one). 2: a base pack or a subject
+# bundle (`kind`), which older blockskip versions refuse by their version instead of misreading.
 FORMAT_VERSION = 1
+SPLIT_FORMAT_VERSION = 2
+FORMAT_VERSIONS = (FORMAT_VERSION, SPLIT_FORMAT_VERSION)
+KIND_BASE_PACK = "base-pack"  # the kept blocks' and head's weights of one model + plan (host/basepack.py)
+KIND_SUBJECT = "subject"  # one subject's features, naming its base pack by content hash
+KINDS = (KIND_BASE_PACK, KIND_SUBJECT)
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 RESERVED = (MANIFEST, SIGNATURE)
@@ -169,8 +176,9 @@ def load_public_key(path: Path):
 
 # ---------------------------------------------------------------- build
 
-def _staged_files(staging: Path) -> list[str]:
-    """Relative posix paths of every regular file under staging, sorted."""
+def _staged_files(staging: Path, reserved_ok: bool = False) -> list[str]:
+    """Relative posix paths of every regular file under staging, sorted. With reserved_ok, a
+    manifest at the root is listed instead of refused (the caller picks the files it takes)."""
     found = []
     for root, dirs, files in os.walk(staging):
         for name in sorted(dirs + files):
@@ -183,9 +191,14 @@ def _staged_files(staging: Path) -> list[str]:
             if name in files:
                 found.append(rel)
     for name in RESERVED:
-        if name in found:
+        if name in found and not reserved_ok:
             raise InputError(f"{staging}: {name} is reserved for the bundle itself; rename or remove it")
     return sorted(found)
+
+
+def bundle_kind(manifest: dict) -> str:
+    """The manifest's kind: base-pack, subject, or single (the self-contained form, format 1)."""
+    return manifest.get("kind", "single") if manifest.get("format_version") == SPLIT_FORMAT_VERSION else "single"
 
 
 def _check_out(path: Path, overwrite: bool, is_dir: bool) -> None:
@@ -198,9 +211,11 @@ def _check_out(path: Path, overwrite: bool, is_dir: bool) -> None:
 
 
 def build_bundle(staging: Path, out: Path, metadata: dict, signing_key: Path | None = None,
-                 tar: bool = False, overwrite: bool = False) -> Path:
+                 tar: bool = False, overwrite: bool = False, files: list[str] | None = None) -> Path:
     """Copy staging's files into a new bundle directory `out`, write manifest.json (and
     manifest.sig when signing_key is given); with tar=True also write `out.tar`. Returns out.
+    `files` (relative posix paths) takes only those files of staging; default: all of them.
+    A `kind` in the metadata (base-pack, subject: host/basepack.py) makes it a format 2 bundle.
 
     The bundle is assembled in a hidden sibling folder and renamed into place, so an
     interrupted build never leaves something that looks like a bundle.
@@ -213,12 +228,22 @@ def build_bundle(staging: Path, out: Path, metadata: dict, signing_key: Path | N
     clash = sorted(set(metadata) & set(OWN_KEYS))
     if clash:
         raise ConfigError(f"metadata may not set {', '.join(clash)}: the bundle writes those fields itself")
+    if "kind" in metadata and metadata["kind"] not in KINDS:
+        raise ConfigError(f"metadata kind {metadata['kind']!r} is not a bundle kind ({', '.join(KINDS)}); "
+                          f"leave `kind` out for a single bundle")
     tar_path = out.with_name(out.name + ".tar")
     _check_out(out, overwrite, is_dir=True)
     if tar:
         _check_out(tar_path, overwrite, is_dir=False)
     key = load_private_key(signing_key) if signing_key is not None else None
-    names = _staged_files(staging)
+    names = _staged_files(staging, reserved_ok=files is not None)
+    if files is not None:
+        missing = sorted(set(files) - set(names))
+        if missing:
+            raise InputError(f"staging folder {staging} lacks {', '.join(missing[:5])}")
+        if set(files) & set(RESERVED):
+            raise InputError(f"{', '.join(RESERVED)} are written by the bundle itself; do not pass them in files")
+        names = sorted(set(files))
     if not names:
         raise InputError(f"staging folder {staging} holds no files; run the cache step first")
 
@@ -231,7 +256,8 @@ def build_bundle(staging: Path, out: Path, metadata: dict, signing_key: Path | N
             target.parent.mkdir(parents=True, exist_ok=True)
             sha256, size = _copy_hashing(staging / rel, target)
             files[rel] = {"sha256": sha256, "size": size}
-        manifest = {**metadata, "format": FORMAT, "format_version": FORMAT_VERSION,
+        version = SPLIT_FORMAT_VERSION if "kind" in metadata else FORMAT_VERSION
+        manifest = {**metadata, "format": FORMAT, "format_version": version,
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": files}
         try:
             manifest["content_sha256"] = _content_sha256(manifest)
@@ -409,9 +435,12 @@ def _parse_manifest(manifest_bytes: bytes) -> dict:
         raise BundleError(f"{MANIFEST}: content checksum mismatch (expected {manifest.get('content_sha256')}, "
                           f"got {content_sha256}); the manifest was edited or corrupted")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in FORMAT_VERSIONS:
         raise BundleError(f"{MANIFEST}: format_version {version!r} is not supported by this blockskip "
-                          f"(supports {FORMAT_VERSION}); update blockskip or rebuild the bundle")
+                          f"(supports {', '.join(map(str, FORMAT_VERSIONS))}); update blockskip or rebuild the bundle")
+    if version == SPLIT_FORMAT_VERSION and manifest.get("kind") not in KINDS:
+        raise BundleError(f"{MANIFEST}: kind {manifest.get('kind')!r} is not known to this blockskip "
+                          f"(knows {', '.join(KINDS)}); update blockskip")
     if manifest_bytes != canonical:
         raise BundleError(f"{MANIFEST} is not byte-for-byte as written (whitespace or escaping changed); "
                           f"the manifest was edited or corrupted")
@@ -643,18 +672,35 @@ def open_bundle(path: Path, trust: TrustPolicy, cache_dir: Path | None = None,
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "bundle", help="pack a staging folder into a checksummed (optionally signed) bundle",
-        description="Copy every file of STAGING into the bundle folder --out, write manifest.json with "
-                    "the sha256 and size of each, and sign it with --sign. The metadata (model family and "
-                    "config, plan, patch schedule, LoRA config, sample count) comes from --metadata or, "
-                    "by default, STAGING/bundle.json, which the cache step writes; that file also stays "
-                    "in the bundle as a listed file. See host/BUNDLE.md.")
-    parser.add_argument("staging", type=Path, metavar="STAGING", help="folder the cache step filled")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="bundle folder to create")
-    parser.add_argument("--tar", action="store_true", help="also write DIR.tar (plain, reproducible tar)")
-    parser.add_argument("--sign", type=Path, metavar="KEY", help="ed25519 private key (PEM) from `blockskip keygen`")
+        description="Seal the staging folder that `blockskip cache` filled. Two artifacts: a base pack (the kept "
+                    "blocks' and head's weights of one model and plan: built once, installed on a board once) "
+                    "and a subject bundle (features, prompt bank, plan, patch schedule, LoRA settings: one per "
+                    "subject) that names its base pack by content hash. The first subject of a model and plan "
+                    "writes both (--base-pack-out BASE --out SUBJECT); later subjects name the existing one "
+                    "(--base-pack BASE --out SUBJECT), whose weights must be the staging's. --single writes the "
+                    "older self-contained bundle (weights inside). Each bundle folder gets manifest.json with the "
+                    "sha256 and size of each file, and manifest.sig with --sign. STAGING may also be a single "
+                    "bundle, to split it. The metadata (model family and config, plan, patch schedule, LoRA config, "
+                    "sample count) comes from --metadata or, by default, STAGING/bundle.json, which stays in the "
+                    "(subject) bundle as a listed file. Prints the size of each artifact. See host/BUNDLE.md.")
+    parser.add_argument("staging", type=Path, metavar="STAGING",
+                        help="folder the cache step filled (or a single bundle to split)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="subject bundle folder to create (with --single: the single bundle)")
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument("--base-pack-out", type=Path, metavar="BASE",
+                      help="also write the base pack BASE from the staging's weights (once per model and plan)")
+    form.add_argument("--base-pack", type=Path, metavar="BASE",
+                      help="an existing base pack (folder or .tar) the subject bundle names; its weights must be "
+                           "the staging's (same model and plan)")
+    form.add_argument("--single", action="store_true",
+                      help="one self-contained bundle with the weights inside (for boards without base packs)")
+    parser.add_argument("--tar", action="store_true", help="also write DIR.tar (and BASE.tar): plain, reproducible")
+    parser.add_argument("--sign", type=Path, metavar="KEY",
+                        help="ed25519 private key (PEM) from `blockskip keygen`; signs every artifact written")
     parser.add_argument("--metadata", type=Path, metavar="JSON_FILE",
                         help="JSON object of manifest metadata (default: STAGING/bundle.json)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR (and DIR.tar)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR (BASE, and their .tar)")
     parser.set_defaults(func=run_bundle)
 
     parser = subparsers.add_parser(
@@ -688,19 +734,53 @@ def _read_metadata(path: Path) -> dict:
     return data
 
 
+def _summary(folder: Path) -> tuple[int, int]:
+    files = json.loads((folder / MANIFEST).read_text())["files"]
+    return len(files), sum(entry["size"] for entry in files.values())
+
+
 def run_bundle(args: argparse.Namespace) -> int:
+    from blockskip.host import basepack
+
+    if not (args.base_pack_out or args.base_pack or args.single):
+        raise InputError("say where the kept weights go: --base-pack-out BASE (write the base pack: the first "
+                         "subject of this model and plan), --base-pack BASE (an existing base pack), or --single "
+                         "(one bundle with the weights inside)")
     metadata = _read_metadata(args.metadata or args.staging / "bundle.json")
-    out = build_bundle(args.staging, args.out, metadata, signing_key=args.sign, tar=args.tar,
-                       overwrite=args.overwrite)
+    common = dict(signing_key=args.sign, tar=args.tar, overwrite=args.overwrite)
+    signed = f"signed with {_fingerprint(load_private_key(args.sign).public_key())}" if args.sign else "unsigned"
+
+    def tar_note(folder: Path) -> str:
+        return f"; tar {folder.with_name(folder.name + '.tar')}" if args.tar else ""
+
+    if args.single:
+        out = build_bundle(args.staging, args.out, metadata, files=basepack._source_files(args.staging), **common)
+        count, total = _summary(out)
+        print(f"wrote single bundle {out}: {count} files, {_human(total)} (the kept weights inside), "
+              f"{signed}{tar_note(out)}")
+        return 0
+    if args.base_pack_out:
+        base = basepack.build_base_pack(args.staging, args.base_pack_out, metadata, **common)
+        count, total = _summary(base)
+        print(f"wrote base pack {base}: {count} file{'s' if count > 1 else ''}, {_human(total)}, {signed}"
+              f"{tar_note(base)}; install it once on each board (beside its subject bundles or in the agent's "
+              f"base-packs folder)")
+    else:
+        base = args.base_pack
+        count, total = _summary(base) if base.is_dir() else (1, base.stat().st_size if base.is_file() else 0)
+    out = basepack.build_subject_bundle(args.staging, args.out, metadata, base, **common)
     manifest = json.loads((out / MANIFEST).read_text())
-    total = sum(entry["size"] for entry in manifest["files"].values())
-    signed = f", signed with {_fingerprint(load_private_key(args.sign).public_key())}" if args.sign else ", unsigned"
-    tar_note = f"; tar {out.with_name(out.name + '.tar')}" if args.tar else ""
-    print(f"wrote bundle {out}: {len(manifest['files'])} files, {_human(total)}{signed}{tar_note}")
+    subject_count, subject_total = _summary(out)
+    if args.base_pack:
+        print(f"base pack {base}: {_human(total)}, {manifest['base_pack']['content_sha256'][:16]}... (not rewritten)")
+    print(f"wrote subject bundle {out}: {subject_count} files, {_human(subject_total)}, {signed}{tar_note(out)}; "
+          f"needs base pack {manifest['base_pack']['content_sha256'][:16]}... on the board")
     return 0
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    from blockskip.host import basepack
+
     manifest = verify_bundle(args.bundle, public_key=args.key, require_signature=args.require_signature)
     total = sum(entry["size"] for entry in manifest["files"].values())
     if args.key is not None:
@@ -709,7 +789,14 @@ def run_verify(args: argparse.Namespace) -> int:
         signature = "signed, signature not checked (pass --key)"
     else:
         signature = "signature not checked (pass --key)" if not args.bundle.is_dir() else "not signed"
-    print(f"OK {args.bundle}: {len(manifest['files'])} files, {total} bytes ({_human(total)}); {signature}")
+    kind = bundle_kind(manifest)
+    if kind == KIND_BASE_PACK:
+        what = f"base pack {manifest['content_sha256']} ({basepack.describe(basepack.reference(manifest))})"
+    elif kind == KIND_SUBJECT:
+        what = f"subject bundle for base pack {manifest['base_pack']['content_sha256']}"
+    else:
+        what = "single bundle (weights inside)"
+    print(f"OK {args.bundle}: {len(manifest['files'])} files, {total} bytes ({_human(total)}); {signature}; {what}")
     return 0
 
 

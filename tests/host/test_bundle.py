@@ -281,10 +281,11 @@ def test_keys_are_pem_private_0600_and_loading_errors_are_clear(keys, tmp_path):
 
 def test_cli_in_process_errors_exit_2(staging, tmp_path, capsys):
     (staging / "bundle.json").unlink()
-    assert cli_main(["bundle", str(staging), "--out", str(tmp_path / "b")]) == 2
+    assert cli_main(["bundle", str(staging), "--single", "--out", str(tmp_path / "b")]) == 2
     assert "bundle.json does not exist" in capsys.readouterr().err
     (tmp_path / "meta.json").write_text(json.dumps(METADATA))
-    assert cli_main(["bundle", str(staging), "--out", str(tmp_path / "b"), "--metadata", str(tmp_path / "meta.json")]) == 0
+    assert cli_main(["bundle", str(staging), "--single", "--out", str(tmp_path / "b"),
+                     "--metadata", str(tmp_path / "meta.json")]) == 0
     assert cli_main(["verify", str(tmp_path / "b"), "--require-signature"]) == 2
     assert "bundle is not signed but a signature is required" in capsys.readouterr().err
 
@@ -303,7 +304,7 @@ def test_cli_round_trip_subprocess(staging, tmp_path):
     code, _, stderr = finish(blockskip("keygen", "--out", tmp_path / "host"))
     assert code == 0, stderr
     assert (tmp_path / "host.key").exists() and (tmp_path / "host.pub").exists()
-    code, _, stderr = finish(blockskip("bundle", staging, "--out", tmp_path / "b", "--tar",
+    code, _, stderr = finish(blockskip("bundle", staging, "--single", "--out", tmp_path / "b", "--tar",
                                        "--sign", tmp_path / "host.key"))
     assert code == 0, stderr
     assert json.loads((tmp_path / "b/manifest.json").read_text())["samples"] == 3  # from staging/bundle.json
