@@ -98,6 +98,7 @@ class AgentConfig:
     max_capture_pixels: int = 64_000_000  # larger images are refused from their header, before decoding
     command_id_window_s: float = 86_400.0  # a repeated command id within this window gets its first reply
     resume_interrupted: bool = False  # restart a training job the agent was killed in, from its checkpoint
+    base_packs_dir: str = "base-packs"  # installed base packs, searched by hash (a relative path is in data_dir)
 
     def __post_init__(self) -> None:
         if not isinstance(self.device_id, str) or not messages.ID_PATTERN.match(self.device_id):
@@ -119,6 +120,8 @@ class AgentConfig:
             raise ConfigError("trusted_keys must be a list of public key file paths")
         if not isinstance(self.allow_unsigned_bundles, bool):
             raise ConfigError("allow_unsigned_bundles must be true or false")
+        if not isinstance(self.base_packs_dir, str) or not self.base_packs_dir:
+            raise ConfigError("base_packs_dir must be a folder path (relative to data_dir, or absolute)")
         self.trust_policy()  # a missing or malformed key file is a config error now, not at the first bundle
 
     def trust_policy(self) -> TrustPolicy:
@@ -127,6 +130,10 @@ class AgentConfig:
             return TrustPolicy(tuple(Path(k) for k in self.trusted_keys), self.allow_unsigned_bundles)
         except InputError as err:
             raise ConfigError(f"trusted_keys: {err}") from err
+
+    def base_packs(self) -> Path:
+        """The folder of installed base packs (base_packs_dir, relative to data_dir)."""
+        return Path(self.data_dir) / self.base_packs_dir
 
     @property
     def prefix(self) -> str:
@@ -194,6 +201,7 @@ class JobContext:
     publish_result: Callable[[dict[str, Any]], None]  # one generated image
     stop: threading.Event
     trust: TrustPolicy = field(default_factory=TrustPolicy)  # the board's bundle trust policy
+    base_packs: Path | None = None  # folder of installed base packs (subject bundles name theirs by hash)
 
     def should_stop(self) -> bool:
         return self.stop.is_set()
@@ -218,7 +226,7 @@ def train_job() -> JobFn:
         keys = ("steps", "grad_accum", "lr", "seed", "checkpoint_every", "resume")
         config = mod.TrainConfig(**{k: ctx.args[k] for k in keys if k in ctx.args})
         return mod.train(ctx.args["bundle"], ctx.args["out"], config, on_event=ctx.emit, should_stop=ctx.should_stop,
-                         trust=ctx.trust)
+                         trust=ctx.trust, base_pack=ctx.base_packs)
 
     return run
 
@@ -521,7 +529,8 @@ class Agent:
         self._job = {"id": job_id, "action": action, "started": started}
         self._job_stop = threading.Event()
         self._last_progress = 0.0
-        ctx = JobContext(job_id, action, args, self._emit, self._publish_result, self._job_stop, self.trust)
+        ctx = JobContext(job_id, action, args, self._emit, self._publish_result, self._job_stop, self.trust,
+                         self.config.base_packs())
         self._job_thread = threading.Thread(target=self._run_job, args=(fn, ctx), name=f"job-{job_id}", daemon=True)
         self._job_thread.start()
 

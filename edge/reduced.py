@@ -1,5 +1,6 @@
 """The edge's model: the full diffusers class built on the meta device, with only the kept
-blocks and the head materialized from the bundle's weights. Skipped blocks stay meta tensors
+blocks and the head materialized from the kept weights (a subject bundle's base pack, or a single
+bundle's own). Skipped blocks stay meta tensors
 (no memory, no weights on the board) and are never run; module names stay the full model's,
 so LoRA keys are the full model's keys.
 """
@@ -17,15 +18,17 @@ from blockskip.models import family_class
 from blockskip.models.skip import SkipPlan
 
 
-def build_reduced(bundle_dir: str | Path, manifest: dict, device: str | torch.device = "cpu"):
-    """(family adapter over the reduced model, skip plan) from a verified bundle."""
+def build_reduced(bundle_dir: str | Path, manifest: dict, device: str | torch.device = "cpu",
+                  weights: str | Path | None = None):
+    """(family adapter over the reduced model, skip plan) from a verified bundle. `weights`: the
+    kept weights file (a subject bundle's base pack); default: the bundle's own (a single bundle)."""
     name = manifest["model"]["family"]
     cls = family_class(name)
     plan = SkipPlan.from_dict(manifest["plan"])
     config = manifest["transformer_config"]
     with torch.device("meta"):
         model = cls.model_cls(**config)
-    weights = load_file(str(Path(bundle_dir) / WEIGHTS_FILE), device=str(device))
+    weights = load_file(str(weights or Path(bundle_dir) / WEIGHTS_FILE), device=str(device))
     missing_unexpected = model.load_state_dict(weights, strict=False, assign=True)
     if missing_unexpected.unexpected_keys:
         raise BundleError(f"kept weights hold keys the model does not have: {missing_unexpected.unexpected_keys[:5]}")

@@ -1,7 +1,9 @@
 """`blockskip train`: LoRA fine-tune of the kept blocks from a bundle's cached features.
 
-Verifies the bundle first and refuses a bad one; builds only the kept blocks and the head
-(diffusers block modules, the bundle's base weights); puts LoRA on them with peft; trains with
+Verifies the bundle first and refuses a bad one; a subject bundle also needs the base pack it names
+by content hash (`--base-pack`: that base pack, or a folder of installed ones), verified under the
+same trust policy. Builds only the kept blocks and the head (diffusers block modules, the base
+pack's weights; a single bundle carries its own); puts LoRA on them with peft; trains with
 the flow-matching loss on the cached features (entry state -> kept blocks -> + span residual ->
 ... -> head). Checkpoints atomically every N steps; `--resume` continues from the last one and
 ends with the same adapter as an uninterrupted run.
@@ -161,28 +163,35 @@ def _bundle_lock(bundle_dir: Path, job: str):
 
 
 def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[dict], None] | None = None,
-          should_stop: Callable[[], bool] | None = None, trust: TrustPolicy | None = None) -> dict:
+          should_stop: Callable[[], bool] | None = None, trust: TrustPolicy | None = None,
+          base_pack: Path | None = None) -> dict:
     """Train LoRA on a bundle; returns {"adapter", "steps", "final_loss", "stopped"}.
 
     The bundle is opened under `trust` (the board's TrustPolicy: trusted keys, or unsigned bundles
     allowed plainly); the default policy trusts nothing, so a caller has to say which keys it trusts.
+    A subject bundle trains on the base pack it names by content hash, found at `base_pack` (that
+    base pack, folder or .tar, or a folder of installed base packs) and opened under the same
+    policy; a single bundle carries its weights and needs none.
     """
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     from blockskip.edge.lora import save_adapter
     from blockskip.edge.reduced import build_reduced, materialized_bytes
     from blockskip.features import FeatureReader
+    from blockskip.host.basepack import weights_for
     from blockskip.models.skip import reduced_forward
 
     emit = on_event or (lambda event: None)
-    bundle_dir = open_bundle(Path(bundle), trust or TrustPolicy())  # BundleError before anything is built
+    trust = trust or TrustPolicy()
+    bundle_dir = open_bundle(Path(bundle), trust)  # BundleError before anything is built
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    weights, base_dir = weights_for(bundle_dir, manifest, base_pack, trust)  # the same policy for the base pack
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = _pick_device(config.device)
     if device.type == "cuda":
         avoid_cudnn_attention_backward()
-    family, plan = build_reduced(bundle_dir, manifest, device)
+    family, plan = build_reduced(bundle_dir, manifest, device, weights=weights)
     lora_config, params = _inject_lora(family, plan, manifest["lora"], config.seed)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -213,14 +222,15 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
     positions = (draw_order(count, config.seed, p)
                  for p in range(step * config.grad_accum, config.steps * config.grad_accum))
     prefetch = Prefetcher(reader, positions, config.prefetch)
-    lock = _bundle_lock(bundle_dir, str(out_dir))
+    locks = [_bundle_lock(folder, str(out_dir)) for folder in (bundle_dir, base_dir) if folder is not None]
     started, start_step, stopped = time.perf_counter(), step, False
     tracker = TensorMemory() if config.track_memory else None
     emit({"type": "start", "total": config.steps, "step": step, "kept_blocks": plan.kept,
           "model_bytes": materialized_bytes(family.model), "device": device.type})
     with contextlib.ExitStack() as cleanup:
-        if lock is not None:
-            cleanup.callback(lock.unlink, missing_ok=True)
+        for lock in locks:
+            if lock is not None:
+                cleanup.callback(lock.unlink, missing_ok=True)
         if tracker:
             cleanup.enter_context(tracker)
         while step < config.steps:
@@ -260,7 +270,8 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
                 stopped = True
                 break
     state_dict = get_peft_model_state_dict(family.model, adapter_name="default")
-    extra = {"bundle": manifest.get("content_sha256") or manifest.get("created"), "steps": step,
+    extra = {"bundle": manifest.get("content_sha256") or manifest.get("created"),
+             **({"base_pack": manifest["base_pack"]["content_sha256"]} if base_dir else {}), "steps": step,
              "train_config": asdict(config), "kept_blocks": plan.kept, "family": family.name}
     if not stopped:
         adapter = save_adapter(state_dict, lora_config, out_dir, extra)
@@ -284,7 +295,12 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "train", help="train LoRA on the kept blocks from a bundle (edge)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bundle", type=Path, help="bundle folder or .tar (verified before anything runs)")
+    parser.add_argument("bundle", type=Path,
+                        help="subject bundle (or single bundle) folder or .tar, verified before anything runs")
+    parser.add_argument("--base-pack", type=Path, metavar="PATH",
+                        help="where the subject bundle's base pack is: the base pack itself (folder or .tar) or a "
+                             "folder of installed base packs, searched by the content hash the subject bundle "
+                             "names; verified under the same --key / --trust-config / --allow-unsigned policy")
     parser.add_argument("--out", type=Path, required=True, help="output folder for the adapter and checkpoints")
     defaults = TrainConfig()
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (default: %(default)s)")
@@ -329,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
             bar.update(event["step"] - bar.n)
             bar.set_postfix(loss=f"{event['loss']:.4f}", mem=f"{event['peak_mem_bytes'] / 2**20:.0f}MiB")
 
-    result = train(args.bundle, args.out, config, on_event=on_event, trust=trust)
+    result = train(args.bundle, args.out, config, on_event=on_event, trust=trust, base_pack=args.base_pack)
     bar.close()
     print(f"adapter {result['adapter']} after {result['steps']} steps, final loss {result['final_loss']:.4f}")
     if "peak_tensor_bytes" in result:

@@ -1,8 +1,10 @@
 """The board's trust policy, attacked through every path that opens a bundle: the library call,
-the `train` / `generate` / `export` command lines, and the MQTT agent.
+the `train` / `generate` / `export` command lines, and the MQTT agent; for `train` also through
+the base pack a subject bundle names.
 
 The attacks: a file changed and the manifest re-hashed (old signature kept, or deleted), an intact
-bundle signed by another key, an unsigned bundle, and a folder left beside a trusted tar.
+bundle signed by another key, an unsigned bundle, and a folder left beside a trusted tar; on the
+base pack the same, plus a weights file changed in place.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from blockskip.edge.agent import AgentConfig, BrokerConfig
 from blockskip.edge.train import TrainConfig, train
 from blockskip.errors import BundleError, ConfigError
 from blockskip.host import bundle as bundle_mod
+from blockskip.host.basepack import build_base_pack, build_subject_bundle
 from blockskip.host.bundle import TrustPolicy, build_bundle, generate_keypair
 from blockskip.models.pipeline import save_model, tiny_model
 from test_train import make_bundle
@@ -65,6 +68,33 @@ def rehash(bundle, rel, keep_signature=True):
     return bundle
 
 
+def split(made, out, base_key="host"):
+    """(base pack signed with base_key, subject bundle signed with the host's key)."""
+    metadata = json.loads((made / "stage" / "bundle.json").read_text())
+    base = build_base_pack(made / "stage", out / "base", metadata,
+                           signing_key=made / f"{base_key}.key" if base_key else None)
+    return base, build_subject_bundle(made / "stage", out / "subject", metadata, base, signing_key=made / "host.key")
+
+
+def flip_in_place(folder, rel):
+    data = bytearray((folder / rel).read_bytes())
+    data[-1] ^= 0x01
+    (folder / rel).write_bytes(bytes(data))
+    return folder
+
+
+BASE_ATTACKS = {  # the subject bundle is intact and signed by the host; its base pack is not
+    "base pack weights changed, manifest re-hashed, old signature kept":
+        (lambda made, out: rehash(split(made, out)[0], WEIGHTS), "signature does not verify"),
+    "base pack weights changed, manifest re-hashed, signature deleted":
+        (lambda made, out: rehash(split(made, out)[0], WEIGHTS, keep_signature=False), "not signed"),
+    "base pack weights changed in place":
+        (lambda made, out: flip_in_place(split(made, out)[0], WEIGHTS), f"{WEIGHTS}: sha256 mismatch"),
+    "intact base pack signed by another key":
+        (lambda made, out: split(made, out, base_key="other")[0], "signature does not verify"),
+    "unsigned base pack": (lambda made, out: split(made, out, base_key=None)[0], "not signed"),
+}
+
 ATTACKS = {
     "file changed, manifest re-hashed, old signature kept":
         (lambda made, out: rehash(build(made, out), WEIGHTS), "signature does not verify"),
@@ -101,6 +131,52 @@ def test_cli_train_refuses_the_attack(made, tmp_path, capsys, attack):
     bundle = make(made, tmp_path / "bundle")
     code = main(["train", str(bundle), "--out", str(tmp_path / "out"), "--steps", "1", "--key", str(made / "host.pub")])
     assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out" / ADAPTER).exists()
+
+
+@pytest.mark.parametrize("attack", list(BASE_ATTACKS))
+def test_library_train_refuses_a_base_pack_attack_and_writes_nothing(made, tmp_path, attack):
+    make, message = BASE_ATTACKS[attack]
+    base = make(made, tmp_path)
+    with pytest.raises(BundleError, match=message):
+        train(tmp_path / "subject", tmp_path / "out", TrainConfig(steps=1, grad_accum=1),
+              trust=TrustPolicy((made / "host.pub",)), base_pack=base)
+    assert not (tmp_path / "out" / ADAPTER).exists()
+
+
+def test_library_trains_a_subject_bundle_on_its_trusted_base_pack(made, tmp_path):
+    base, subject = split(made, tmp_path)
+    result = train(subject, tmp_path / "out", TrainConfig(steps=1, grad_accum=1, checkpoint_every=0),
+                   trust=TrustPolicy((made / "host.pub",)), base_pack=base)
+    assert (tmp_path / "out" / ADAPTER).is_file() and result["steps"] == 1
+
+
+def test_unsigned_allowed_still_refuses_a_changed_base_pack_by_the_hash_the_subject_names(made, tmp_path):
+    """With no signature checked, the subject bundle's content hash is what pins its base pack."""
+    base = rehash(split(made, tmp_path)[0], WEIGHTS, keep_signature=False)
+    with pytest.raises(BundleError, match="needs base pack .* but .* is base pack .*other weights"):
+        train(tmp_path / "subject", tmp_path / "out", TrainConfig(steps=1, grad_accum=1),
+              trust=TrustPolicy(allow_unsigned=True), base_pack=base)
+    assert not (tmp_path / "out" / ADAPTER).exists()
+
+
+@pytest.mark.parametrize("attack", list(BASE_ATTACKS))
+def test_cli_train_refuses_a_base_pack_attack(made, tmp_path, capsys, attack):
+    make, message = BASE_ATTACKS[attack]
+    base = make(made, tmp_path)
+    code = main(["train", str(tmp_path / "subject"), "--base-pack", str(base), "--out", str(tmp_path / "out"),
+                 "--steps", "1", "--key", str(made / "host.pub")])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out" / ADAPTER).exists()
+
+
+def test_cli_train_applies_the_agents_trust_policy_to_the_base_pack(made, tmp_path, capsys):
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"device_id: {DEV}\ndata_dir: {tmp_path / 'data'}\ntrusted_keys: [{made / 'host.pub'}]\n")
+    base, subject = split(made, tmp_path, base_key="other")  # the subject is the host's, the base pack is not
+    code = main(["train", str(subject), "--base-pack", str(tmp_path), "--out", str(tmp_path / "out"), "--steps", "1",
+                 "--trust-config", str(config)])
+    assert code == 2 and "signature does not verify" in capsys.readouterr().err
     assert not (tmp_path / "out" / ADAPTER).exists()
 
 
@@ -205,3 +281,39 @@ def test_agent_with_no_trusted_key_refuses_bundles_and_says_what_to_configure(ma
     assert probe.request(DEV, {"id": "t", "action": "train", "args": {"bundle": "bundle", "steps": 1}})["ok"]
     end = wait_until(lambda: [e for e in probe.on("/progress") if e.get("type") in ("done", "failed")], 60)[-1]
     assert end["error"]["code"] == "bad_bundle" and "trusted_keys" in end["error"]["message"]
+
+
+def test_agent_trains_a_subject_bundle_only_on_a_trusted_installed_base_pack(made, broker, start_agent, probe_factory,
+                                                                            wait_until):
+    agent = start_agent(trusted_keys=[str(made / "host.pub")])
+    data = agent.data_dir
+    installed = data / "base-packs"  # the default base_packs_dir
+    probe = probe_factory(broker.port, [f"blockskip/{DEV}/#"])
+
+    def run(cid):
+        args = {"bundle": "work/subject", "out": f"adapters/{cid}", "steps": 1}
+        assert probe.request(DEV, {"id": cid, "action": "train", "args": args})["ok"]
+        return wait_until(lambda: [e for e in probe.on("/progress") if e.get("job") == cid
+                                   and e.get("type") in ("done", "failed", "cancelled")], 120)[-1]
+
+    base, _ = split(made, data / "work")
+    wanted = json.loads((base / "manifest.json").read_text())["content_sha256"]
+    end = run("none-installed")
+    assert end["type"] == "failed" and end["error"]["code"] == "bad_bundle", end
+    assert f"needs base pack {wanted}" in end["error"]["message"] and str(installed) in end["error"]["message"]
+    for i, (name, (make, _)) in enumerate(BASE_ATTACKS.items()):
+        shutil.rmtree(installed, ignore_errors=True)
+        shutil.rmtree(data / "work", ignore_errors=True)
+        installed.mkdir()
+        shutil.copytree(make(made, data / "work"), installed / "flux-50")
+        end = run(f"attack{i}")
+        assert end["type"] == "failed" and end["error"]["code"] == "bad_bundle", (name, end)
+        assert not (data / "adapters" / f"attack{i}" / ADAPTER).exists(), name
+    shutil.rmtree(installed)
+    shutil.rmtree(data / "work")
+    base, _ = split(made, data / "work")
+    installed.mkdir()
+    shutil.copytree(base, installed / "flux-50")
+    end = run("good")
+    assert end["type"] == "done", end
+    assert (data / "adapters" / "good" / ADAPTER).is_file()
