@@ -213,5 +213,6 @@ def run(args: argparse.Namespace) -> int:
     out = build_cache(model, plan_doc, list_images(args.images), args.prompt, Path(args.out), bank,
                       args.seed, args.samples, args.shard_size, args.feature_dtype)
     print(f"features for {args.samples or plan_doc['samples']} draws in {out}; seal it with "
-          f"`blockskip bundle {out} --out BUNDLE`")
+          f"`blockskip bundle {out} --base-pack-out BASE --out SUBJECT` (the first subject of this model and plan) "
+          f"or `--base-pack BASE --out SUBJECT` (a base pack made before)")
     return 0

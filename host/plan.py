@@ -2,9 +2,10 @@
 
 For a budget of k blocks the plan skips the first n and the last m blocks with n + m = k,
 choosing the split that minimizes `Dpre[n] + Dsuf[m]`. The plan JSON also carries the patch
-schedule, the LoRA config, the sample count and estimates of edge training memory and of the
-feature cache on disk. Crop sizes and the text length not given on the command line come from
-the model (its recorded image size and text encoder; see --help), and the command prints which.
+schedule, the LoRA config, the sample count and estimates of edge training memory, of the
+feature cache on disk (the subject bundle) and of the base pack (the kept weights, once per model
+and plan). Crop sizes and the text length not given on the command line come from the model (its
+recorded image size and text encoder; see --help), and the command prints which.
 """
 
 from __future__ import annotations
@@ -106,6 +107,14 @@ def estimate(model_desc: dict, family, plan: SkipPlan, lora: LoraSettings, s_min
             "precision": precision, "assumes": f"batch 1 at {s_min}x{s_min}, {text_len} text tokens"}
 
 
+def base_pack_bytes(family, plan: SkipPlan) -> int:
+    """Bytes of the base pack's weights: the kept blocks' and the head's tensors as `cache` writes
+    them (the model's own dtype), once per model and plan; the subject bundles hold the features."""
+    tensors = [t for i in plan.kept for t in family.block(i).state_dict().values()]
+    tensors += [t for name in family.head_module_names() for t in _params(family.model, name)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _params(model, name):
     obj = model.get_submodule(name) if name in dict(model.named_modules()) else getattr(model, name)
     return obj.parameters() if hasattr(obj, "parameters") else [obj]
@@ -179,7 +188,8 @@ def plan_document(model, plan: SkipPlan, schedule, lora: LoraSettings, samples: 
         "patch_schedule": schedule.to_dict(),
         "lora": {**asdict(lora), "target_modules": targets},
         "samples": samples,
-        "estimates": estimate(desc, family, plan, lora, schedule.s_min, text_len, precision),
+        "estimates": {**estimate(desc, family, plan, lora, schedule.s_min, text_len, precision),
+                      "base_pack_bytes": base_pack_bytes(family, plan)},
     }
 
 
@@ -251,4 +261,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"skip first {plan['plan']['n']} and last {plan['plan']['m']} of {model.family.num_blocks} blocks; "
           f"est. edge training memory {_size(est['train_memory_bytes'])} ({est['precision']}, {est['assumes']}), "
           f"cache {_size(est['cache_bytes_per_draw'] * args.samples)} for {args.samples} draws -> {out}")
+    print(f"bundle sizes: base pack {_size(est['base_pack_bytes'])} (kept weights, installed once per model and plan), "
+          f"subject bundle about {_size(est['cache_bytes_per_draw'] * args.samples)} (features of {args.samples} draws)")
     return 0

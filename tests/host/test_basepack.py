@@ -181,6 +181,15 @@ def test_cli_bundle_writes_both_prints_both_sizes_and_reuses_the_base_pack(made,
     assert "is not a base pack" in capsys.readouterr().err
 
 
+def test_the_plans_base_pack_estimate_is_what_the_base_pack_holds(made, tmp_path):
+    model = tiny_model("flux")
+    estimate = plan_for(model, 2, 1)["estimates"]["base_pack_bytes"]
+    base, _ = split(made, tmp_path)
+    with safe_open(str(base / WEIGHTS_FILE), framework="pt") as handle:
+        held = sum(handle.get_tensor(k).numel() * handle.get_tensor(k).element_size() for k in handle.keys())
+    assert estimate == held
+
+
 def test_base_pack_descriptions_read_as_ranges():
     assert basepack._ranges([2, 3, 4, 7, 9, 10]) == "2-4, 7, 9-10"
     assert basepack._ranges([5]) == "5"

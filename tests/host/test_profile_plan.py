@@ -130,6 +130,10 @@ def test_plan_on_the_built_in_model_takes_its_sizes_and_text_length(tmp_path):
     # measured: `blockskip train --track-memory` on this plan peaks at 8.8 MiB of tensors
     assert plan["estimates"]["train_memory_bytes"] < 32 * 2**20
     assert "MiB (fp32, batch 1 at 16x16, 16 text tokens)" in result.stdout
+    base = plan["estimates"]["base_pack_bytes"]
+    subject = plan["estimates"]["cache_bytes_per_draw"] * plan["samples"]
+    assert f"bundle sizes: base pack {base / 2**20:.1f} MiB (kept weights, installed once per model and plan), " \
+           f"subject bundle about {subject / 2**20:.1f} MiB (features of 2000 draws)" in result.stdout
 
 
 def test_plan_flags_override_the_model_defaults(tmp_path):
