@@ -43,6 +43,11 @@ def test_demo_runs_end_to_end(tmp_path):
         assert noise not in proc.stdout + proc.stderr, f"harmless library noise {noise!r} looks like an error"
     report = json.loads((out / "report.json").read_text())
     assert report["bundle_verified"] and report["backend"] == "onnxruntime"
+    sizes = report["bundle_bytes"]  # the kept weights travel once, apart from the subject's features
+    assert sizes["base pack"] > 0 and sizes["subject bundle"] > 0
+    assert re.search(r"base pack [0-9.]+ [KM]iB \(the kept weights: installed once per model and plan\), "
+                     r"subject bundle [0-9.]+ [KM]iB", proc.stdout)
+    assert (out / "base-pack" / "manifest.sig").is_file() and not (out / "bundle" / "weights").exists()
     assert report["model"] == "builtin" and report["family"] == "flux"
     assert len(report["losses"]) == 12 and len(report["images_after"]) == 6
     blocks = crops.FLUX_CONFIG["num_layers"] + crops.FLUX_CONFIG["num_single_layers"]

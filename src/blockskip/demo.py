@@ -5,11 +5,12 @@ images (models/crops.py, models/CROPS.md). The subject is a leaf it never saw in
 red heart-shaped leaf with stripes). Steps, each with progress: subject photos (or your --images
 folder), profile (cross-attention masking sensitivity; committed for the built-in model,
 models/weights/crop-profile.json, and used while the weights and settings match), plan (50% skip),
-cache (frozen full model, one pass per draw), bundle (signed) and verify, train LoRA on the kept
-blocks only (the edge path), then generate before/after images through ONNX Runtime. Writes a
-report folder: report.html (one page embedding everything: attribute scores against chance and
-the base model, every sample with its prompt and seed, the loss curve, memory, seconds per
-stage), report.json, loss.png and the images as PNG files.
+cache (frozen full model, one pass per draw), base pack and subject bundle (both signed) and
+verify, train LoRA on the kept blocks only (the edge path), then generate before/after images
+through ONNX Runtime. Writes a report folder: report.html (one page embedding everything:
+attribute scores against chance and the base model, every sample with its prompt and seed, the
+loss curve, memory, seconds per stage, the two bundles' sizes), report.json, loss.png and the
+images as PNG files.
 
 The arguments are checked before any work. The report folder must be new or empty; a folder
 left by an interrupted or failed demo run (it holds demo-run.json but no report.html) is cleared
@@ -38,8 +39,8 @@ SAMPLE_STEPS, SAMPLE_COUNT = 12, 2  # Euler steps per image; seeds per prompt
 MARKER = "demo-run.json"  # written first: marks a folder as the demo's own, finished or not
 # What a demo run writes into its folder: an unfinished run's folder holding only these is cleared.
 DEMO_ENTRIES = {MARKER, "model", "subject", "profile.json", "plan.json", "staging", "host.key", "host.pub",
-                "bundle", "bundle.inuse", "adapter", "before", "after", "engines", "report.json", "loss.png",
-                "report.html.tmp"}
+                "bundle", "bundle.inuse", "base-pack", "base-pack.inuse", "adapter", "before", "after", "engines",
+                "report.json", "loss.png", "report.html.tmp"}
 
 
 def register(subparsers) -> None:
@@ -234,10 +235,11 @@ def run(args: argparse.Namespace) -> int:
     leftovers = unfinished_run(out)
     started = time.perf_counter()
 
-    from blockskip.demo_report import html_page, loss_plot, loss_summary
+    from blockskip.demo_report import html_page, loss_plot, loss_summary, size_text
     from blockskip.edge.generate import GenerateConfig, generate
     from blockskip.edge.train import TrainConfig, train
-    from blockskip.host.bundle import TrustPolicy, build_bundle, generate_keypair, verify_bundle
+    from blockskip.host.basepack import build_base_pack, build_subject_bundle
+    from blockskip.host.bundle import TrustPolicy, generate_keypair, verify_bundle
     from blockskip.host.cache import build_cache, list_images
     from blockskip.host.encoders import EfficientNetLite0
     from blockskip.host.patches import PatchSchedule
@@ -300,11 +302,17 @@ def run(args: argparse.Namespace) -> int:
     seconds["cache"] = time.perf_counter() - t
     _say(f"done in {_duration(seconds['cache'])}")
 
-    t = _step("bundle: checksummed and signed, then verified", 5)
+    t = _step("bundle: base pack and subject bundle, checksummed and signed, then verified", 5)
     generate_keypair(out / "host.key", out / "host.pub")
-    bundle = build_bundle(stage, out / "bundle", json.loads((stage / "bundle.json").read_text()),
-                          signing_key=out / "host.key")
-    verify_bundle(bundle, public_key=out / "host.pub", require_signature=True)
+    metadata = json.loads((stage / "bundle.json").read_text())
+    base_pack = build_base_pack(stage, out / "base-pack", metadata, signing_key=out / "host.key")
+    bundle = build_subject_bundle(stage, out / "bundle", metadata, base_pack, signing_key=out / "host.key")
+    sizes = {}
+    for name, folder in (("base pack", base_pack), ("subject bundle", bundle)):
+        manifest = verify_bundle(folder, public_key=out / "host.pub", require_signature=True)
+        sizes[name] = sum(entry["size"] for entry in manifest["files"].values())
+    _say(f"base pack {size_text(sizes['base pack'])} (the kept weights: installed once per model and plan), "
+         f"subject bundle {size_text(sizes['subject bundle'])} (features and prompt bank)")
     trust = TrustPolicy((out / "host.pub",))  # the board trusts the host's key, as deploy/ sets it up
     seconds["bundle"] = time.perf_counter() - t
 
@@ -312,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
     progress = TrainProgress()
     result = train(bundle, out / "adapter", TrainConfig(steps=args.steps, grad_accum=2, lr=1e-3,
                                                         checkpoint_every=50, seed=args.seed, track_memory=True),
-                   on_event=progress, trust=trust)
+                   on_event=progress, trust=trust, base_pack=base_pack)
     losses = json.loads((out / "adapter" / "losses.json").read_text())
     loss = loss_summary(losses)
     start_event = next(e for e in progress.events if e["type"] == "start")
@@ -357,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
         "attribute_scores": scores,
         "subject_attributes_before": {a: s["before"] for a, s in scores.items()} if scores else None,
         "subject_attributes_after": {a: s["after"] for a, s in scores.items()} if scores else None,
-        "plan": plan["plan"], "bundle_verified": True, "backend": backend,
+        "plan": plan["plan"], "bundle_verified": True, "backend": backend, "bundle_bytes": sizes,
         "loss": loss, "losses": losses, "seconds": seconds, "samples": samples,
         "memory_table": {
             "full transformer weights": f"{full_bytes / 1024:.0f} KiB",

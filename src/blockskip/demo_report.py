@@ -102,6 +102,11 @@ def loss_plot(losses: list[float], out: Path, width: int = 720, height: int = 32
     return out
 
 
+def size_text(count: int) -> str:
+    """Bytes on disk as a reader takes them in: KiB below a MiB, else MiB."""
+    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count / 2**10:.0f} KiB"
+
+
 def _embed(path: Path | str) -> str:
     image = Image.open(path)
     buffer = io.BytesIO()
@@ -198,8 +203,10 @@ subject with the rare word <i>sks</i>.</p>
 <p>DiT-BlockSkip: the host ran the frozen full model once per training draw and cached what the
 kept blocks need, skipping the first {plan['n']} and the last {plan['m']} blocks. The board (here:
 this CPU) trained only {len(plan['kept'])} of the {plan['num_blocks']} blocks (numbered from 0: {kept})
-and never loaded the others' weights. The cache travelled as a signed bundle, verified before
-training. Images were generated through {report['backend']}.</p>
+and never loaded the others' weights. The cache travelled as a signed subject bundle
+({size_text(report['bundle_bytes']['subject bundle'])}: features and prompt bank) naming its signed base
+pack ({size_text(report['bundle_bytes']['base pack'])}: the kept weights, installed once per model and
+plan), both verified before training. Images were generated through {report['backend']}.</p>
 {scores}
 <h2>Subject photos (the training set)</h2>{photos}
 <h2>Samples: base model and with the adapter</h2>
@@ -215,7 +222,7 @@ of {loss['steps']} steps (single steps vary a lot with the random timestep of ea
 <h2>Seconds per stage</h2><table class="grid nums"><tr><th>stage</th><th>seconds</th></tr>{stages}
 <tr><td><b>total</b></td><td><b>{total:.1f}</b></td></tr></table>
 <p class=note>This folder also holds report.json (every number above), profile.json, plan.json, the
-signed bundle, the adapter, and the images as PNG files.</p>
+signed base pack and subject bundle, the adapter, and the images as PNG files.</p>
 </body></html>"""
     tmp = out / "report.html.tmp"
     tmp.write_text(page)
