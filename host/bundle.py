@@ -705,9 +705,11 @@ def register(subparsers) -> None:
 
     parser = subparsers.add_parser(
         "verify", help="check a bundle's checksums (and signature) before using it",
-        description="Check that BUNDLE (a folder or a .tar) holds exactly the files its manifest lists, "
-                    "with matching sizes and sha256, no links and no extra files; with --key also check "
-                    "the ed25519 signature. Prints OK or the problem (exit code 2).")
+        description="Check that BUNDLE (a subject bundle, base pack or single bundle; a folder or a .tar) holds "
+                    "exactly the files its manifest lists, with matching sizes and sha256, no links and no extra "
+                    "files; with --key also check the ed25519 signature. Prints OK with what it is (a base pack "
+                    "with its content hash, or the base pack hash a subject bundle needs), or the problem (exit "
+                    "code 2).")
     parser.add_argument("bundle", type=Path, metavar="BUNDLE", help="bundle folder or .tar")
     parser.add_argument("--key", type=Path, metavar="PUB", help="public key (PEM) to check the signature with")
     parser.add_argument("--require-signature", action="store_true",

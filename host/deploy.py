@@ -265,10 +265,12 @@ def register(subparsers) -> None:
             "the local manifest, then move it into place. The copy goes to DEST.incoming first: rerunning "
             "after an interruption resumes it, and a copy that fails verification never replaces the bundle "
             "at DEST. Refuses while a running job holds DEST.inuse (JSON with its pid); a stale lock is "
-            "reported and ignored. Needs ssh and rsync here, and rsync and sha256sum on the board. "
-            "See deploy/README.md."),
+            "reported and ignored. Needs ssh and rsync here, and rsync and sha256sum on the board. BUNDLE is a "
+            "subject bundle, or a base pack (the kept weights: once per board, model and plan, into the agent's "
+            "base_packs_dir, e.g. orin:/var/lib/blockskip/base-packs/flux-50). See deploy/README.md."),
     )
-    p.add_argument("bundle", metavar="BUNDLE", help="local bundle directory (with manifest.json); unpack a bundle tar first")
+    p.add_argument("bundle", metavar="BUNDLE",
+                   help="local bundle or base pack directory (with manifest.json); unpack a tar first")
     p.add_argument("target", metavar="HOST:DEST",
                    help="ssh host (user@host or a ~/.ssh/config alias) and the bundle directory on the board, "
                         "e.g. orin:/var/lib/blockskip/bundles/maize")

@@ -62,9 +62,10 @@ echo "== user and directories"
 getent group blockskip >/dev/null || groupadd --system blockskip
 id -u blockskip >/dev/null 2>&1 || useradd --system --gid blockskip --home-dir "$DATA" --shell /usr/sbin/nologin blockskip
 install -d -o blockskip -g blockskip -m 0750 "$DATA"
-# Bundles arrive over SSH (blockskip deploy) from a user in the blockskip group; the agent writes
-# its BUNDLE.inuse lock files next to them, so the directory is writable by both.
-install -d -o blockskip -g blockskip -m 2775 "$DATA/bundles"
+# Bundles and base packs arrive over SSH (blockskip deploy) from a user in the blockskip group; the
+# agent writes its NAME.inuse lock files next to them (and unpacks a base pack .tar there), so the
+# directories are writable by both. base-packs/ is the agent's base_packs_dir.
+install -d -o blockskip -g blockskip -m 2775 "$DATA/bundles" "$DATA/base-packs"
 install -d -o root -g blockskip -m 0750 /etc/blockskip
 
 echo "== venv $VENV ($TORCH_SPEC from $TORCH_INDEX)"
