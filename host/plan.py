@@ -261,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"skip first {plan['plan']['n']} and last {plan['plan']['m']} of {model.family.num_blocks} blocks; "
           f"est. edge training memory {_size(est['train_memory_bytes'])} ({est['precision']}, {est['assumes']}), "
           f"cache {_size(est['cache_bytes_per_draw'] * args.samples)} for {args.samples} draws -> {out}")
-    print(f"bundle sizes: base pack {_size(est['base_pack_bytes'])} (kept weights, installed once per model and plan), "
-          f"subject bundle about {_size(est['cache_bytes_per_draw'] * args.samples)} (features of {args.samples} draws)")
+    print(f"bundle sizes: base pack {_size(est['base_pack_bytes'])} (kept weights, installed once per model and "
+          f"plan), subject bundle about {_size(est['cache_bytes_per_draw'] * args.samples)} (features of "
+          f"{args.samples} draws)")
     return 0
