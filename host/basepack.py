@@ -212,7 +212,12 @@ def find_base_pack(subject: Path, manifest: dict, where: Path | None, trust: Tru
             others.append(f"{candidate.name}: base pack {claimed['content_sha256'][:16]}..., {why}")
         except (KeyError, TypeError):
             others.append(f"{candidate.name}: an unreadable base pack manifest")
-    found = "; ".join(others) if others else ("no base packs there" if where.is_dir() else "it does not exist")
+    if others:
+        found = "; ".join(others)
+    elif where.is_dir():
+        found = "no base packs there"
+    else:
+        found = "not a folder or a base pack" if where.exists() else "it does not exist"
     raise BundleError(f"{need}, which is not installed: looked in {where} ({found}). Install it there (copy the "
                       f"base pack folder or its .tar, e.g. `blockskip deploy BASE HOST:{where}/NAME`) or give its "
                       f"path (`--base-pack`)")

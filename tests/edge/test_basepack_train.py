@@ -95,8 +95,10 @@ def test_a_missing_base_pack_is_refused_naming_the_hash_and_where_it_looked(tmp_
     wanted = content_hash(base)
     with pytest.raises(BundleError, match=f"needs base pack {wanted} .*--base-pack PATH"):
         train(subject, tmp_path / "out", CONFIG, trust=UNSIGNED_OK)
-    for where, what in ((tmp_path / "nowhere", "it does not exist"), (tmp_path / "empty", "no base packs there")):
-        (tmp_path / "empty").mkdir(exist_ok=True)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file").write_text("not a base pack")
+    for where, what in ((tmp_path / "nowhere", "it does not exist"), (tmp_path / "empty", "no base packs there"),
+                        (tmp_path / "a-file", "not a folder or a base pack")):
         with pytest.raises(BundleError) as err:
             train(subject, tmp_path / "out", CONFIG, trust=UNSIGNED_OK, base_pack=where)
         assert f"needs base pack {wanted}" in str(err.value) and f"looked in {where} ({what})" in str(err.value)
