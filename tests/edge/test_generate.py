@@ -21,7 +21,7 @@ BANK = ["a photo of sks maize leaf with rust", "a photo of sks maize leaf, close
 def bank_bundle(model, prompts, folder, key=None):
     """A real bundle holding only a prompt bank (what generate reads from a bundle)."""
     write_prompt_bank(folder.with_name(folder.name + "-stage"), model, prompts)
-    return build_bundle(folder.with_name(folder.name + "-stage"), folder, {"kind": "prompt-bank-only"},
+    return build_bundle(folder.with_name(folder.name + "-stage"), folder, {"contents": "prompt bank only"},
                         signing_key=key)
 
 
