@@ -141,3 +141,29 @@ def test_cache_stores_what_the_plan_says_unless_told(tmp_path):
     out = build_cache(model, plan_doc, paths, ["sks"], tmp_path / "b", progress=False, feature_dtype="bf16")
     assert json.loads((out / "bundle.json").read_text())["feature_dtype"] == "bf16"
 
+
+@pytest.mark.parametrize("feature_dtype", ["fp32", "bf16", "fp16", "fp8"])
+@pytest.mark.parametrize("name,n,m", [("flux", 2, 2), ("flux", 0, 1), ("sana", 1, 2)])
+def test_plan_estimate_is_the_bytes_the_cache_writes(tmp_path, name, n, m, feature_dtype):
+    """The plan's bytes per draw and per subject are the tensor bytes of the shards (the header,
+    about 100 bytes a tensor, aside)."""
+    from blockskip.host.plan import plan_document
+
+    model = tiny_model(name)
+    plan_doc = plan_for(model, n, m, samples=5)
+    plan_doc = plan_document(model, SkipPlan.from_dict(plan_doc["plan"]),
+                             PatchSchedule.from_dict(plan_doc["patch_schedule"]), LoraSettings(), 5,
+                             text_len=model.text_encoder.max_length, feature_dtype=feature_dtype)
+    out = build_cache(model, plan_doc, subject_images(tmp_path / "i"), ["sks"], tmp_path / "s", shard_size=4,
+                      progress=False)
+    tensor_bytes, draw_bytes, tensors, files = 0, 0, 0, sorted((out / "features").glob("*.safetensors"))
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            size = sum(handle.get_tensor(k).nbytes for k in handle.keys())
+            tensors += len(handle.keys())
+        tensor_bytes += size
+        draw_bytes += size if path.name.startswith("shard-") else 0
+    assert draw_bytes == 5 * plan_doc["estimates"]["cache_bytes_per_draw"]
+    assert tensor_bytes == plan_doc["estimates"]["cache_bytes"]  # the draws and the one prompt's conditioning
+    header = sum(p.stat().st_size for p in files) - tensor_bytes
+    assert 0 < header < 250 * tensors, "headers (names, shapes, draw metadata) stay small"
