@@ -22,6 +22,10 @@ method, which hides a few-MiB model. Mean and spread over training seeds and sub
 
     python benchmarks/quality.py --out benchmarks/results           # the table and grid
     python benchmarks/quality.py --quick                            # a smoke run
+    python benchmarks/quality.py --methods "LoRA (full model, 32 px)" "DiT-BlockSkip 50%" \
+        --feature-dtypes fp32 bf16 fp8 --samples 240 60 30 --out benchmarks/results/feature-storage
+                                    # feature storage: a row per storage and draw count, and a table
+                                    # of each against the first, paired by subject and seed
 """
 
 from __future__ import annotations
@@ -84,13 +88,15 @@ def skip_plan(kind: str, ratio: float, num_blocks: int, profile: dict):
     return SkipPlan.from_blocks(num_blocks, range(start, start + k))
 
 
-def train_adapter(model, plan, schedule, photos, work: Path, seed: int, args, use_residuals: bool) -> dict:
+def train_adapter(model, plan, schedule, photos, work: Path, seed: int, args, use_residuals: bool,
+                  feature_dtype: str = "fp32", samples: int = 64) -> dict:
     from blockskip.host.bundle import build_bundle
     from blockskip.host.cache import build_cache
     from blockskip.host.plan import LoraSettings, plan_document
 
     plan_doc = plan_document(model, plan, schedule, LoraSettings(rank=args.rank, alpha=args.rank, scope="all"),
-                             args.samples, text_len=model.text_encoder.max_length, precision="fp32")
+                             samples, text_len=model.text_encoder.max_length, precision="fp32",
+                             feature_dtype=feature_dtype)
     stage = build_cache(model, plan_doc, photos, [IDENTIFIER], work / "stage", seed=seed, shard_size=64,
                         progress=False)
     bundle = build_bundle(stage, work / "bundle", json.loads((stage / "bundle.json").read_text()))
@@ -175,8 +181,31 @@ def summarize(scores: list[dict], key: str) -> str:
     return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
 
+def storage_table(variants: dict, scores: dict, reference: tuple, base_fidelity: float,
+                  lora_gain: float) -> list[str]:
+    """Each storage row against its method's `reference` storage (feature dtype, draws), paired by
+    subject and seed: the same photos, seed and steps, so the seed-to-seed spread of the table
+    cancels and what is left is what the storage changes (and what the changed data order does)."""
+    lines = ["", f"Feature storage against {reference[0]} with {reference[1]} draws, paired by subject and seed "
+             "(differences in units of LoRA's fidelity gain):", "",
+             "| method | storage | draws | fidelity gain vs LoRA | minus the reference's: mean | min | max |",
+             "|---|---|---|---|---|---|---|"]
+    references = {method: scores[row] for row, (method, feature_dtype, samples) in variants.items()
+                  if (feature_dtype, samples) == reference}
+    for row, (method, feature_dtype, samples) in variants.items():
+        if method not in references or not scores[row]:
+            continue
+        paired = {(r["subject"], r["seed"]): r["fidelity"] for r in references[method]}
+        deltas = [(r["fidelity"] - paired[(r["subject"], r["seed"])]) / lora_gain for r in scores[row]]
+        gain = (statistics.mean(r["fidelity"] for r in scores[row]) - base_fidelity) / lora_gain
+        lines.append(f"| {method} | {feature_dtype} | {samples} | {gain:.2f} | {statistics.mean(deltas):+.2f} | "
+                     f"{min(deltas):+.2f} | {max(deltas):+.2f} |")
+    return lines
+
+
 def main() -> int:
     from blockskip.errors import InputError
+    from blockskip.features import FEATURE_DTYPES
     from blockskip.host.encoders import EfficientNetLite0
     from blockskip.host.patches import PatchSchedule
     from blockskip.host.profile import masking_profile
@@ -188,7 +217,13 @@ def main() -> int:
                         "(default: the built-in models/weights/crop-flux)")
     parser.add_argument("--seeds", type=int, default=2, help="training seeds per subject and method")
     parser.add_argument("--photos", type=int, default=5, help="subject photos (4-6)")
-    parser.add_argument("--samples", type=int, default=64, help="cached training draws")
+    parser.add_argument("--samples", type=int, nargs="+", default=[64],
+                        help="cached (unique) training draws; training cycles through them (default: 64). "
+                             "Several values: a row per value for every method but LoRA")
+    parser.add_argument("--feature-dtypes", nargs="+", default=["fp32"], choices=list(FEATURE_DTYPES),
+                        help="feature storage (default: fp32). Several values: a row per value for every method "
+                             "but LoRA, which runs once, with the first --feature-dtypes and --samples values, as "
+                             "the reference of the gain column")
     parser.add_argument("--steps", type=int, default=120, help="training steps")
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -207,7 +242,7 @@ def main() -> int:
     if any(not 0 <= i < len(SUBJECTS) for i in args.subjects or ()):
         parser.error(f"--subjects takes indices 0 to {len(SUBJECTS) - 1}, got {args.subjects}")
     if args.quick:
-        args.seeds, args.steps, args.samples, args.images, args.sample_steps = 1, 10, 8, 2, 4
+        args.seeds, args.steps, args.samples, args.images, args.sample_steps = 1, 10, [8], 2, 4
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
@@ -231,7 +266,14 @@ def main() -> int:
     if args.no_patch_sampling:
         methods = {k: (kind, ratio, (32, 32, "resize"), residuals)
                    for k, (kind, ratio, _, residuals) in methods.items() if k != "patch sampling only"}
-    scores: dict[str, list[dict]] = {"base model (no adapter)": [], **{m: [] for m in methods}}
+    lora_name = "LoRA (full model, 32 px)"
+    storages = [(d, n) for d in args.feature_dtypes for n in args.samples]
+    variants = {}  # row name: (method name, feature dtype, cached draws)
+    for name, method in methods.items():
+        for feature_dtype, samples in storages[:1] if name == lora_name else storages:
+            row = name if len(storages) == 1 or name == lora_name else f"{name} ({feature_dtype}, {samples} draws)"
+            variants[row] = (name, feature_dtype, samples)
+    scores: dict[str, list[dict]] = {"base model (no adapter)": [], **{row: [] for row in variants}}
     grid_rows: dict[str, torch.Tensor] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for s, subject in chosen.items():
@@ -246,17 +288,20 @@ def main() -> int:
             scores["base model (no adapter)"].append(result)
             grid_rows.setdefault("subject photos", torch.cat([_to_tensor(Image.open(p)) for p in photos]))
             grid_rows.setdefault("base model (no adapter)", result["images"])
-            for name, (kind, ratio, (s_min, s_max, schedule_name), use_residuals) in methods.items():
+            for name, (method, feature_dtype, samples) in variants.items():
+                kind, ratio, (s_min, s_max, schedule_name), use_residuals = methods[method]
                 plan = skip_plan(kind, ratio, base.family.num_blocks, profile)
                 schedule = PatchSchedule(s_min=s_min, s_max=s_max, granularity=base.granularity,
                                          schedule=schedule_name)
                 for seed in range(args.seeds):
                     work = Path(tmp) / f"s{s}-{abs(hash(name))}-{seed}"
-                    trained = train_adapter(base, plan, schedule, photos, work, seed, args, use_residuals)
+                    trained = train_adapter(base, plan, schedule, photos, work, seed, args, use_residuals,
+                                            feature_dtype, samples)
                     result = evaluate(fresh_base, trained["adapter"], subject, photos, encoder, classifier,
                                       backgrounds, args)
                     result.update(memory=trained["peak_tensor_bytes"], kept=trained["kept"], plan=plan.skipped,
-                                  estimate=trained["estimate"])
+                                  estimate=trained["estimate"], feature_dtype=feature_dtype, samples=samples,
+                                  subject=s, seed=seed)
                     scores[name].append(result)
                     if seed == 0 and name not in grid_rows:  # the first subject run
                         grid_rows[name] = result["images"]
@@ -265,13 +310,13 @@ def main() -> int:
                           f"memory {result['memory'] / 2**20:.0f} MiB  [{time.perf_counter() - started:.0f}s]",
                           flush=True)
     base_fidelity = statistics.mean(r["fidelity"] for r in scores["base model (no adapter)"])
-    lora_name = "LoRA (full model, 32 px)"
     lora_memory = statistics.mean(r["memory"] for r in scores[lora_name]) if scores.get(lora_name) else None
     lora_gain = (statistics.mean(r["fidelity"] for r in scores[lora_name]) - base_fidelity) if lora_memory else None
     lora_estimate = statistics.mean(r["estimate"] for r in scores[lora_name]) if lora_memory else None
     lines = [f"Model: {args.model or 'the built-in crop model (models/weights/crop-flux)'}, "
              f"{base.family.num_blocks} blocks. Subjects: {', '.join(caption(s) for s in chosen.values())} (held out of pretraining); "
              f"{args.photos} photos each; {args.seeds} training seeds; {args.steps} steps x {args.grad_accum}; "
+             f"features {', '.join(args.feature_dtypes)}, {', '.join(map(str, args.samples))} cached draws; "
              f"{args.images} images per prompt x {1 + len(backgrounds)} prompts.", "",
              "| method | kept blocks | subject fidelity (EffNet cos) | attribute acc. | context acc. | "
              "fidelity gain vs LoRA | peak train MiB (tensors) | vs LoRA | planned MiB | vs LoRA |",
@@ -292,6 +337,8 @@ def main() -> int:
                      f"{estimate / lora_estimate if estimate and lora_estimate else 0:.2f} |")
         table[name] = {"fidelity": fidelity, "gain_vs_lora": gain, "memory": memory, "estimate": estimate,
                        "rows": [{k: v for k, v in r.items() if k != "images"} for r in rows]}
+    if len(storages) > 1 and lora_gain:
+        lines += storage_table(variants, scores, storages[0], base_fidelity, lora_gain)
     text = "\n".join(lines)
     (out / "quality.md").write_text(text + "\n")
     (out / "quality.json").write_text(json.dumps({"args": vars(args), "profile": profile, "table": table},

@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from blockskip.errors import InputError
-from blockskip.features import PROMPTS_FILE, SHARD_PATTERN, WEIGHTS_FILE, _batched, draw_tensors, read_prompt_cond
+from blockskip.features import (FEATURE_DTYPES, FP8_SCALE, PROMPTS_FILE, SHARD_PATTERN, WEIGHTS_FILE, _batched,
+                                 draw_tensors, read_prompt_cond, storage_dtype, store_draw)
 from blockskip.models.skip import SkipPlan, compute_features
 
 logger = logging.getLogger(__name__)
@@ -91,13 +92,13 @@ def draw_inputs(model, schedule, images, texts, prompt_count: int, seed: int, in
 
 
 def make_draw(model, plan: SkipPlan, schedule, images, texts, prompt_count: int, seed: int, index: int,
-              feature_dtype: torch.dtype):
-    """One training draw through the frozen full model -> (tensors, per-prompt cond, info)."""
+              feature_dtype: str):
+    """One training draw through the frozen full model -> (tensors stored as `feature_dtype`,
+    per-prompt cond, info)."""
     family = model.family
     inputs, target, info = draw_inputs(model, schedule, images, texts, prompt_count, seed, index)
     entry, residuals, cond, _ = compute_features(family, plan, inputs)
-    tensors = draw_tensors(index, entry, residuals, cond, target, family.prompt_cond_keys)
-    tensors = {k: v.to(feature_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    tensors = store_draw(draw_tensors(index, entry, residuals, cond, target, family.prompt_cond_keys), feature_dtype)
     prompt_cond = {k: (v[0] if _batched(k, v) else v).contiguous().clone()
                    for k, v in cond.items() if k in family.prompt_cond_keys}
     return tensors, prompt_cond, info
@@ -121,17 +122,19 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of every draw (default: %(default)s)")
     parser.add_argument("--samples", type=int, help="override the plan's sample count")
     parser.add_argument("--shard-size", type=int, default=32, help="draws per shard (default: %(default)s)")
-    parser.add_argument("--feature-dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                        help="storage precision of features (fp32 keeps the cached forward exact)")
+    parser.add_argument("--feature-dtype", choices=list(FEATURE_DTYPES),
+                        help="storage of the features (default: the plan's feature_dtype; fp32 for a plan without "
+                             "one): fp32 keeps the cached forward exact; bf16 and fp16 halve the bytes; fp8 stores "
+                             "the entry state and residuals as float8 e4m3 with a per-token scale and the rest in "
+                             "bf16, about a quarter of fp32 at FLUX.1-dev's shapes")
     parser.set_defaults(func=run)
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_cache(model, plan_doc: dict, image_paths: list[Path], prompts: list[str], out: Path,
                 bank_prompts: list[str] = (), seed: int = 0, samples: int | None = None,
-                shard_size: int = 32, feature_dtype: str = "fp32", progress: bool = True) -> Path:
+                shard_size: int = 32, feature_dtype: str | None = None, progress: bool = True) -> Path:
+    """Cache `samples` draws (default: the plan's) in `feature_dtype` (default: the plan's, fp32
+    for a plan that names none)."""
     from blockskip.host.patches import PatchSchedule, load_image
 
     family = model.family
@@ -142,6 +145,9 @@ def build_cache(model, plan_doc: dict, image_paths: list[Path], prompts: list[st
     samples = samples or int(plan_doc["samples"])
     if shard_size < 1 or samples < 1:
         raise InputError("--samples and --shard-size must be >= 1")
+    feature_dtype = feature_dtype or plan_doc.get("feature_dtype", "fp32")
+    if feature_dtype not in FEATURE_DTYPES:
+        raise InputError(f"feature dtype must be one of {', '.join(FEATURE_DTYPES)}, got {feature_dtype!r}")
     job = {"plan": plan_doc["plan"], "patch_schedule": plan_doc["patch_schedule"], "prompts": prompts,
            "seed": seed, "samples": samples, "shard_size": shard_size, "feature_dtype": feature_dtype,
            "images": [p.name for p in image_paths], "model": family.config_hash()}
@@ -159,7 +165,7 @@ def build_cache(model, plan_doc: dict, image_paths: list[Path], prompts: list[st
     prompt_cond = read_prompt_cond(prompts_path)
     shards = (samples + shard_size - 1) // shard_size
     bar = tqdm(total=samples, desc="cache", unit="draw", disable=not progress)
-    dtype = DTYPES[feature_dtype]
+    prompt_dtype = storage_dtype(feature_dtype, "prompt")
     for shard in range(shards):
         indices = range(shard * shard_size, min(samples, (shard + 1) * shard_size))
         path = out / "features" / SHARD_PATTERN.format(shard)
@@ -168,13 +174,14 @@ def build_cache(model, plan_doc: dict, image_paths: list[Path], prompts: list[st
             continue
         tensors, draws = {}, []
         for index in indices:
-            draw, cond, info = make_draw(model, plan, schedule, images, texts, len(prompts), seed, index, dtype)
+            draw, cond, info = make_draw(model, plan, schedule, images, texts, len(prompts), seed, index,
+                                         feature_dtype)
             tensors.update(draw)
             prompt_cond.setdefault(info["prompt"], cond)
             draws.append(info)
             bar.update(1)
         # per-prompt conditioning first, so that a complete shard never refers to a missing prompt
-        _atomic_save({f"{p}/{k}": v.to(dtype) if v.is_floating_point() else v
+        _atomic_save({f"{p}/{k}": v.to(prompt_dtype) if v.is_floating_point() else v
                       for p, cond in prompt_cond.items() for k, v in cond.items()} or {"none": torch.zeros(1)},
                      prompts_path)
         _atomic_save(tensors, path, {"draws": json.dumps(draws)})
@@ -193,6 +200,7 @@ def build_cache(model, plan_doc: dict, image_paths: list[Path], prompts: list[st
         "train_prompts": prompts,
         "bank_prompts": list(bank_prompts),
         "feature_dtype": feature_dtype,
+        **({"fp8_scale": f"per-{FP8_SCALE}"} if feature_dtype == "fp8" else {}),
         "estimates": plan_doc.get("estimates"),
     }
     (out / "bundle.json").write_text(json.dumps(metadata, indent=2, default=list))
@@ -212,7 +220,9 @@ def run(args: argparse.Namespace) -> int:
     bank = list(args.bank_prompt) + (read_prompts(args.bank_file) if args.bank_file else [])
     out = build_cache(model, plan_doc, list_images(args.images), args.prompt, Path(args.out), bank,
                       args.seed, args.samples, args.shard_size, args.feature_dtype)
-    print(f"features for {args.samples or plan_doc['samples']} draws in {out}; seal it with "
-          f"`blockskip bundle {out} --base-pack-out BASE --out SUBJECT` (the first subject of this model and plan) "
-          f"or `--base-pack BASE --out SUBJECT` (a base pack made before)")
+    meta = json.loads((out / "bundle.json").read_text())
+    size = sum(p.stat().st_size for p in (out / "features").glob("*.safetensors"))
+    print(f"features for {meta['samples']} draws ({meta['feature_dtype']}, {size / 2**20:.1f} MiB) in {out}; seal it "
+          f"with `blockskip bundle {out} --base-pack-out BASE --out SUBJECT` (the first subject of this model and "
+          f"plan) or `--base-pack BASE --out SUBJECT` (a base pack made before)")
     return 0

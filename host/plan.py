@@ -2,10 +2,11 @@
 
 For a budget of k blocks the plan skips the first n and the last m blocks with n + m = k,
 choosing the split that minimizes `Dpre[n] + Dsuf[m]`. The plan JSON also carries the patch
-schedule, the LoRA config, the sample count and estimates of edge training memory, of the
-feature cache on disk (the subject bundle) and of the base pack (the kept weights, once per model
-and plan). Crop sizes and the text length not given on the command line come from the model (its
-recorded image size and text encoder; see --help), and the command prints which.
+schedule, the LoRA config, the sample count, the feature storage and estimates of edge training
+memory, of the subject bundle (features per draw and per subject, prompt bank per prompt) and of
+the base pack (the kept weights, once per model and plan). Crop sizes and the text length not
+given on the command line come from the model (its recorded image size and text encoder; see
+--help), and the command prints which.
 """
 
 from __future__ import annotations
@@ -17,9 +18,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from blockskip.errors import ConfigError, InputError
+from blockskip.features import FEATURE_DTYPES, storage_dtype
 from blockskip.models.skip import SkipPlan
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# What `blockskip plan` asks the cache to store when not told: bf16 features and 300 unique draws,
+# which `blockskip train`'s 500 steps x 4 cycle through (about 6.7 uses each). On the crop model
+# neither costs fidelity (bf16 vs fp32: -0.00 of LoRA's gain; 1/4 and 1/8 as many draws as
+# micro-steps: +0.21 and +0.07; benchmarks/results/feature-storage/), and at FLUX.1-dev's shapes
+# and the 50% plan they make a 1.85 GiB subject bundle instead of 23.7 GiB (cache_size.md).
+DEFAULT_FEATURE_DTYPE = "bf16"
+DEFAULT_SAMPLES = 300
 # The paper's largest crop side (its LoRA baseline's resolution): FLUX 512 -> s_min 256, SANA 1024 -> 512.
 PAPER_S_MAX = {"flux": 512, "sana": 1024}
 # Text tokens of the families' own text encoders as `DiffusersTextEncoder` runs them (FLUX's T5: 512,
@@ -74,10 +83,12 @@ def choose_split(d_pre: list[float], d_suf: list[float], k: int, max_last: int |
 
 
 def estimate(model_desc: dict, family, plan: SkipPlan, lora: LoraSettings, s_min: int, text_len: int,
-             precision: str = "bf16") -> dict:
+             precision: str = "bf16", feature_dtype: str = "fp32", samples: int = 1) -> dict:
     """Analytic estimates for one batch-1 draw at s_min: edge training memory (kept weights +
     LoRA + its AdamW state + kept-block activations, Korthikanti et al. per-layer rule
-    s*b*h*(34 + 5*a*s/h) half-precision bytes) and the feature cache bytes per draw."""
+    s*b*h*(34 + 5*a*s/h) half-precision bytes), the feature cache bytes per draw in
+    `feature_dtype` and for `samples` draws and one training prompt (`cache_bytes`), and the
+    prompt bank's bytes per prompt."""
     bytes_per = BYTES[precision]
     granularity = model_desc["granularity"]
     n_img = (s_min // granularity) ** 2
@@ -96,15 +107,40 @@ def estimate(model_desc: dict, family, plan: SkipPlan, lora: LoraSettings, s_min
             lora_params += lora.rank * (weight.shape[0] + weight.shape[1])
     activations = len(plan.kept) * seq * hidden * (34 + 5 * heads * seq / hidden) * bytes_per / 2
     memory = (kept_params + head_params) * bytes_per + lora_params * (4 + 4 + 8) + activations
-    state_width = {"flux": n_img + text_len, "sana": n_img}[family.name]
-    entry = state_width * hidden
-    residual = sum((n_img if end == plan.num_blocks else state_width) * hidden
-                   for _, end in plan.residual_spans)
-    target = n_img * model_desc["config"].get("in_channels", 4)
-    per_draw = (entry + residual + target + hidden * 7) * 4  # fp32 features
+    config = model_desc["config"]
+    target = n_img * config.get("in_channels", 4) * config.get("patch_size", 1) ** 2  # (C, H, W) of the latents
+    per_draw, per_prompt = feature_bytes(family.name, plan, hidden, n_img, text_len, target, feature_dtype)
+    text = family.text_shapes()  # the prompt bank: the text encoder's output in fp32, once per prompt
+    bank = (text_len * text["encoder_hidden_states"] + text.get("pooled_projections", 0)) * 4 + (
+        text_len * 8 if family.name == "sana" else 0)  # SANA: + its int64 attention mask
     return {"train_memory_bytes": int(memory), "kept_params": kept_params, "lora_params": lora_params,
-            "activation_bytes": int(activations), "cache_bytes_per_draw": int(per_draw),
-            "precision": precision, "assumes": f"batch 1 at {s_min}x{s_min}, {text_len} text tokens"}
+            "activation_bytes": int(activations), "precision": precision,
+            "cache_bytes_per_draw": per_draw, "cache_bytes": per_draw * samples + per_prompt,
+            "feature_dtype": feature_dtype, "samples": samples, "bank_bytes_per_prompt": bank,
+            "assumes": f"batch 1 at {s_min}x{s_min}, {text_len} text tokens"}
+
+
+def feature_bytes(family_name: str, plan: SkipPlan, hidden: int, n_img: int, text_len: int, target: int,
+                  feature_dtype: str) -> tuple[int, int]:
+    """(bytes per draw, bytes per training prompt) of the tensors `blockskip cache` stores in
+    `feature_dtype` (the safetensors header, about 100 bytes a tensor, is not counted). A draw: the
+    entry state, a residual per skipped span after the first kept block (image tokens only for a
+    span that reaches the end), the per-draw conditioning and the target. FLUX's state is the image
+    and the text stream; SANA's the image tokens. fp8 adds one fp32 scale per token of each state
+    tensor. A prompt: FLUX's txt_ids, SANA's projected caption and its mask."""
+    streams = [n_img, text_len] if family_name == "flux" else [n_img]  # rows of the state's tensors
+    rows = list(streams)
+    for _, end in plan.residual_spans:
+        rows += [n_img] if end == plan.num_blocks else streams
+    state_dtype, small_dtype = storage_dtype(feature_dtype, "entry"), storage_dtype(feature_dtype, "cond")
+    scale = 4 if feature_dtype == "fp8" else 0  # fp32, per token
+    states = sum(rows) * (hidden * state_dtype.itemsize + scale)
+    # per-draw conditioning: FLUX temb (D) and img_ids (N_img, 3); SANA timestep modulation (6D),
+    # embedded timestep (D) and its token grid (2 int64)
+    cond = hidden + 3 * n_img if family_name == "flux" else 7 * hidden
+    per_draw = states + (cond + target) * small_dtype.itemsize + (16 if family_name == "sana" else 0)
+    prompt = text_len * (3 if family_name == "flux" else hidden + 1)
+    return per_draw, prompt * storage_dtype(feature_dtype, "prompt").itemsize
 
 
 def base_pack_bytes(family, plan: SkipPlan) -> int:
@@ -143,7 +179,13 @@ def register(subparsers) -> None:
                              "SANA 1024 -> 512)")
     parser.add_argument("--schedule", default="low-to-high",
                         help="patch schedule: low-to-high (paper), high-to-low, random, resize")
-    parser.add_argument("--samples", type=int, default=2000, help="training draws to cache (default: %(default)s)")
+    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                        help="unique training draws to cache (default: %(default)s); `blockskip train` cycles "
+                             "through them, a new order each pass")
+    parser.add_argument("--feature-dtype", default=DEFAULT_FEATURE_DTYPE, choices=list(FEATURE_DTYPES),
+                        help="how `blockskip cache` stores the features (default: %(default)s): fp32 (exact), "
+                             "bf16 / fp16 (half the bytes), fp8 (e4m3 with a per-token scale: about a quarter at "
+                             "FLUX.1-dev's shapes)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
     parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default: %(default)s)")
     parser.add_argument("--lora-scope", default="attention", choices=["attention", "all"],
@@ -160,7 +202,8 @@ def register(subparsers) -> None:
 
 
 def make_plan(profile: dict, model, k: int, schedule, lora: LoraSettings, samples: int,
-              text_len: int = 512, precision: str = "bf16", max_last: int | None = None) -> dict:
+              text_len: int = 512, precision: str = "bf16", max_last: int | None = None,
+              feature_dtype: str = "fp32") -> dict:
     """The paper's plan: skip the first n and last m blocks, n + m = k, by the profile's argmin
     (m <= max_last when given)."""
     family = model.family
@@ -170,14 +213,18 @@ def make_plan(profile: dict, model, k: int, schedule, lora: LoraSettings, sample
     n, m = choose_split(profile["d_pre"], profile["d_suf"], k, max_last)
     plan = SkipPlan.first_last(family.num_blocks, n, m)
     return plan_document(model, plan, schedule, lora, samples, text_len, precision,
-                         {"n": n, "m": m, "score": profile["d_pre"][n] + profile["d_suf"][m]})
+                         {"n": n, "m": m, "score": profile["d_pre"][n] + profile["d_suf"][m]}, feature_dtype)
 
 
 def plan_document(model, plan: SkipPlan, schedule, lora: LoraSettings, samples: int, text_len: int = 512,
-                  precision: str = "bf16", extra: dict | None = None) -> dict:
-    """The plan JSON for any skip plan (ablations use middle or one-sided plans)."""
+                  precision: str = "bf16", extra: dict | None = None, feature_dtype: str = "fp32") -> dict:
+    """The plan JSON for any skip plan (ablations use middle or one-sided plans). `feature_dtype`
+    is what `blockskip cache` stores unless told otherwise (fp32 here: exact; the command line's
+    default is DEFAULT_FEATURE_DTYPE)."""
     if samples < 1:
         raise ConfigError(f"samples must be >= 1, got {samples}")
+    if feature_dtype not in FEATURE_DTYPES:
+        raise ConfigError(f"feature_dtype must be one of {', '.join(FEATURE_DTYPES)}, got {feature_dtype!r}")
     family = model.family
     targets = [t for i in plan.kept for t in family.lora_targets(i, lora.scope)]
     desc = model.describe()
@@ -188,7 +235,8 @@ def plan_document(model, plan: SkipPlan, schedule, lora: LoraSettings, samples: 
         "patch_schedule": schedule.to_dict(),
         "lora": {**asdict(lora), "target_modules": targets},
         "samples": samples,
-        "estimates": {**estimate(desc, family, plan, lora, schedule.s_min, text_len, precision),
+        "feature_dtype": feature_dtype,
+        "estimates": {**estimate(desc, family, plan, lora, schedule.s_min, text_len, precision, feature_dtype, samples),
                       "base_pack_bytes": base_pack_bytes(family, plan)},
     }
 
@@ -225,7 +273,9 @@ def default_text_len(model) -> tuple[int, str]:
 
 
 def _size(count: float) -> str:
-    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+    if count >= 2**30:
+        return f"{count / 2**30:.2f} GiB"
+    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count / 2**10:.1f} KiB"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -253,15 +303,16 @@ def run(args: argparse.Namespace) -> int:
         print("defaults from the model: " + ", ".join(taken))
     schedule = PatchSchedule(s_min=s_min, s_max=s_max, granularity=model.granularity, schedule=args.schedule)
     plan = make_plan(profile, model, k, schedule, LoraSettings(args.rank, args.alpha, args.lora_scope),
-                     args.samples, text_len, args.precision, max_last=args.max_last)
+                     args.samples, text_len, args.precision, max_last=args.max_last, feature_dtype=args.feature_dtype)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(plan, indent=2))
     est = plan["estimates"]
     print(f"skip first {plan['plan']['n']} and last {plan['plan']['m']} of {model.family.num_blocks} blocks; "
-          f"est. edge training memory {_size(est['train_memory_bytes'])} ({est['precision']}, {est['assumes']}), "
-          f"cache {_size(est['cache_bytes_per_draw'] * args.samples)} for {args.samples} draws -> {out}")
-    print(f"bundle sizes: base pack {_size(est['base_pack_bytes'])} (kept weights, installed once per model and "
-          f"plan), subject bundle about {_size(est['cache_bytes_per_draw'] * args.samples)} (features of "
-          f"{args.samples} draws)")
+          f"est. edge training memory {_size(est['train_memory_bytes'])} ({est['precision']}, {est['assumes']}) "
+          f"-> {out}")
+    print(f"base pack {_size(est['base_pack_bytes'])} (kept weights, installed once per model and plan)")
+    print(f"subject bundle: features {_size(est['cache_bytes'])} ({args.samples} draws x "
+          f"{_size(est['cache_bytes_per_draw'])}, {args.feature_dtype}) + prompt bank "
+          f"{_size(est['bank_bytes_per_prompt'])} per prompt")
     return 0

@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
     from blockskip.host.cache import build_cache, list_images
     from blockskip.host.encoders import EfficientNetLite0
     from blockskip.host.patches import PatchSchedule
-    from blockskip.host.plan import LoraSettings, make_plan, skip_budget
+    from blockskip.host.plan import DEFAULT_FEATURE_DTYPE, LoraSettings, make_plan, skip_budget
     from blockskip.host.profile import masking_profile
     from blockskip.models.pipeline import load_model, save_model, tiny_model
 
@@ -289,14 +289,15 @@ def run(args: argparse.Namespace) -> int:
     t = _step("plan", 3)
     schedule = PatchSchedule(s_min=args.train_size or args.size, s_max=args.size, granularity=model.granularity)
     plan = make_plan(profile, model, k, schedule, LoraSettings(rank=8, alpha=8, scope="all"), args.samples,
-                     text_len=model.text_encoder.max_length, precision="fp32", max_last=args.max_last)
+                     text_len=model.text_encoder.max_length, precision="fp32", max_last=args.max_last,
+                     feature_dtype=DEFAULT_FEATURE_DTYPE)
     (out / "plan.json").write_text(json.dumps(plan, indent=2))
     _say(f"skip first {plan['plan']['n']} and last {plan['plan']['m']}; keep {plan['plan']['kept']}")
     seconds["plan"] = time.perf_counter() - t
 
     t = _step("cache: frozen full model, one pass per draw", 4)
     _say(f"{args.samples} training draws (crop, timestep, noise, prompt) through all "
-         f"{model.family.num_blocks} blocks")
+         f"{model.family.num_blocks} blocks, stored in {plan['feature_dtype']}")
     stage = build_cache(model, plan, subject, [PROMPT], out / "staging", bank_prompts=BANK, seed=args.seed,
                         shard_size=16)
     seconds["cache"] = time.perf_counter() - t

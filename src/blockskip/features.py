@@ -2,11 +2,18 @@
 
     features/prompts.safetensors     per-prompt conditioning: "{p}/{key}"
     features/shard-00000.safetensors draws [0, S): "{i}/entry/{key}", "{i}/residual/{a}-{b}/{key}",
-                                     "{i}/cond/{key}", "{i}/target"; metadata "draws": JSON list of
+                                     "{i}/cond/{key}", "{i}/target"; with fp8 storage also
+                                     "{i}/scale/entry/{key}", "{i}/scale/residual/{a}-{b}/{key}";
+                                     metadata "draws": JSON list of
                                      {"index", "prompt", "sigma", "image", "crop"}
     weights/kept_blocks.safetensors  kept blocks' and head's base weights, full-model key names
 
-The reader memory-maps shards (safetensors `safe_open`) and loads one draw at a time.
+Feature storage (`feature_dtype`): fp32 (exact), bf16, fp16, or fp8: the entry state and the span
+residuals, the (tokens, channels) tensors that are nearly all of a draw's bytes, as float8 e4m3
+with one fp32 scale per token (row), and everything else (target, conditioning) in bf16.
+
+The reader memory-maps shards (safetensors `safe_open`), one at a time, loads one draw at a time
+and converts it to the training dtype (dequantizing fp8 with its scales).
 """
 
 from __future__ import annotations
@@ -22,6 +29,59 @@ from blockskip.errors import BundleError
 SHARD_PATTERN = "shard-{:05d}.safetensors"
 PROMPTS_FILE = "prompts.safetensors"
 WEIGHTS_FILE = "weights/kept_blocks.safetensors"
+
+FEATURE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                  "fp8": torch.float8_e4m3fn}
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+# fp8 scale granularity: one scale per token (row of a (tokens, channels) state). Per channel
+# loses more on the features measured here (benchmarks/results/cache_size.md).
+FP8_SCALE = "token"
+QUANTIZED_PARTS = ("entry", "residual")  # the (tokens, channels) states that fp8 storage quantizes
+
+
+def quantize_fp8(x: torch.Tensor, per: str = FP8_SCALE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale) with x ~ q.float() * scale: float8 e4m3 values and fp32 absmax scales, one per
+    row (`per="token"`, scale (N, 1)) or per column (`per="channel"`, scale (1, D)) of a 2-D x."""
+    assert x.ndim == 2, f"fp8 storage quantizes (tokens, channels) states, got shape {tuple(x.shape)}"
+    if per not in ("token", "channel"):
+        raise ValueError(f"fp8 scale granularity must be 'token' or 'channel', got {per!r}")
+    x = x.detach().float()
+    if not torch.isfinite(x).all():
+        raise ValueError("cannot quantize non-finite features (the frozen model produced inf or NaN)")
+    amax = x.abs().amax(dim=1 if per == "token" else 0, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))  # an all-zero row stays zero
+    q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.contiguous(), scale.contiguous()
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.float() * scale.float()).to(dtype)
+
+
+def storage_dtype(feature_dtype: str, part: str) -> torch.dtype:
+    """What a draw's `part` ("entry", "residual", "cond", "target", "prompt") is stored as."""
+    if feature_dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature dtype must be one of {', '.join(FEATURE_DTYPES)}, got {feature_dtype!r}")
+    if feature_dtype == "fp8" and part not in QUANTIZED_PARTS:
+        return torch.bfloat16
+    return FEATURE_DTYPES[feature_dtype]
+
+
+def store_draw(tensors: dict[str, torch.Tensor], feature_dtype: str) -> dict[str, torch.Tensor]:
+    """One draw's shard tensors (from `draw_tensors`) in the storage of `feature_dtype`; fp8 adds
+    a "{i}/scale/..." tensor beside each quantized state. Integer tensors are kept as they are."""
+    out = {}
+    for key, value in tensors.items():
+        if not value.is_floating_point():
+            out[key] = value
+            continue
+        index, rest = key.split("/", 1)
+        dtype = storage_dtype(feature_dtype, rest.split("/", 1)[0])
+        if dtype == torch.float8_e4m3fn and value.ndim == 2:
+            out[key], out[f"{index}/scale/{rest}"] = quantize_fp8(value)
+        else:
+            out[key] = value.to(torch.bfloat16 if dtype == torch.float8_e4m3fn else dtype)
+    return out
 
 
 def draw_tensors(index: int, entry: dict, residuals: dict, cond: dict, target: torch.Tensor,
@@ -94,8 +154,13 @@ class FeatureReader:
             if not key.startswith(prefix):
                 continue
             parts = key[len(prefix):].split("/")
+            if parts[0] == "scale":
+                continue  # read with the tensor it scales
             tensor = handle.get_tensor(key)
-            tensor = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+            if tensor.dtype == torch.float8_e4m3fn:
+                tensor = dequantize_fp8(tensor, handle.get_tensor(f"{prefix}scale/{key[len(prefix):]}"), self.dtype)
+            elif tensor.is_floating_point():
+                tensor = tensor.to(self.dtype)
             if parts[0] == "entry":
                 entry[parts[1]] = tensor[None]
             elif parts[0] == "residual":

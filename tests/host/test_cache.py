@@ -101,3 +101,69 @@ def test_cache_holds_kept_weights_only_and_image_only_final_residual(tmp_path):
     assert residual_keys == {"4-6/hidden_states"}
     meta = json.loads((out / "bundle.json").read_text())
     assert meta["plan"]["kept"] == [2, 3] and meta["samples"] == 6
+
+
+@pytest.mark.parametrize("feature_dtype,tolerance", [("fp16", 1e-3), ("bf16", 1e-2), ("fp8", 0.08)])
+@pytest.mark.parametrize("name,n,m", [("flux", 2, 2), ("sana", 2, 1)])
+def test_compressed_features_reproduce_full_model_within_tolerance(tmp_path, name, n, m, feature_dtype, tolerance):
+    """Relative L2 error of the reduced forward from stored features against the full model.
+    Measured on these random tiny models: fp16 <= 0.04%, bf16 <= 0.6%, fp8 <= 5%."""
+    model = tiny_model(name)
+    paths = subject_images(tmp_path / "images")
+    plan_doc = plan_for(model, n, m)
+    out = build_cache(model, plan_doc, paths, ["sks leaf"], tmp_path / "stage", shard_size=4, progress=False,
+                      feature_dtype=feature_dtype)
+    reader = FeatureReader(out, model.family.prompt_cond_keys)
+    schedule = PatchSchedule.from_dict(plan_doc["patch_schedule"])
+    images = [(p.name, load_image(p)) for p in paths]
+    plan = SkipPlan.from_dict(plan_doc["plan"])
+    for position in range(len(reader)):
+        entry, residuals, cond, target, info = reader.get(position)
+        inputs, expected_target, _ = draw_inputs(model, schedule, images, [model.encode_text("sks leaf")], 1, 0,
+                                                 info["index"])
+        with torch.no_grad():
+            full = model.family.diffusers_forward(**inputs)
+            cached = reduced_forward(model.family, plan, entry, residuals, cond)
+        assert (cached - full).norm() <= tolerance * full.norm()
+        assert (target - expected_target).norm() <= 2**-8 * expected_target.norm()  # bf16 or better
+
+
+def test_cache_stores_what_the_plan_says_unless_told(tmp_path):
+    model = tiny_model("flux")
+    paths = subject_images(tmp_path / "i")
+    plan_doc = plan_for(model, 2, 1, samples=2)
+    plan_doc["feature_dtype"] = "fp8"
+    out = build_cache(model, plan_doc, paths, ["sks"], tmp_path / "a", progress=False)
+    meta = json.loads((out / "bundle.json").read_text())
+    assert (meta["feature_dtype"], meta["fp8_scale"]) == ("fp8", "per-token")
+    with safe_open(str(out / "features" / "shard-00000.safetensors"), framework="pt") as handle:
+        assert handle.get_tensor("0/entry/hidden_states").dtype == torch.float8_e4m3fn
+    out = build_cache(model, plan_doc, paths, ["sks"], tmp_path / "b", progress=False, feature_dtype="bf16")
+    assert json.loads((out / "bundle.json").read_text())["feature_dtype"] == "bf16"
+
+
+@pytest.mark.parametrize("feature_dtype", ["fp32", "bf16", "fp16", "fp8"])
+@pytest.mark.parametrize("name,n,m", [("flux", 2, 2), ("flux", 0, 1), ("sana", 1, 2)])
+def test_plan_estimate_is_the_bytes_the_cache_writes(tmp_path, name, n, m, feature_dtype):
+    """The plan's bytes per draw and per subject are the tensor bytes of the shards (the header,
+    about 100 bytes a tensor, aside)."""
+    from blockskip.host.plan import plan_document
+
+    model = tiny_model(name)
+    plan_doc = plan_for(model, n, m, samples=5)
+    plan_doc = plan_document(model, SkipPlan.from_dict(plan_doc["plan"]),
+                             PatchSchedule.from_dict(plan_doc["patch_schedule"]), LoraSettings(), 5,
+                             text_len=model.text_encoder.max_length, feature_dtype=feature_dtype)
+    out = build_cache(model, plan_doc, subject_images(tmp_path / "i"), ["sks"], tmp_path / "s", shard_size=4,
+                      progress=False)
+    tensor_bytes, draw_bytes, tensors, files = 0, 0, 0, sorted((out / "features").glob("*.safetensors"))
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            size = sum(handle.get_tensor(k).nbytes for k in handle.keys())
+            tensors += len(handle.keys())
+        tensor_bytes += size
+        draw_bytes += size if path.name.startswith("shard-") else 0
+    assert draw_bytes == 5 * plan_doc["estimates"]["cache_bytes_per_draw"]
+    assert tensor_bytes == plan_doc["estimates"]["cache_bytes"]  # the draws and the one prompt's conditioning
+    header = sum(p.stat().st_size for p in files) - tensor_bytes
+    assert 0 < header < 250 * tensors, "headers (names, shapes, draw metadata) stay small"

@@ -131,9 +131,10 @@ def test_plan_on_the_built_in_model_takes_its_sizes_and_text_length(tmp_path):
     assert plan["estimates"]["train_memory_bytes"] < 32 * 2**20
     assert "MiB (fp32, batch 1 at 16x16, 16 text tokens)" in result.stdout
     base = plan["estimates"]["base_pack_bytes"]
-    subject = plan["estimates"]["cache_bytes_per_draw"] * plan["samples"]
-    assert f"bundle sizes: base pack {base / 2**20:.1f} MiB (kept weights, installed once per model and plan), " \
-           f"subject bundle about {subject / 2**20:.1f} MiB (features of 2000 draws)" in result.stdout
+    subject = plan["estimates"]["cache_bytes"]
+    assert f"base pack {base / 2**20:.1f} MiB (kept weights, installed once per model and plan)" in result.stdout
+    assert f"subject bundle: features {subject / 2**20:.1f} MiB (300 draws x " in result.stdout
+    assert (plan["samples"], plan["feature_dtype"]) == (300, "bf16")  # the defaults measured in feature-storage/
 
 
 def test_plan_flags_override_the_model_defaults(tmp_path):
@@ -214,3 +215,23 @@ def test_cache_without_a_text_encoder_says_it_needs_one(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "needs the model's text encoder" in err and "prompt bank" not in err
     assert not (tmp_path / "stage").exists()
+
+
+def test_plan_prints_the_subject_bundle_for_the_storage_chosen(tmp_path):
+    from blockskip.models.crops import MODEL_DIR
+
+    args = ["--profile", MODEL_DIR.parent / "crop-profile.json", "--model", MODEL_DIR, "--skip-ratio", "0.5"]
+    sizes = {}
+    for feature_dtype in ("fp32", "bf16", "fp8"):
+        out = tmp_path / f"{feature_dtype}.json"
+        result = _plan_cli(*args, "--out", out, "--feature-dtype", feature_dtype, "--samples", "500")
+        assert result.returncode == 0, result.stderr
+        plan = json.loads(out.read_text())
+        assert (plan["samples"], plan["feature_dtype"]) == (500, feature_dtype)
+        est = sizes[feature_dtype] = plan["estimates"]
+        assert est["cache_bytes"] > 500 * est["cache_bytes_per_draw"]
+        line = (f"subject bundle: features {est['cache_bytes'] / 2**20:.1f} MiB (500 draws x "
+                f"{est['cache_bytes_per_draw'] / 1024:.1f} KiB, {feature_dtype}) + prompt bank 4.2 KiB per prompt")
+        assert line in result.stdout
+    assert sizes["bf16"]["cache_bytes_per_draw"] * 2 == sizes["fp32"]["cache_bytes_per_draw"]
+    assert sizes["fp8"]["cache_bytes_per_draw"] < 0.75 * sizes["bf16"]["cache_bytes_per_draw"]
