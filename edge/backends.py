@@ -89,12 +89,13 @@ def ort_providers() -> list[str]:
 class OrtBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: str | Path, providers: list[str] | None = None):
+    def __init__(self, onnx_path: str | Path, providers: list[str] | None = None, threads: int | None = None):
         import onnxruntime as ort
 
         self.path = Path(onnx_path)
         self.meta = read_sidecar(self.path)
-        wanted = providers or ort_providers()
+        # int8 exports are for the CPU EP (its dynamic-quantization kernels); GPUs take TensorRT
+        wanted = providers or (["CPUExecutionProvider"] if self.meta.get("precision") == "int8" else ort_providers())
         options = []
         for provider in wanted:
             if provider == "TensorrtExecutionProvider":
@@ -103,7 +104,10 @@ class OrtBackend(Backend):
                                            "trt_fp16_enable": self.meta.get("precision") == "fp16"}))
             else:
                 options.append(provider)
-        self.session = ort.InferenceSession(str(self.path), providers=options)
+        session_options = ort.SessionOptions()
+        if threads:
+            session_options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(self.path), session_options, providers=options)
         self.providers = self.session.get_providers()
         self.input_names = [i.name for i in self.session.get_inputs()]
         logger.info("onnxruntime session on %s with %s", self.path, self.providers)
@@ -123,7 +127,7 @@ class OrtBackend(Backend):
 
     def describe(self):
         return {"backend": self.name, "providers": self.providers, "onnx": str(self.path),
-                "adapter_hash": self.meta.get("adapter_hash")}
+                "precision": self.meta.get("precision"), "adapter_hash": self.meta.get("adapter_hash")}
 
 
 # ---- TensorRT --------------------------------------------------------------------------------
@@ -301,6 +305,30 @@ def cached_engine(model_dir: str | Path, adapter: str | Path | None, shapes: Sha
 
 
 # ---- choosing --------------------------------------------------------------------------------
+# precisions each backend runs (first: its default); the torch backend runs the checkpoint as is
+BACKEND_PRECISIONS = {"torch": (None,), "onnxruntime": ("fp32", "fp16", "int8"),
+                      "tensorrt": ("fp16", "fp32")}
+
+
+def check_precision(backend: str, precision: str | None) -> str | None:
+    """The precision `backend` will run (`precision` or its default); a clear error for a
+    combination that does not exist (int8 is ONNX Runtime's, for CPU boards)."""
+    allowed = BACKEND_PRECISIONS[backend]
+    if precision is None:
+        return allowed[0]
+    if precision not in allowed:
+        if backend == "torch":
+            raise ConfigError(f"--precision {precision} is for the onnxruntime (fp32, fp16, int8) and tensorrt "
+                              "(fp16, fp32) backends; the torch backend runs the model's own weights "
+                              "(leave --precision out)")
+        if backend == "tensorrt" and precision == "int8":
+            raise ConfigError("--precision int8 is ONNX Runtime's dynamic int8 for CPU boards; TensorRT engines "
+                              "here are fp16 or fp32 (use --backend onnxruntime for int8)")
+        raise ConfigError(f"--precision for {backend} must be one of {', '.join(p for p in allowed if p)}, "
+                          f"got {precision!r}")
+    return precision
+
+
 def available_backends() -> list[str]:
     """Concrete backends usable on this machine, best first."""
     names = []
@@ -335,13 +363,15 @@ def pick_backend(name: str, model_dir: str | Path, adapter: str | Path | None, s
     `load()` returns the full Model; it is called only when torch weights are needed."""
     from blockskip.models.pipeline import load_model
 
-    chosen = resolve_backend(name)
+    # int8 exists only on ONNX Runtime: auto goes there rather than to TensorRT or torch
+    chosen = resolve_backend("onnxruntime" if name == "auto" and precision == "int8" else name)
+    precision = check_precision(chosen, precision)
     load = load or (lambda: load_model(model_dir, text_encoder=False))
     if chosen == "torch":
         backend = TorchBackend(load().family.model, adapter)
     elif chosen == "onnxruntime":
-        backend = OrtBackend(cached_onnx(model_dir, adapter, shapes, cache_dir, precision or "fp32", load=load))
+        backend = OrtBackend(cached_onnx(model_dir, adapter, shapes, cache_dir, precision, load=load))
     else:
-        backend = cached_engine(model_dir, adapter, shapes, cache_dir, precision or "fp16", load=load)
+        backend = cached_engine(model_dir, adapter, shapes, cache_dir, precision, load=load)
     logger.info("backend %s: %s", backend.name, backend.describe())
     return backend

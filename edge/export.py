@@ -44,6 +44,9 @@ def text_length(model_dir: str, bundle: str | None, trust: TrustPolicy | None = 
 def export(model_dir: str, adapter: str | None, shapes: Shapes, cache_dir: str, precision: str | None = None,
            engine: bool = False, out: str | None = None) -> dict:
     """ONNX (and engine) for this model, adapter and size; returns what was written."""
+    from blockskip.edge.backends import check_precision
+
+    check_precision("tensorrt" if engine else "onnxruntime", precision)
     onnx_path = cached_onnx(model_dir, adapter, shapes, cache_dir, "fp32" if engine else (precision or "fp32"))
     report = {"onnx": str(onnx_path), "sidecar": read_sidecar(onnx_path)}
     if engine:
@@ -72,8 +75,10 @@ def register(subparsers) -> None:
                         help="text tokens (default: from --bundle's prompt bank, else the model's text encoder)")
     parser.add_argument("--bundle", help="bundle with a prompt bank (gives the text length); opened under the "
                                          "trust options below")
-    parser.add_argument("--precision", choices=["fp32", "fp16"],
-                        help="ONNX weights precision, or the engine's with --engine (default: fp32 / fp16)")
+    parser.add_argument("--precision", choices=["fp32", "fp16", "int8"],
+                        help="ONNX weights precision, or the engine's with --engine (default: fp32 / fp16); "
+                             "int8: ONNX Runtime's transformer optimizer + dynamic int8 weights, for CPU boards "
+                             "(not with --engine)")
     parser.add_argument("--engine", action="store_true",
                         help="also build (or refit) the TensorRT engine; needs TensorRT and a CUDA GPU")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE,

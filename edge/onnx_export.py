@@ -40,8 +40,12 @@ logger = logging.getLogger(__name__)
 OPSET = 20  # TensorRT 10 parses opsets 9..20
 ONNX_FILE = "transformer.onnx"
 SIDECAR = "transformer.json"
-PRECISIONS = ("fp32", "fp16")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+PRECISIONS = ("fp32", "fp16", "int8")  # what `cached_onnx` writes; int8 is derived from fp32
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # torch dtype of the traced weights
+# ONNX Runtime's transformer optimizer model type per family (`optimize_model(model_type=...)`):
+# "mmdit" fuses FLUX's and SANA's LayerNorms here (no attention fusion matches the dynamo export)
+OPTIMIZER_MODEL_TYPE = {"flux": "mmdit", "sana": "mmdit"}
+INT8_REL_ERROR = 0.10  # an int8 export is kept when ||ort - torch|| / ||torch|| on random inputs is below this
 
 
 @dataclass(frozen=True)
@@ -106,10 +110,11 @@ def merge_adapter(transformer: torch.nn.Module, adapter: str | Path | None) -> t
     LoRA layers. The result is a plain diffusers transformer; non-finite weights are refused."""
     from blockskip.edge.lora import load_adapter
 
-    if adapter is not None:
+    if adapter is not None and getattr(transformer, "_blockskip_merged", None) != str(adapter):
         load_adapter(transformer, adapter)
         transformer.fuse_lora(lora_scale=1.0)
         transformer.unload_lora()
+        transformer._blockskip_merged = str(adapter)  # merging is in place: never merge twice
     for name, param in transformer.named_parameters():
         if not torch.isfinite(param).all():
             raise InputError(f"weight {name} is not finite after merging adapter {str(adapter)!r}; "
@@ -163,8 +168,9 @@ def export_onnx(model, adapter: str | Path | None, out_dir: str | Path, shapes: 
     `adapter` merged to `out_dir/transformer.onnx`, check it against torch, write the sidecar."""
     from blockskip.edge.lora import adapter_hash
 
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in DTYPES:
+        raise ConfigError(f"export_onnx traces fp32 or fp16, got {precision!r} (int8 is quantized from an fp32 "
+                          "export: quantize_int8 / cached_onnx)")
     g = model.granularity
     if shapes.height % g or shapes.width % g:
         raise ConfigError(f"height and width must be multiples of {g} for this model, got "
@@ -245,6 +251,108 @@ def refit_onnx(src_dir: str | Path, transformer: torch.nn.Module, out_dir: str |
     return out / ONNX_FILE
 
 
+# ---- int8 (ONNX Runtime, CPU) -----------------------------------------------------------------
+class _ToDebug(logging.Filter):
+    """Turns the root-logger warnings of onnxruntime's quantization tools (advice such as "run
+    pre-processing before quantization") into debug records of this module's logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        logger.debug("onnxruntime: %s", record.getMessage())
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_ort_tools():
+    """ONNX Runtime's optimizer and quantizer print to stdout ("failed in shape inference"), draw
+    a tqdm bar and warn through the root logger (which would configure logging on first use).
+    All of that is advice about other models; it goes to this module's debug log instead."""
+    import io
+
+    root = logging.getLogger()
+    filters = [_ToDebug()]
+    guard = logging.NullHandler() if not root.handlers else None  # keeps logging.warning from basicConfig()
+    if guard:
+        root.addHandler(guard)
+    quiet = [logging.getLogger(name) for name in ("onnxruntime", "onnxruntime.transformers", "onnx_model",
+                                                  "fusion_base", "onnx_model_mmdit", "optimizer")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    root.addFilter(filters[0])
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            yield
+    finally:
+        root.removeFilter(filters[0])
+        if guard:
+            root.removeHandler(guard)
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+        if captured.getvalue().strip():
+            logger.debug("onnxruntime tools said:\n%s", captured.getvalue())
+
+
+def quantize_int8(fp32_onnx: str | Path, out_dir: str | Path, optimize: bool = True) -> Path:
+    """int8 copy of an fp32 export for ONNX Runtime on CPU boards: ONNX Runtime's transformer
+    graph optimizer (`OPTIMIZER_MODEL_TYPE` of the family), then dynamic quantization
+    (`quantize_dynamic`: MatMul/Gemm weights int8 per output channel, activations quantized per
+    call at run time). Inputs and output stay float32; the sidecar says `precision: int8`."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src = Path(fp32_onnx)
+    meta = read_sidecar(src)
+    if meta["precision"] != "fp32":
+        raise ConfigError(f"int8 is quantized from an fp32 export; {src} is {meta['precision']}")
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model_type = OPTIMIZER_MODEL_TYPE.get(meta["family"]) if optimize else None
+    source = src
+    logger.info("quantizing %s to int8 (optimizer: %s)", src.parent.name, model_type or "off")
+    with _quiet_ort_tools():
+        if model_type:
+            from onnxruntime.transformers.optimizer import optimize_model
+
+            optimized = optimize_model(str(src), model_type=model_type, opt_level=0, use_gpu=False)
+            source = tmp / "optimized.onnx"
+            optimized.save_model_to_file(str(source), use_external_data_format=True,
+                                         all_tensors_to_one_file=True)
+        quantize_dynamic(str(source), str(tmp / ONNX_FILE), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=True)
+    for leftover in tmp.iterdir():
+        if leftover.name not in (ONNX_FILE, ONNX_FILE + ".data"):
+            leftover.unlink()
+    meta.update(precision="int8", quantized_from=str(src.parent.name),
+                quantization={"method": "onnxruntime.quantization.quantize_dynamic", "weights": "int8 per channel",
+                              "activations": "dynamic uint8", "ops": ["MatMul", "Gemm"],
+                              "optimizer": model_type})
+    (tmp / SIDECAR).write_text(json.dumps(meta, indent=2))
+    _replace_dir(tmp, out)
+    return out / ONNX_FILE
+
+
+def check_int8(onnx_path: Path, transformer: torch.nn.Module, inputs: dict,
+               max_rel: float = INT8_REL_ERROR) -> float:
+    """Relative L2 error of an int8 export against the fp32 torch model on random latents and
+    text (timestep and guidance as in `inputs`, like the sampler's); raise
+    above `max_rel` (int8 cannot meet check_onnx's fp32 tolerance, but a broken graph is far off)."""
+    import onnxruntime as ort
+
+    gen = torch.Generator().manual_seed(0)
+    feeds = {**inputs, **{k: torch.randn(v.shape, generator=gen) for k, v in inputs.items()  # sampler-like:
+                          if k in ("hidden_states", "encoder_hidden_states", "pooled_projections")}}  # t kept
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {i.name: feeds[i.name].numpy() for i in session.get_inputs()})[0])
+    with torch.no_grad():
+        want = transformer(**feeds, return_dict=False)[0].float()
+    rel = float((got.float() - want).norm() / want.norm().clamp_min(1e-12))
+    if not rel <= max_rel:
+        raise RuntimeError(f"int8 export {onnx_path} is {rel:.1%} off torch (limit {max_rel:.0%}); not keeping it")
+    return rel
+
+
 def _cast(transformer: torch.nn.Module, precision: str) -> torch.nn.Module:
     dtype = DTYPES[precision]
     return transformer if next(transformer.parameters()).dtype == dtype else transformer.to(dtype)
@@ -273,6 +381,8 @@ def cached_onnx(model_dir: str | Path, adapter: str | Path | None, shapes: Shape
     from blockskip.edge.lora import adapter_hash
     from blockskip.models.pipeline import load_model
 
+    if precision not in PRECISIONS:
+        raise ConfigError(f"ONNX precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     mid = model_hash(model_dir)
     aid = adapter_hash(adapter) if adapter else None
     root = Path(cache_dir) / "onnx"
@@ -281,6 +391,12 @@ def cached_onnx(model_dir: str | Path, adapter: str | Path | None, shapes: Shape
         logger.info("using cached ONNX %s", target)
         return target / ONNX_FILE
     model = (load or (lambda: load_model(model_dir, text_encoder=False)))()
+    if precision == "int8":  # quantized from the fp32 export of the same adapter (cached too)
+        fp32 = cached_onnx(model_dir, adapter, shapes, cache_dir, "fp32", load=lambda: model)
+        path = quantize_int8(fp32, target)
+        rel = check_int8(path, merge_adapter(model.family.model, adapter), example_inputs(model, shapes))
+        logger.info("int8 export %s: %.2f%% relative error vs torch fp32 on random inputs", target.name, 100 * rel)
+        return path
     siblings = sorted(root.glob(f"{mid}-*-{precision}-{shapes.key()}")) if root.is_dir() else []
     siblings = [s for s in siblings if (s / SIDECAR).is_file() and s != target]
     if siblings:
