@@ -6,7 +6,8 @@
 - `torch`: the diffusers transformer with the adapter fused (the reference).
 - `onnxruntime`: the merged transformer exported to ONNX (`onnx_export.py`), on the best
   provider ONNX Runtime has here: TensorRT EP, then CUDA EP, then CPU EP.
-- `tensorrt`: an engine built from that ONNX with the REFIT flag; a new adapter is applied by
+- `tensorrt`: an engine built (fp16 or fp32, `builder_flags`) from that ONNX, constant-folded
+  with the weights' names kept (`trt_onnx.py`), with the REFIT flag; a new adapter is applied by
   refitting the engine's weights by name from the new ONNX, never by rebuilding. Engines are
   cached by (model hash, precision, shapes, TensorRT version); the sidecar JSON says which
   adapter is in the engine now.
@@ -147,25 +148,41 @@ def engine_key(model_id: str, precision: str, shapes: Shapes, trt_version: str) 
     return f"{model_id}-{precision}-{shapes.key()}-trt{trt_version}"
 
 
+ENGINE_PRECISIONS = ("fp16", "fp32")
+
+
+def builder_flags(precision: str) -> list[str]:
+    """`trt.BuilderFlag` names an engine of `precision` is built with. Every engine is REFIT
+    (a new adapter is new weights by name). fp16 lets TensorRT pick fp16 kernels where they are
+    faster (layers it keeps in fp32 stay fp32); fp32 leaves TF32 on (TensorRT's default on
+    Ampere/Orin). int8 is not offered: TensorRT 10 deprecates implicit (calibrated) int8, and
+    explicit int8 needs Q/DQ scales that change with every adapter, so such an engine could not
+    be refit; ONNX Runtime's int8 (`--backend onnxruntime --precision int8`) covers CPU boards."""
+    if precision not in ENGINE_PRECISIONS:
+        raise ConfigError(f"TensorRT engine precision must be one of {', '.join(ENGINE_PRECISIONS)}, "
+                          f"got {precision!r}")
+    return ["REFIT", "FP16"] if precision == "fp16" else ["REFIT"]
+
+
 def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str = "fp16",
                  workspace_bytes: int | None = None) -> Path:
     """Parse the ONNX and build a refittable engine (minutes to hours on a Jetson)."""
+    flags = builder_flags(precision)
     trt = import_tensorrt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     trt_logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(trt_logger)
-    flags = 0
+    network_flags = 0
     if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") and int(trt.__version__.split(".")[0]) < 10:
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
+        network_flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(network_flags)
     parser = trt.OnnxParser(network, trt_logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise InputError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
-    config.set_flag(trt.BuilderFlag.REFIT)  # weights can be replaced later by name
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
+    for flag in flags:  # REFIT: weights can be replaced later by name
+        config.set_flag(getattr(trt.BuilderFlag, flag))
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     logger.info("building TensorRT engine from %s (%s); this can take long on a Jetson", onnx_path, precision)
@@ -283,9 +300,12 @@ def cached_engine(model_dir: str | Path, adapter: str | Path | None, shapes: Sha
     from blockskip.edge.lora import adapter_hash
     from blockskip.edge.onnx_export import model_hash
 
+    from blockskip.edge.trt_onnx import cached_trt_onnx
+
     trt = import_tensorrt()
+    builder_flags(precision)  # a bad precision fails before any export
     aid = adapter_hash(adapter) if adapter else None
-    onnx_path = cached_onnx(model_dir, adapter, shapes, cache_dir, "fp32", load=load)
+    onnx_path = cached_trt_onnx(cached_onnx(model_dir, adapter, shapes, cache_dir, "fp32", load=load))
     mid = model_hash(model_dir)
     engine_path = Path(cache_dir) / "engines" / f"{engine_key(mid, precision, shapes, trt.__version__)}.engine"
     sidecar = engine_path.with_suffix(".json")
@@ -306,8 +326,7 @@ def cached_engine(model_dir: str | Path, adapter: str | Path | None, shapes: Sha
 
 # ---- choosing --------------------------------------------------------------------------------
 # precisions each backend runs (first: its default); the torch backend runs the checkpoint as is
-BACKEND_PRECISIONS = {"torch": (None,), "onnxruntime": ("fp32", "fp16", "int8"),
-                      "tensorrt": ("fp16", "fp32")}
+BACKEND_PRECISIONS = {"torch": (None,), "onnxruntime": ("fp32", "fp16", "int8"), "tensorrt": ENGINE_PRECISIONS}
 
 
 def check_precision(backend: str, precision: str | None) -> str | None:
