@@ -2,8 +2,9 @@
 
 torch's dynamo export carries hundreds of `Constant` nodes and arithmetic on them; folding them
 leaves TensorRT's parser a smaller graph (tiny FLUX: 1717 -> 1023 nodes). Shape folding is off:
-onnx-graphsurgeon 0.6's breaks the export's repeat_interleave (ONNX Runtime then refuses the graph). What is *not* folded: the initializers (the model's weights, named exactly
-like the torch parameters). Folding `Transpose(weight)` would turn a weight into a new, unnamed
+onnx-graphsurgeon 0.6's breaks the export's repeat_interleave (ONNX Runtime then refuses the
+graph). What is *not* folded: the initializers (the model's weights, named exactly like the
+torch parameters). Folding `Transpose(weight)` would turn a weight into a new, unnamed
 constant and the engine could no longer be refit by name with a new adapter; so the weights are
 hidden from the folder as graph inputs and put back afterwards.
 
