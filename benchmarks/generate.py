@@ -47,11 +47,16 @@ def wide_model(path: Path) -> Path:
     return save_model(Model(family, PixelCodec(), text, dict(DEFAULT_SCHEDULERS["flux"])), path)
 
 
-def encode(model_dir: str, crop: bool):
-    from blockskip.models.crops import load_crop_model
+def encode(model_dir: str, crop: bool, weights: bool):
+    """The model with its text encoder; the transformer's weights only when `weights` (rows that
+    run an export must not count torch's copy of them in their peak)."""
+    from blockskip.models.crops import WordTextEncoder
     from blockskip.models.pipeline import load_model
 
-    return load_crop_model(model_dir) if crop else load_model(model_dir, text_encoder=True)
+    model = load_model(model_dir, text_encoder=not crop, weights=weights)
+    if crop:
+        model.text_encoder = WordTextEncoder.load(model_dir)
+    return model
 
 
 def child(args) -> None:
@@ -66,7 +71,7 @@ def child(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     name, _, precision = args.backend.partition(":")
-    text_model = encode(args.model, args.crop)
+    text_model = encode(args.model, args.crop, weights=name == "torch")
     text = text_model.encode_text(PROMPT)
     full = text_model if name == "torch" else None
     del text_model
