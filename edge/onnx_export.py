@@ -265,10 +265,17 @@ def refit_onnx(src_dir: str | Path, transformer: torch.nn.Module, out_dir: str |
 
 # ---- int8 (ONNX Runtime, CPU) -----------------------------------------------------------------
 class _ToDebug(logging.Filter):
-    """Turns the root-logger warnings of onnxruntime's quantization tools (advice such as "run
-    pre-processing before quantization") into debug records of this module's logger."""
+    """Turns records logged from inside the onnxruntime package (its quantization tools warn
+    through the root logger, its transformer optimizer through loggers of its own) into debug
+    records of this module's logger."""
+
+    def __init__(self, package_dir: str):
+        super().__init__()
+        self.package_dir = package_dir
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if not record.pathname.startswith(self.package_dir):
+            return True
         logger.debug("onnxruntime: %s", record.getMessage())
         return False
 
@@ -276,31 +283,29 @@ class _ToDebug(logging.Filter):
 @contextlib.contextmanager
 def _quiet_ort_tools():
     """ONNX Runtime's optimizer and quantizer print to stdout ("failed in shape inference"), draw
-    a tqdm bar and warn through the root logger (which would configure logging on first use).
-    All of that is advice about other models; it goes to this module's debug log instead."""
+    a tqdm bar and log advice about other models. All of that goes to this module's debug log:
+    a filter on the root handlers takes the onnxruntime package's records, a NullHandler keeps
+    `logging.warning` from configuring logging (basicConfig) when nothing has, and stdout and
+    stderr are captured for the span of the call."""
     import io
 
+    import onnxruntime
+
     root = logging.getLogger()
-    filters = [_ToDebug()]
-    guard = logging.NullHandler() if not root.handlers else None  # keeps logging.warning from basicConfig()
-    if guard:
-        root.addHandler(guard)
-    quiet = [logging.getLogger(name) for name in ("onnxruntime", "onnxruntime.transformers", "onnx_model",
-                                                  "fusion_base", "onnx_model_mmdit", "optimizer")]
-    levels = [q.level for q in quiet]
-    for q in quiet:
-        q.setLevel(logging.ERROR)
-    root.addFilter(filters[0])
+    guard = logging.NullHandler()
+    root.addHandler(guard)
+    handlers = list(root.handlers)
+    ort_filter = _ToDebug(os.path.dirname(onnxruntime.__file__))
+    for handler in handlers:
+        handler.addFilter(ort_filter)
     captured = io.StringIO()
     try:
         with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
             yield
     finally:
-        root.removeFilter(filters[0])
-        if guard:
-            root.removeHandler(guard)
-        for q, level in zip(quiet, levels):
-            q.setLevel(level)
+        for handler in handlers:
+            handler.removeFilter(ort_filter)
+        root.removeHandler(guard)
         if captured.getvalue().strip():
             logger.debug("onnxruntime tools said:\n%s", captured.getvalue())
 
