@@ -6,7 +6,8 @@
 - `torch`: the diffusers transformer with the adapter fused (the reference).
 - `onnxruntime`: the merged transformer exported to ONNX (`onnx_export.py`), on the best
   provider ONNX Runtime has here: TensorRT EP, then CUDA EP, then CPU EP.
-- `tensorrt`: an engine built from that ONNX with the REFIT flag; a new adapter is applied by
+- `tensorrt`: an engine built (fp16 or fp32, `builder_flags`) from that ONNX, constant-folded
+  with the weights' names kept (`trt_onnx.py`), with the REFIT flag; a new adapter is applied by
   refitting the engine's weights by name from the new ONNX, never by rebuilding. Engines are
   cached by (model hash, precision, shapes, TensorRT version); the sidecar JSON says which
   adapter is in the engine now.
@@ -89,12 +90,13 @@ def ort_providers() -> list[str]:
 class OrtBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: str | Path, providers: list[str] | None = None):
+    def __init__(self, onnx_path: str | Path, providers: list[str] | None = None, threads: int | None = None):
         import onnxruntime as ort
 
         self.path = Path(onnx_path)
         self.meta = read_sidecar(self.path)
-        wanted = providers or ort_providers()
+        # int8 exports are for the CPU EP (its dynamic-quantization kernels); GPUs take TensorRT
+        wanted = providers or (["CPUExecutionProvider"] if self.meta.get("precision") == "int8" else ort_providers())
         options = []
         for provider in wanted:
             if provider == "TensorrtExecutionProvider":
@@ -103,7 +105,10 @@ class OrtBackend(Backend):
                                            "trt_fp16_enable": self.meta.get("precision") == "fp16"}))
             else:
                 options.append(provider)
-        self.session = ort.InferenceSession(str(self.path), providers=options)
+        session_options = ort.SessionOptions()
+        if threads:
+            session_options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(self.path), session_options, providers=options)
         self.providers = self.session.get_providers()
         self.input_names = [i.name for i in self.session.get_inputs()]
         logger.info("onnxruntime session on %s with %s", self.path, self.providers)
@@ -123,7 +128,7 @@ class OrtBackend(Backend):
 
     def describe(self):
         return {"backend": self.name, "providers": self.providers, "onnx": str(self.path),
-                "adapter_hash": self.meta.get("adapter_hash")}
+                "precision": self.meta.get("precision"), "adapter_hash": self.meta.get("adapter_hash")}
 
 
 # ---- TensorRT --------------------------------------------------------------------------------
@@ -143,25 +148,41 @@ def engine_key(model_id: str, precision: str, shapes: Shapes, trt_version: str) 
     return f"{model_id}-{precision}-{shapes.key()}-trt{trt_version}"
 
 
+ENGINE_PRECISIONS = ("fp16", "fp32")
+
+
+def builder_flags(precision: str) -> list[str]:
+    """`trt.BuilderFlag` names an engine of `precision` is built with. Every engine is REFIT
+    (a new adapter is new weights by name). fp16 lets TensorRT pick fp16 kernels where they are
+    faster (layers it keeps in fp32 stay fp32); fp32 leaves TF32 on (TensorRT's default on
+    Ampere/Orin). int8 is not offered: TensorRT 10 deprecates implicit (calibrated) int8, and
+    explicit int8 needs Q/DQ scales that change with every adapter, so such an engine could not
+    be refit; ONNX Runtime's int8 (`--backend onnxruntime --precision int8`) covers CPU boards."""
+    if precision not in ENGINE_PRECISIONS:
+        raise ConfigError(f"TensorRT engine precision must be one of {', '.join(ENGINE_PRECISIONS)}, "
+                          f"got {precision!r}")
+    return ["REFIT", "FP16"] if precision == "fp16" else ["REFIT"]
+
+
 def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str = "fp16",
                  workspace_bytes: int | None = None) -> Path:
     """Parse the ONNX and build a refittable engine (minutes to hours on a Jetson)."""
+    flags = builder_flags(precision)
     trt = import_tensorrt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     trt_logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(trt_logger)
-    flags = 0
+    network_flags = 0
     if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") and int(trt.__version__.split(".")[0]) < 10:
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
+        network_flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(network_flags)
     parser = trt.OnnxParser(network, trt_logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise InputError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
-    config.set_flag(trt.BuilderFlag.REFIT)  # weights can be replaced later by name
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
+    for flag in flags:  # REFIT: weights can be replaced later by name
+        config.set_flag(getattr(trt.BuilderFlag, flag))
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     logger.info("building TensorRT engine from %s (%s); this can take long on a Jetson", onnx_path, precision)
@@ -279,9 +300,12 @@ def cached_engine(model_dir: str | Path, adapter: str | Path | None, shapes: Sha
     from blockskip.edge.lora import adapter_hash
     from blockskip.edge.onnx_export import model_hash
 
+    from blockskip.edge.trt_onnx import cached_trt_onnx
+
     trt = import_tensorrt()
+    builder_flags(precision)  # a bad precision fails before any export
     aid = adapter_hash(adapter) if adapter else None
-    onnx_path = cached_onnx(model_dir, adapter, shapes, cache_dir, "fp32", load=load)
+    onnx_path = cached_trt_onnx(cached_onnx(model_dir, adapter, shapes, cache_dir, "fp32", load=load))
     mid = model_hash(model_dir)
     engine_path = Path(cache_dir) / "engines" / f"{engine_key(mid, precision, shapes, trt.__version__)}.engine"
     sidecar = engine_path.with_suffix(".json")
@@ -301,6 +325,29 @@ def cached_engine(model_dir: str | Path, adapter: str | Path | None, shapes: Sha
 
 
 # ---- choosing --------------------------------------------------------------------------------
+# precisions each backend runs (first: its default); the torch backend runs the checkpoint as is
+BACKEND_PRECISIONS = {"torch": (None,), "onnxruntime": ("fp32", "fp16", "int8"), "tensorrt": ENGINE_PRECISIONS}
+
+
+def check_precision(backend: str, precision: str | None) -> str | None:
+    """The precision `backend` will run (`precision` or its default); a clear error for a
+    combination that does not exist (int8 is ONNX Runtime's, for CPU boards)."""
+    allowed = BACKEND_PRECISIONS[backend]
+    if precision is None:
+        return allowed[0]
+    if precision not in allowed:
+        if backend == "torch":
+            raise ConfigError(f"--precision {precision} is for the onnxruntime (fp32, fp16, int8) and tensorrt "
+                              "(fp16, fp32) backends; the torch backend runs the model's own weights "
+                              "(leave --precision out)")
+        if backend == "tensorrt" and precision == "int8":
+            raise ConfigError("--precision int8 is ONNX Runtime's dynamic int8 for CPU boards; TensorRT engines "
+                              "here are fp16 or fp32 (use --backend onnxruntime for int8)")
+        raise ConfigError(f"--precision for {backend} must be one of {', '.join(p for p in allowed if p)}, "
+                          f"got {precision!r}")
+    return precision
+
+
 def available_backends() -> list[str]:
     """Concrete backends usable on this machine, best first."""
     names = []
@@ -335,13 +382,15 @@ def pick_backend(name: str, model_dir: str | Path, adapter: str | Path | None, s
     `load()` returns the full Model; it is called only when torch weights are needed."""
     from blockskip.models.pipeline import load_model
 
-    chosen = resolve_backend(name)
+    # int8 exists only on ONNX Runtime: auto goes there rather than to TensorRT or torch
+    chosen = resolve_backend("onnxruntime" if name == "auto" and precision == "int8" else name)
+    precision = check_precision(chosen, precision)
     load = load or (lambda: load_model(model_dir, text_encoder=False))
     if chosen == "torch":
         backend = TorchBackend(load().family.model, adapter)
     elif chosen == "onnxruntime":
-        backend = OrtBackend(cached_onnx(model_dir, adapter, shapes, cache_dir, precision or "fp32", load=load))
+        backend = OrtBackend(cached_onnx(model_dir, adapter, shapes, cache_dir, precision, load=load))
     else:
-        backend = cached_engine(model_dir, adapter, shapes, cache_dir, precision or "fp16", load=load)
+        backend = cached_engine(model_dir, adapter, shapes, cache_dir, precision, load=load)
     logger.info("backend %s: %s", backend.name, backend.describe())
     return backend

@@ -121,6 +121,15 @@ def test_parser_round_trips_valid_commands(limit, cid):
     assert (cmd.id, cmd.action, cmd.args) == (cid, "captures", {"limit": limit})
 
 
+def test_generate_takes_a_precision_and_refuses_unknown_ones():
+    args = {"model": "m", "prompts": ["a leaf"], "backend": "onnxruntime"}
+    cmd = parse_command(json.dumps({"id": "g1", "action": "generate", "args": {**args, "precision": "int8"}}).encode())
+    assert cmd.args["precision"] == "int8"
+    with pytest.raises(CommandError) as err:
+        parse_command(json.dumps({"id": "g2", "action": "generate", "args": {**args, "precision": "int4"}}).encode())
+    assert err.value.code in ERROR_CODES and "precision" in err.value.message
+
+
 def test_error_reply_payloads_name_code_and_message():
     assert json.loads(messages.reply_error("c1", "busy", "job x is running")) == {
         "id": "c1", "ok": False, "error": {"code": "busy", "message": "job x is running"}}
