@@ -5,7 +5,10 @@ blocks need (the repository's DESIGN.md, "The method", step 3), as a staging fol
 A draw is (subject image, crop by the patch schedule at the draw's timestep, timestep from the
 model's flow-matching training distribution, noise, prompt). Every draw is seeded from
 (seed, draw index), so an interrupted run resumes at the first missing shard and produces the
-same features as an uninterrupted one. Text conditioning is encoded once per prompt.
+same features as an uninterrupted one. Text conditioning is encoded once per prompt. The kept
+weights (`weights/kept_blocks.safetensors`) are written as the plan's `quant` says: with int8 / nf4
+the kept blocks' Linear weights are quantized here, on the host (host/BUNDLE.md, "Quantized kept
+weights"); the features always come from the full-precision model.
 """
 
 from __future__ import annotations

@@ -124,13 +124,23 @@ def quantized_bytes(shape: tuple[int, int], scheme: str) -> int:
 
 # ---------------------------------------------------------------- the board's module
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a Linear computes in here: autocast's where it is on (bf16 on CUDA), else x's."""
+    kind = x.device.type
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    if kind == "cuda" and torch.is_autocast_enabled():
+        return torch.get_autocast_gpu_dtype()
+    return torch.get_autocast_cpu_dtype() if kind == "cpu" and torch.is_autocast_cpu_enabled() else x.dtype
+
+
 class QuantLinearFunction(torch.autograd.Function):
     """y = x W^T + b with W dequantized on the fly; backward dequantizes again and returns only
     dL/dx (W and b are frozen), so nothing but the quantized weight outlives the forward."""
 
     @staticmethod
     def forward(ctx, x, module, bias):
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = _compute_dtype(x)
         ctx.module, ctx.dtype, ctx.x_dtype = module, dtype, x.dtype
         weight = module.dequantized(dtype)
         return nn.functional.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
