@@ -5,9 +5,9 @@ choosing the split that minimizes `Dpre[n] + Dsuf[m]`. The plan JSON also carrie
 schedule, the LoRA config, the sample count, the feature storage and estimates of edge training
 memory, of the subject bundle (features per draw and per subject, prompt bank per prompt) and of
 the base pack (the kept weights, once per model and plan). `--quant int8|nf4` stores the kept
-blocks' Linear weights quantized in the base pack (QLoRA on the board; format: host/BUNDLE.md). Crop sizes and the text length not
-given on the command line come from the model (its recorded image size and text encoder; see
---help), and the command prints which.
+blocks' Linear weights quantized in the base pack (QLoRA on the board; format: host/BUNDLE.md).
+Crop sizes and the text length not given on the command line come from the model (its recorded
+image size and text encoder; see --help), and the command prints which.
 """
 
 from __future__ import annotations
@@ -234,10 +234,11 @@ def register(subparsers) -> None:
                              "is the paper's FLUX setting)")
     parser.add_argument("--quant", default="none", choices=list(QUANT_SCHEMES),
                         help="how the base pack stores the kept blocks' Linear weights (default: %(default)s): "
-                             "int8 (per output channel, 0.51 of bf16's bytes) or nf4 (4-bit NormalFloat, blocks of "
-                             "64, double-quantized absmax: 0.26 of bf16's). Quantized on the host; the board trains "
-                             "LoRA on top without ever holding them in full precision. Measured in "
-                             "benchmarks/results/train_memory_quant.md")
+                             "int8 (per output channel) or nf4 (4-bit NormalFloat, blocks of 64, double-quantized "
+                             "absmax), quantized on the host; the board trains LoRA on top without ever holding "
+                             "them in full precision. FLUX.1-dev, 50%% plan, 256 px, bf16 on one H200: kept weights "
+                             "7.42 GiB -> 3.73 (int8) / 1.94 (nf4), train peak 9.49 GiB -> 5.89 / 4.18 "
+                             "(benchmarks/results/train_memory_quant.md)")
     parser.set_defaults(func=run)
 
 
