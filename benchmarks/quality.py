@@ -9,7 +9,9 @@ model -> generate the identifier prompt and context prompts at 32 px -> score.
 Methods: LoRA on the full model at full resolution (32 px, whole image; the paper's 512 for
 FLUX); patch sampling only (crops 32 -> 16 px, all blocks; the paper's 512 -> 256); DiT-BlockSkip 30% / 50% (profile-chosen
 first n + last m, patch sampling); skip-first-only and skip-last-only 50%; DiT-BlockSkip 50%
-without residuals; HollowedNet-style (skip the middle 50%).
+without residuals; HollowedNet-style (skip the middle 50%). Asked for by name only
+(`--methods`): DiT-BlockSkip 50% + int8 / + NF4 (the kept blocks' Linear weights quantized in the
+base pack, `blockskip plan --quant`).
 
 Metrics: subject fidelity = mean cosine similarity of EfficientNet-Lite0 embeddings between
 generated and subject images (DINO stand-in); attribute accuracy = the attribute classifier's
@@ -26,6 +28,8 @@ method, which hides a few-MiB model. Mean and spread over training seeds and sub
         --feature-dtypes fp32 bf16 fp8 --samples 240 60 30 --out benchmarks/results/feature-storage
                                     # feature storage: a row per storage and draw count, and a table
                                     # of each against the first, paired by subject and seed
+    python benchmarks/quality.py --methods "LoRA (full model, 32 px)" "DiT-BlockSkip 50%" \
+        "DiT-BlockSkip 50% + int8" "DiT-BlockSkip 50% + NF4" --out benchmarks/results/quant-quality
 """
 
 from __future__ import annotations
@@ -57,7 +61,11 @@ METHODS = {
     "skip last 50% only": ("last", 0.5, (16, 32, "low-to-high"), True),
     "BlockSkip 50%, no residuals": ("profile", 0.5, (16, 32, "low-to-high"), False),
     "HollowedNet-style (middle 50%)": ("middle", 0.5, (16, 32, "low-to-high"), True),
+    "DiT-BlockSkip 50% + int8": ("profile", 0.5, (16, 32, "low-to-high"), True),
+    "DiT-BlockSkip 50% + NF4": ("profile", 0.5, (16, 32, "low-to-high"), True),
 }
+# methods whose kept blocks' Linear weights the base pack ships quantized (`blockskip plan --quant`)
+QUANT = {"DiT-BlockSkip 50% + int8": "int8", "DiT-BlockSkip 50% + NF4": "nf4"}
 # Training runs in its own process (as on the edge: only what the bundle holds), with its tensor
 # memory tracked (TrainConfig.track_memory).
 TRAIN_CHILD = """
@@ -89,14 +97,14 @@ def skip_plan(kind: str, ratio: float, num_blocks: int, profile: dict):
 
 
 def train_adapter(model, plan, schedule, photos, work: Path, seed: int, args, use_residuals: bool,
-                  feature_dtype: str = "fp32", samples: int = 64) -> dict:
+                  feature_dtype: str = "fp32", samples: int = 64, quant: str = "none") -> dict:
     from blockskip.host.bundle import build_bundle
     from blockskip.host.cache import build_cache
     from blockskip.host.plan import LoraSettings, plan_document
 
     plan_doc = plan_document(model, plan, schedule, LoraSettings(rank=args.rank, alpha=args.rank, scope="all"),
                              samples, text_len=model.text_encoder.max_length, precision="fp32",
-                             feature_dtype=feature_dtype)
+                             feature_dtype=feature_dtype, quant=quant)
     stage = build_cache(model, plan_doc, photos, [IDENTIFIER], work / "stage", seed=seed, shard_size=64,
                         progress=False)
     bundle = build_bundle(stage, work / "bundle", json.loads((stage / "bundle.json").read_text()))
@@ -230,7 +238,8 @@ def main() -> int:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--images", type=int, default=4, help="generated images per prompt")
     parser.add_argument("--sample-steps", type=int, default=12)
-    parser.add_argument("--methods", nargs="*", help="subset of method names (default: all)")
+    parser.add_argument("--methods", nargs="*",
+                        help="method names (default: all but the quantized ones, which are asked for by name)")
     parser.add_argument("--subjects", nargs="*", type=int, help="subset of SUBJECTS by index (default: all)")
     parser.add_argument("--quick", action="store_true", help="1 seed, few steps: a smoke run")
     parser.add_argument("--no-patch-sampling", action="store_true",
@@ -262,7 +271,7 @@ def main() -> int:
     print("profiling the base model ...", flush=True)
     profile = masking_profile(base, encoder, [caption(s) for s in SUBJECTS] + ["a green oval leaf on soil"],
                               [0], steps=8, size=32, progress=False)
-    methods = {k: v for k, v in METHODS.items() if not args.methods or k in args.methods}
+    methods = {k: v for k, v in METHODS.items() if (k in args.methods if args.methods else k not in QUANT)}
     if args.no_patch_sampling:
         methods = {k: (kind, ratio, (32, 32, "resize"), residuals)
                    for k, (kind, ratio, _, residuals) in methods.items() if k != "patch sampling only"}
@@ -296,7 +305,7 @@ def main() -> int:
                 for seed in range(args.seeds):
                     work = Path(tmp) / f"s{s}-{abs(hash(name))}-{seed}"
                     trained = train_adapter(base, plan, schedule, photos, work, seed, args, use_residuals,
-                                            feature_dtype, samples)
+                                            feature_dtype, samples, QUANT.get(method, "none"))
                     result = evaluate(fresh_base, trained["adapter"], subject, photos, encoder, classifier,
                                       backgrounds, args)
                     result.update(memory=trained["peak_tensor_bytes"], kept=trained["kept"], plan=plan.skipped,

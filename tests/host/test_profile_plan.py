@@ -2,6 +2,7 @@ import json
 import math
 import random
 import subprocess
+import sys
 
 import pytest
 
@@ -235,3 +236,32 @@ def test_plan_prints_the_subject_bundle_for_the_storage_chosen(tmp_path):
         assert line in result.stdout
     assert sizes["bf16"]["cache_bytes_per_draw"] * 2 == sizes["fp32"]["cache_bytes_per_draw"]
     assert sizes["fp8"]["cache_bytes_per_draw"] < 0.75 * sizes["bf16"]["cache_bytes_per_draw"]
+
+
+def test_plan_quant_is_recorded_and_shrinks_the_base_pack_and_the_estimate(tmp_path):
+    """`--quant` goes into the plan JSON (what `cache` and `bundle` honour) and the estimates count
+    the kept Linear weights as stored: int8 about half, NF4 about a quarter of bf16's bytes."""
+    from blockskip.models.crops import MODEL_DIR
+
+    plans = {}
+    for quant in ("none", "int8", "nf4"):
+        out = tmp_path / f"{quant}.json"
+        result = subprocess.run([sys.executable, "-m", "blockskip", "plan", "--profile",
+                                 str(MODEL_DIR.parent / "crop-profile.json"), "--model", str(MODEL_DIR),
+                                 "--skip-ratio", "0.5", "--out", str(out), "--precision", "bf16",
+                                 *(["--quant", quant] if quant != "none" else [])], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        plans[quant] = json.loads(out.read_text())
+        assert plans[quant]["quant"] == quant and plans[quant]["estimates"]["quant"] == quant
+    weights = {q: p["estimates"]["weight_bytes"] for q, p in plans.items()}
+    assert weights["nf4"] < weights["int8"] < weights["none"]
+    assert plans["nf4"]["estimates"]["base_pack_bytes"] < plans["int8"]["estimates"]["base_pack_bytes"] < \
+        plans["none"]["estimates"]["base_pack_bytes"]
+    assert plans["nf4"]["estimates"]["train_memory_bytes"] < plans["none"]["estimates"]["train_memory_bytes"]
+    assert "Linear weights nf4" in subprocess.run(
+        [sys.executable, "-m", "blockskip", "plan", "--profile", str(MODEL_DIR.parent / "crop-profile.json"),
+         "--model", str(MODEL_DIR), "--skip-ratio", "0.5", "--out", str(tmp_path / "x.json"), "--quant", "nf4"],
+        capture_output=True, text=True).stdout
+    bad = subprocess.run([sys.executable, "-m", "blockskip", "plan", "--profile", "p", "--model", "m",
+                          "--skip-ratio", "0.5", "--out", "o", "--quant", "int4"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice: 'int4'" in bad.stderr
