@@ -2,7 +2,9 @@
 blocks and the head materialized from the kept weights (a subject bundle's base pack, or a single
 bundle's own). Skipped blocks stay meta tensors
 (no memory, no weights on the board) and are never run; module names stay the full model's,
-so LoRA keys are the full model's keys.
+so LoRA keys are the full model's keys. A base pack with quantized weights (`quant` int8 / nf4)
+turns each quantized Linear of the meta skeleton into a `blockskip.quant.QuantLinear` that holds
+the file's quantized tensors: their full-precision weights are never allocated.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from blockskip.errors import BundleError
 from blockskip.features import WEIGHTS_FILE
 from blockskip.models import family_class
 from blockskip.models.skip import SkipPlan
+from blockskip.quant import install_quantized
 
 
 def build_reduced(bundle_dir: str | Path, manifest: dict, device: str | torch.device = "cpu",
@@ -28,7 +32,19 @@ def build_reduced(bundle_dir: str | Path, manifest: dict, device: str | torch.de
     config = manifest["transformer_config"]
     with torch.device("meta"):
         model = cls.model_cls(**config)
-    weights = load_file(str(weights or Path(bundle_dir) / WEIGHTS_FILE), device=str(device))
+    path = str(weights or Path(bundle_dir) / WEIGHTS_FILE)
+    weights = load_file(path, device=str(device))
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata()
+    want = manifest.get("quant", "none")
+    got = (metadata or {}).get("quant", "none")
+    if got != want:
+        raise BundleError(f"the kept weights are quantized as {got} but the bundle's plan says {want}: use the base "
+                          f"pack made from the same plan")
+    try:
+        install_quantized(model, weights, metadata)
+    except (KeyError, ValueError, AttributeError) as err:
+        raise BundleError(f"the kept weights' {got} quantization is malformed: {err}") from err
     missing_unexpected = model.load_state_dict(weights, strict=False, assign=True)
     if missing_unexpected.unexpected_keys:
         raise BundleError(f"kept weights hold keys the model does not have: {missing_unexpected.unexpected_keys[:5]}")
@@ -49,5 +65,6 @@ def build_reduced(bundle_dir: str | Path, manifest: dict, device: str | torch.de
 
 
 def materialized_bytes(model: torch.nn.Module) -> int:
-    """Bytes of parameters that actually hold memory (meta tensors excluded)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
+    """Bytes of parameters and buffers that actually hold memory (meta tensors excluded)."""
+    tensors = [*model.parameters(), *model.buffers()]  # buffers: quantized weights (and rotary tables)
+    return sum(t.numel() * t.element_size() for t in tensors if not t.is_meta)

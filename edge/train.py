@@ -3,7 +3,8 @@
 Verifies the bundle first and refuses a bad one; a subject bundle also needs the base pack it names
 by content hash (`--base-pack`: that base pack, or a folder of installed ones), verified under the
 same trust policy. Builds only the kept blocks and the head (diffusers block modules, the base
-pack's weights; a single bundle carries its own); puts LoRA on them with peft; trains with
+pack's weights, int8 / NF4 Linear weights held quantized where the base pack ships them so; a
+single bundle carries its own); puts LoRA on them with peft; trains with
 the flow-matching loss on the cached features (entry state -> kept blocks -> + span residual ->
 ... -> head). Checkpoints atomically every N steps; `--resume` continues from the last one and
 ends with the same adapter as an uninterrupted run.
@@ -136,12 +137,15 @@ def _inject_lora(family, plan, lora: dict, seed: int):
     from peft import LoraConfig, inject_adapter_in_model
 
     from blockskip.edge.lora import lora_config_dict
+    from blockskip.quant import register_with_peft
 
     targets = lora.get("target_modules") or [t for i in plan.kept for t in family.lora_targets(i, lora["scope"])]
     config = lora_config_dict(int(lora["rank"]), float(lora["alpha"]), targets)
+    peft_config = LoraConfig(**config)
+    register_with_peft(peft_config)  # quantized kept weights: peft's LoRA Linear over QuantLinear
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        inject_adapter_in_model(LoraConfig(**config), family.model, adapter_name="default")
+        inject_adapter_in_model(peft_config, family.model, adapter_name="default")
     params = []
     for name, param in family.model.named_parameters():
         param.requires_grad_("lora_" in name)

@@ -3,8 +3,10 @@ once per subject.
 
 A *base pack* is a bundle (the sealed format of host/bundle.py: manifest, sha256 of every file,
 optional ed25519 signature, optional tar) of kind `base-pack` that holds only `weights/`: the kept
-blocks' and the head's base weights of one model + plan + precision, with the model family, config
-hash, transformer config and plan in its manifest. It is built once and installed on a board once.
+blocks' and the head's base weights of one model + plan + precision + weight quantization
+(`quant`: none, or the kept blocks' Linear weights in int8 / nf4, quantized on the host), with the
+model family, config hash, transformer config, plan and quant in its manifest. It is built once
+and installed on a board once.
 
 A *subject bundle* (kind `subject`) holds everything else the cache step staged: feature shards,
 per-prompt conditioning, the prompt bank, `bundle.json` (plan, patch schedule, LoRA settings, ...).
@@ -56,7 +58,8 @@ def base_pack_metadata(metadata: dict, precision: str) -> dict:
     plan = SkipPlan.from_dict(metadata["plan"])
     return {"kind": KIND_BASE_PACK,
             "model": {"family": metadata["model"]["family"], "config_hash": metadata["model"]["config_hash"]},
-            "transformer_config": metadata["transformer_config"], "plan": plan.to_dict(), "precision": precision}
+            "transformer_config": metadata["transformer_config"], "plan": plan.to_dict(), "precision": precision,
+            "quant": metadata.get("quant", "none")}
 
 
 def reference(base_manifest: dict) -> dict:
@@ -68,7 +71,7 @@ def reference(base_manifest: dict) -> dict:
     return {"content_sha256": base_manifest["content_sha256"], "weights_sha256": weights["sha256"],
             "family": base_manifest["model"]["family"], "config_hash": base_manifest["model"]["config_hash"],
             "num_blocks": base_manifest["plan"]["num_blocks"], "kept": base_manifest["plan"]["kept"],
-            "precision": base_manifest["precision"]}
+            "precision": base_manifest["precision"], "quant": base_manifest.get("quant", "none")}
 
 
 def _ranges(blocks: list[int]) -> str:
@@ -83,8 +86,9 @@ def _ranges(blocks: list[int]) -> str:
 
 
 def describe(ref: dict) -> str:
+    quant = ref.get("quant", "none")
     return (f"{ref['family']} {ref['config_hash']}, kept blocks {_ranges(ref['kept'])} of {ref['num_blocks']}, "
-            f"{ref['precision']}")
+            f"{ref['precision']}" + (f", Linear weights {quant}" if quant != "none" else ""))
 
 
 def difference(wanted: dict, got: dict) -> str:
@@ -94,6 +98,9 @@ def difference(wanted: dict, got: dict) -> str:
                f"{wanted['config_hash']})"
     if (wanted["num_blocks"], wanted["kept"]) != (got["num_blocks"], got["kept"]):
         return f"another plan (kept blocks {_ranges(got['kept'])}; the subject's: {_ranges(wanted['kept'])})"
+    if wanted.get("quant", "none") != got.get("quant", "none"):
+        return f"another weight quantization ({got.get('quant', 'none')}; the subject's plan: " \
+               f"{wanted.get('quant', 'none')}): make the base pack from a plan with the same --quant"
     if wanted["precision"] != got["precision"]:
         return f"another precision ({got['precision']}; the subject's: {wanted['precision']})"
     if wanted["weights_sha256"] != got["weights_sha256"]:

@@ -5,7 +5,10 @@ blocks need (the repository's DESIGN.md, "The method", step 3), as a staging fol
 A draw is (subject image, crop by the patch schedule at the draw's timestep, timestep from the
 model's flow-matching training distribution, noise, prompt). Every draw is seeded from
 (seed, draw index), so an interrupted run resumes at the first missing shard and produces the
-same features as an uninterrupted one. Text conditioning is encoded once per prompt.
+same features as an uninterrupted one. Text conditioning is encoded once per prompt. The kept
+weights (`weights/kept_blocks.safetensors`) are written as the plan's `quant` says: with int8 / nf4
+the kept blocks' Linear weights are quantized here, on the host (host/BUNDLE.md, "Quantized kept
+weights"); the features always come from the full-precision model.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from blockskip.errors import InputError
 from blockskip.features import (FEATURE_DTYPES, FP8_SCALE, PROMPTS_FILE, SHARD_PATTERN, WEIGHTS_FILE, _batched,
                                  draw_tensors, read_prompt_cond, storage_dtype, store_draw)
 from blockskip.models.skip import SkipPlan, compute_features
+from blockskip.quant import QUANT_SCHEMES
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -42,15 +46,22 @@ def list_images(folder: str | Path) -> list[Path]:
     return images
 
 
-def kept_weights(family, plan: SkipPlan) -> dict[str, torch.Tensor]:
-    """Base weights of the kept blocks and the head, under the full model's key names."""
+def kept_weights(family, plan: SkipPlan, quant: str = "none") -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    """(base weights of the kept blocks and the head under the full model's key names, safetensors
+    metadata): with `quant` int8 / nf4 the kept blocks' Linear weights are quantized
+    (blockskip.quant; the metadata describes them), everything else stays in the model's dtype."""
+    from blockskip.host.plan import kept_linears
+    from blockskip.quant import quantize_state
+
     prefixes = [family.block_names()[i] + "." for i in plan.kept]
     heads = family.head_module_names()
     out = {}
     for name, tensor in family.model.state_dict().items():
         if any(name.startswith(p) for p in prefixes) or any(name == h or name.startswith(h + ".") for h in heads):
             out[name] = tensor.detach().contiguous().clone()
-    return out
+    if quant == "none":
+        return out, None
+    return quantize_state(out, [path for path, _ in kept_linears(family, plan)], quant)
 
 
 def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
@@ -148,7 +159,10 @@ def build_cache(model, plan_doc: dict, image_paths: list[Path], prompts: list[st
     feature_dtype = feature_dtype or plan_doc.get("feature_dtype", "fp32")
     if feature_dtype not in FEATURE_DTYPES:
         raise InputError(f"feature dtype must be one of {', '.join(FEATURE_DTYPES)}, got {feature_dtype!r}")
-    job = {"plan": plan_doc["plan"], "patch_schedule": plan_doc["patch_schedule"], "prompts": prompts,
+    quant = plan_doc.get("quant", "none")
+    if quant not in QUANT_SCHEMES:
+        raise InputError(f"the plan's quant must be one of {', '.join(QUANT_SCHEMES)}, got {quant!r}")
+    job = {**({"quant": quant} if quant != "none" else {}), "plan": plan_doc["plan"], "patch_schedule": plan_doc["patch_schedule"], "prompts": prompts,
            "seed": seed, "samples": samples, "shard_size": shard_size, "feature_dtype": feature_dtype,
            "images": [p.name for p in image_paths], "model": family.config_hash()}
     out.mkdir(parents=True, exist_ok=True)
@@ -160,7 +174,8 @@ def build_cache(model, plan_doc: dict, image_paths: list[Path], prompts: list[st
     texts = [model.encode_text(p) for p in prompts]  # once per prompt
     weights = out / WEIGHTS_FILE
     if not weights.exists():
-        _atomic_save(kept_weights(family, plan), weights)
+        tensors, quant_metadata = kept_weights(family, plan, quant)
+        _atomic_save(tensors, weights, quant_metadata)
     prompts_path = out / "features" / PROMPTS_FILE
     prompt_cond = read_prompt_cond(prompts_path)
     shards = (samples + shard_size - 1) // shard_size
@@ -200,6 +215,7 @@ def build_cache(model, plan_doc: dict, image_paths: list[Path], prompts: list[st
         "train_prompts": prompts,
         "bank_prompts": list(bank_prompts),
         "feature_dtype": feature_dtype,
+        "quant": quant,
         **({"fp8_scale": f"per-{FP8_SCALE}"} if feature_dtype == "fp8" else {}),
         "estimates": plan_doc.get("estimates"),
     }

@@ -4,7 +4,8 @@ For a budget of k blocks the plan skips the first n and the last m blocks with n
 choosing the split that minimizes `Dpre[n] + Dsuf[m]`. The plan JSON also carries the patch
 schedule, the LoRA config, the sample count, the feature storage and estimates of edge training
 memory, of the subject bundle (features per draw and per subject, prompt bank per prompt) and of
-the base pack (the kept weights, once per model and plan). Crop sizes and the text length not
+the base pack (the kept weights, once per model and plan). `--quant int8|nf4` stores the kept
+blocks' Linear weights quantized in the base pack (QLoRA on the board; format: host/BUNDLE.md). Crop sizes and the text length not
 given on the command line come from the model (its recorded image size and text encoder; see
 --help), and the command prints which.
 """
@@ -17,9 +18,12 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from blockskip.errors import ConfigError, InputError
 from blockskip.features import FEATURE_DTYPES, storage_dtype
 from blockskip.models.skip import SkipPlan
+from blockskip.quant import QUANT_SCHEMES, quantized_bytes
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # What `blockskip plan` asks the cache to store when not told: bf16 features and 300 unique draws,
@@ -82,11 +86,34 @@ def choose_split(d_pre: list[float], d_suf: list[float], k: int, max_last: int |
     return best, k - best
 
 
+def kept_linears(family, plan: SkipPlan) -> list[tuple[str, torch.nn.Linear]]:
+    """(full module path, module) of every nn.Linear in the kept blocks: what `--quant` quantizes."""
+    names = family.block_names()
+    return [(f"{names[i]}.{name}", module) for i in plan.kept
+            for name, module in family.block(i).named_modules() if isinstance(module, torch.nn.Linear)]
+
+
+def weight_bytes(family, plan: SkipPlan, bytes_per: int, quant: str = "none") -> tuple[int, int]:
+    """(bytes the board holds for the kept blocks' and the head's weights, the largest transient
+    of dequantizing one weight): Linear weights of the kept blocks in `quant`, everything else at
+    `bytes_per`. NF4 decodes through one gathered copy and its scaled result; int8 through one."""
+    kept = sum(p.numel() for i in plan.kept for p in family.block(i).parameters())
+    head = sum(p.numel() for name in family.head_module_names() for p in _params(family.model, name))
+    if quant == "none":
+        return (kept + head) * bytes_per, 0
+    linears = [module.weight.shape for _, module in kept_linears(family, plan)]
+    quantized = sum(out * inp for out, inp in linears)
+    largest = max(out * inp for out, inp in linears)
+    held = (kept + head - quantized) * bytes_per + sum(quantized_bytes(tuple(s), quant) for s in linears)
+    return held, largest * bytes_per * (2 if quant == "nf4" else 1)
+
+
 def estimate(model_desc: dict, family, plan: SkipPlan, lora: LoraSettings, s_min: int, text_len: int,
-             precision: str = "bf16", feature_dtype: str = "fp32", samples: int = 1) -> dict:
-    """Analytic estimates for one batch-1 draw at s_min: edge training memory (kept weights +
-    LoRA + its AdamW state + kept-block activations, Korthikanti et al. per-layer rule
-    s*b*h*(34 + 5*a*s/h) half-precision bytes), the feature cache bytes per draw in
+             precision: str = "bf16", feature_dtype: str = "fp32", samples: int = 1, quant: str = "none") -> dict:
+    """Analytic estimates for one batch-1 draw at s_min: edge training memory (kept weights, their
+    Linear weights as `quant` stores them, + the transient of dequantizing one + LoRA + its AdamW
+    state + kept-block activations, Korthikanti et al. per-layer rule s*b*h*(34 + 5*a*s/h)
+    half-precision bytes), the feature cache bytes per draw in
     `feature_dtype` and for `samples` draws and one training prompt (`cache_bytes`), and the
     prompt bank's bytes per prompt."""
     bytes_per = BYTES[precision]
@@ -106,7 +133,8 @@ def estimate(model_desc: dict, family, plan: SkipPlan, lora: LoraSettings, s_min
             weight = modules[name].weight
             lora_params += lora.rank * (weight.shape[0] + weight.shape[1])
     activations = len(plan.kept) * seq * hidden * (34 + 5 * heads * seq / hidden) * bytes_per / 2
-    memory = (kept_params + head_params) * bytes_per + lora_params * (4 + 4 + 8) + activations
+    weights, transient = weight_bytes(family, plan, bytes_per, quant)
+    memory = weights + transient + lora_params * (4 + 4 + 8) + activations
     config = model_desc["config"]
     target = n_img * config.get("in_channels", 4) * config.get("patch_size", 1) ** 2  # (C, H, W) of the latents
     per_draw, per_prompt = feature_bytes(family.name, plan, hidden, n_img, text_len, target, feature_dtype)
@@ -114,7 +142,7 @@ def estimate(model_desc: dict, family, plan: SkipPlan, lora: LoraSettings, s_min
     bank = (text_len * text["encoder_hidden_states"] + text.get("pooled_projections", 0)) * 4 + (
         text_len * 8 if family.name == "sana" else 0)  # SANA: + its int64 attention mask
     return {"train_memory_bytes": int(memory), "kept_params": kept_params, "lora_params": lora_params,
-            "activation_bytes": int(activations), "precision": precision,
+            "activation_bytes": int(activations), "weight_bytes": weights, "precision": precision, "quant": quant,
             "cache_bytes_per_draw": per_draw, "cache_bytes": per_draw * samples + per_prompt,
             "feature_dtype": feature_dtype, "samples": samples, "bank_bytes_per_prompt": bank,
             "assumes": f"batch 1 at {s_min}x{s_min}, {text_len} text tokens"}
@@ -143,12 +171,18 @@ def feature_bytes(family_name: str, plan: SkipPlan, hidden: int, n_img: int, tex
     return per_draw, prompt * storage_dtype(feature_dtype, "prompt").itemsize
 
 
-def base_pack_bytes(family, plan: SkipPlan) -> int:
+def base_pack_bytes(family, plan: SkipPlan, quant: str = "none") -> int:
     """Bytes of the base pack's weights: the kept blocks' and the head's tensors as `cache` writes
-    them (the model's own dtype), once per model and plan; the subject bundles hold the features."""
+    them (the model's own dtype; the kept blocks' Linear weights in `quant`), once per model and
+    plan; the subject bundles hold the features."""
     tensors = [t for i in plan.kept for t in family.block(i).state_dict().values()]
     tensors += [t for name in family.head_module_names() for t in _params(family.model, name)]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    if quant != "none":
+        for _, module in kept_linears(family, plan):
+            weight = module.weight
+            total += quantized_bytes(tuple(weight.shape), quant) - weight.numel() * weight.element_size()
+    return total
 
 
 def _params(model, name):
@@ -198,12 +232,18 @@ def register(subparsers) -> None:
                         help="weight and activation bytes for the memory estimate (default: fp32, the dtype of "
                              "the kept weights that `blockskip cache` writes and `blockskip train` holds; bf16 "
                              "is the paper's FLUX setting)")
+    parser.add_argument("--quant", default="none", choices=list(QUANT_SCHEMES),
+                        help="how the base pack stores the kept blocks' Linear weights (default: %(default)s): "
+                             "int8 (per output channel, 0.51 of bf16's bytes) or nf4 (4-bit NormalFloat, blocks of "
+                             "64, double-quantized absmax: 0.26 of bf16's). Quantized on the host; the board trains "
+                             "LoRA on top without ever holding them in full precision. Measured in "
+                             "benchmarks/results/train_memory_quant.md")
     parser.set_defaults(func=run)
 
 
 def make_plan(profile: dict, model, k: int, schedule, lora: LoraSettings, samples: int,
               text_len: int = 512, precision: str = "bf16", max_last: int | None = None,
-              feature_dtype: str = "fp32") -> dict:
+              feature_dtype: str = "fp32", quant: str = "none") -> dict:
     """The paper's plan: skip the first n and last m blocks, n + m = k, by the profile's argmin
     (m <= max_last when given)."""
     family = model.family
@@ -213,18 +253,21 @@ def make_plan(profile: dict, model, k: int, schedule, lora: LoraSettings, sample
     n, m = choose_split(profile["d_pre"], profile["d_suf"], k, max_last)
     plan = SkipPlan.first_last(family.num_blocks, n, m)
     return plan_document(model, plan, schedule, lora, samples, text_len, precision,
-                         {"n": n, "m": m, "score": profile["d_pre"][n] + profile["d_suf"][m]}, feature_dtype)
+                         {"n": n, "m": m, "score": profile["d_pre"][n] + profile["d_suf"][m]}, feature_dtype, quant)
 
 
 def plan_document(model, plan: SkipPlan, schedule, lora: LoraSettings, samples: int, text_len: int = 512,
-                  precision: str = "bf16", extra: dict | None = None, feature_dtype: str = "fp32") -> dict:
+                  precision: str = "bf16", extra: dict | None = None, feature_dtype: str = "fp32",
+                  quant: str = "none") -> dict:
     """The plan JSON for any skip plan (ablations use middle or one-sided plans). `feature_dtype`
     is what `blockskip cache` stores unless told otherwise (fp32 here: exact; the command line's
-    default is DEFAULT_FEATURE_DTYPE)."""
+    default is DEFAULT_FEATURE_DTYPE); `quant` how the base pack stores the kept Linear weights."""
     if samples < 1:
         raise ConfigError(f"samples must be >= 1, got {samples}")
     if feature_dtype not in FEATURE_DTYPES:
         raise ConfigError(f"feature_dtype must be one of {', '.join(FEATURE_DTYPES)}, got {feature_dtype!r}")
+    if quant not in QUANT_SCHEMES:
+        raise ConfigError(f"quant must be one of {', '.join(QUANT_SCHEMES)}, got {quant!r}")
     family = model.family
     targets = [t for i in plan.kept for t in family.lora_targets(i, lora.scope)]
     desc = model.describe()
@@ -236,8 +279,10 @@ def plan_document(model, plan: SkipPlan, schedule, lora: LoraSettings, samples: 
         "lora": {**asdict(lora), "target_modules": targets},
         "samples": samples,
         "feature_dtype": feature_dtype,
-        "estimates": {**estimate(desc, family, plan, lora, schedule.s_min, text_len, precision, feature_dtype, samples),
-                      "base_pack_bytes": base_pack_bytes(family, plan)},
+        "quant": quant,
+        "estimates": {**estimate(desc, family, plan, lora, schedule.s_min, text_len, precision, feature_dtype, samples,
+                                 quant),
+                      "base_pack_bytes": base_pack_bytes(family, plan, quant)},
     }
 
 
@@ -303,7 +348,8 @@ def run(args: argparse.Namespace) -> int:
         print("defaults from the model: " + ", ".join(taken))
     schedule = PatchSchedule(s_min=s_min, s_max=s_max, granularity=model.granularity, schedule=args.schedule)
     plan = make_plan(profile, model, k, schedule, LoraSettings(args.rank, args.alpha, args.lora_scope),
-                     args.samples, text_len, args.precision, max_last=args.max_last, feature_dtype=args.feature_dtype)
+                     args.samples, text_len, args.precision, max_last=args.max_last, feature_dtype=args.feature_dtype,
+                     quant=args.quant)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(plan, indent=2))
@@ -311,7 +357,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"skip first {plan['plan']['n']} and last {plan['plan']['m']} of {model.family.num_blocks} blocks; "
           f"est. edge training memory {_size(est['train_memory_bytes'])} ({est['precision']}, {est['assumes']}) "
           f"-> {out}")
-    print(f"base pack {_size(est['base_pack_bytes'])} (kept weights, installed once per model and plan)")
+    quant = f", Linear weights {args.quant}" if args.quant != "none" else ""
+    print(f"base pack {_size(est['base_pack_bytes'])} (kept weights{quant}, installed once per model and plan)")
     print(f"subject bundle: features {_size(est['cache_bytes'])} ({args.samples} draws x "
           f"{_size(est['cache_bytes_per_draw'])}, {args.feature_dtype}) + prompt bank "
           f"{_size(est['bank_bytes_per_prompt'])} per prompt")

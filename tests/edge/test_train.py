@@ -26,7 +26,7 @@ PROMPTS = ["a photo of sks leaf"]
 UNSIGNED_OK = TrustPolicy(allow_unsigned=True)  # these tests are not about signatures (tests/edge/test_trust.py is)
 
 
-def make_bundle(tmp, name, n, m, samples=8, images=2, lora=None, feature_dtype=None):
+def make_bundle(tmp, name, n, m, samples=8, images=2, lora=None, feature_dtype=None, quant="none"):
     model = tiny_model(name)
     folder = tmp / "images"
     folder.mkdir(parents=True, exist_ok=True)
@@ -39,7 +39,7 @@ def make_bundle(tmp, name, n, m, samples=8, images=2, lora=None, feature_dtype=N
                "d_pre": [0.0 if i <= n else 9.0 for i in range(size + 1)],
                "d_suf": [0.0 if i <= m else 9.0 for i in range(size + 1)]}
     schedule = PatchSchedule(s_min=16, s_max=32, granularity=model.granularity)
-    plan = make_plan(profile, model, n + m, schedule, lora or LoraSettings(rank=4, alpha=8), samples)
+    plan = make_plan(profile, model, n + m, schedule, lora or LoraSettings(rank=4, alpha=8), samples, quant=quant)
     stage = build_cache(model, plan, sorted(folder.iterdir()), PROMPTS, tmp / "stage", shard_size=4, progress=False,
                         feature_dtype=feature_dtype)
     bundle = build_bundle(stage, tmp / "bundle", json.loads((stage / "bundle.json").read_text()))
