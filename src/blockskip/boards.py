@@ -83,7 +83,9 @@ def budget_from(board: str | None = None, memory_budget_gib: float | None = None
 
 
 def gib(count: float) -> str:
-    return f"{count / GIB:.1f} GiB" if count >= 0.1 * GIB else f"{count / 2**20:.0f} MiB"
+    if count >= 10 * GIB:
+        return f"{count / GIB:.1f} GiB"
+    return f"{count / GIB:.2f} GiB" if count >= 0.1 * GIB else f"{count / 2**20:.0f} MiB"
 
 
 def add_budget_arguments(parser, what: str) -> None:
