@@ -97,15 +97,15 @@ def add_budget_arguments(parser, what: str) -> None:
                         help=f"check that {what} fits this many GiB before starting (wins over --board's)")
 
 
-# Bytes per weight as stored for generation: fp32 (ONNX Runtime's CPU default), fp16 / bf16
-# (TensorRT, torch), int8 (ONNX Runtime dynamic int8 or TensorRT int8: one byte a weight plus
-# per-channel scales), nf4 (torch: 4-bit codes plus one 8-bit absmax per 64 weights and an fp32
-# scale per 256 blocks). Norms, biases and embeddings stay in the compute dtype; they are a small
-# share of a DiT's parameters and are counted at the weight rate here.
+# Bytes per weight as stored for generation: fp32 (ONNX Runtime's CPU default, torch), fp16 / bf16
+# (TensorRT), int8 (ONNX Runtime's dynamic int8 export: one byte a weight plus per-channel scales),
+# nf4 (blockskip.quant: 4-bit codes plus one 8-bit absmax per 64 weights and an fp32 scale per 256
+# blocks). Embedders and the head stay fp32 in an int8 export; they are a small share of a DiT's
+# parameters and are counted at the weight rate here.
 WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}
 # What a generation backend runs at each weight precision it offers, lightest last; activations
 # are fp32 on ONNX Runtime's CPU path and half precision elsewhere.
-BACKEND_PRECISIONS = {"tensorrt": ("fp16", "int8"), "onnxruntime": ("fp32", "int8"), "torch": ("bf16", "int8", "nf4")}
+BACKEND_PRECISIONS = {"tensorrt": ("fp16",), "onnxruntime": ("fp32", "int8"), "torch": ("fp32",)}
 # The process before any tensor: Python, torch, diffusers, peft and onnxruntime imported
 # (measured: ru_maxrss 414 MiB on x86-64 with torch 2.13 CPU; the CUDA context on a Jetson is in
 # the board's reserve).
@@ -143,10 +143,7 @@ def generation_estimate(model, height: int, width: int, precision: str, backend:
 
 
 def generation_options(model, board: Board, height: int, width: int, text_len: int) -> list[dict]:
-    """Every (backend, precision) the board offers for generation, heaviest first, with its
-    estimate: the board's own backend, then torch's quantized weights."""
-    options = []
-    for backend in dict.fromkeys((board.backend, "torch")):
-        for precision in BACKEND_PRECISIONS[backend]:
-            options.append(generation_estimate(model, height, width, precision, backend, text_len))
-    return options
+    """Every weight precision the board's generation backend offers, heaviest first, with its
+    estimate."""
+    return [generation_estimate(model, height, width, precision, board.backend, text_len)
+            for precision in BACKEND_PRECISIONS[board.backend]]
