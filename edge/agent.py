@@ -99,6 +99,8 @@ class AgentConfig:
     command_id_window_s: float = 86_400.0  # a repeated command id within this window gets its first reply
     resume_interrupted: bool = False  # restart a training job the agent was killed in, from its checkpoint
     base_packs_dir: str = "base-packs"  # installed base packs, searched by hash (a relative path is in data_dir)
+    board: str | None = None  # this board (blockskip.boards): train and generate refuse jobs that do not fit it
+    memory_budget_gib: float | None = None  # or the GiB jobs may use (wins over the board's usable memory)
 
     def __post_init__(self) -> None:
         if not isinstance(self.device_id, str) or not messages.ID_PATTERN.match(self.device_id):
@@ -122,6 +124,10 @@ class AgentConfig:
             raise ConfigError("allow_unsigned_bundles must be true or false")
         if not isinstance(self.base_packs_dir, str) or not self.base_packs_dir:
             raise ConfigError("base_packs_dir must be a folder path (relative to data_dir, or absolute)")
+        if self.board is not None or self.memory_budget_gib is not None:
+            from blockskip.boards import budget_from
+
+            budget_from(self.board, self.memory_budget_gib)  # an unknown board is a config error now
         self.trust_policy()  # a missing or malformed key file is a config error now, not at the first bundle
 
     def trust_policy(self) -> TrustPolicy:
@@ -202,6 +208,7 @@ class JobContext:
     stop: threading.Event
     trust: TrustPolicy = field(default_factory=TrustPolicy)  # the board's bundle trust policy
     base_packs: Path | None = None  # folder of installed base packs (subject bundles name theirs by hash)
+    budget: dict = field(default_factory=dict)  # the agent's {"board", "memory_budget_gib"}, for every job
 
     def should_stop(self) -> bool:
         return self.stop.is_set()
@@ -224,7 +231,7 @@ def train_job() -> JobFn:
 
     def run(ctx: JobContext) -> Any:
         keys = ("steps", "grad_accum", "lr", "seed", "checkpoint_every", "resume")
-        config = mod.TrainConfig(**{k: ctx.args[k] for k in keys if k in ctx.args})
+        config = mod.TrainConfig(**{k: ctx.args[k] for k in keys if k in ctx.args}, **ctx.budget)
         return mod.train(ctx.args["bundle"], ctx.args["out"], config, on_event=ctx.emit, should_stop=ctx.should_stop,
                          trust=ctx.trust, base_pack=ctx.base_packs)
 
@@ -237,7 +244,7 @@ def generate_job() -> JobFn:
 
     def run(ctx: JobContext) -> Any:
         fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in ctx.args.items() if k != "out"}
-        config = mod.GenerateConfig(out_dir=str(ctx.args["out"]), **fields)
+        config = mod.GenerateConfig(out_dir=str(ctx.args["out"]), **fields, **ctx.budget)
         images = mod.generate(config, on_event=ctx.emit, should_stop=ctx.should_stop, trust=ctx.trust)
         for image in images:
             ctx.publish_result(image)
@@ -530,7 +537,8 @@ class Agent:
         self._job_stop = threading.Event()
         self._last_progress = 0.0
         ctx = JobContext(job_id, action, args, self._emit, self._publish_result, self._job_stop, self.trust,
-                         self.config.base_packs())
+                         self.config.base_packs(),
+                         {"board": self.config.board, "memory_budget_gib": self.config.memory_budget_gib})
         self._job_thread = threading.Thread(target=self._run_job, args=(fn, ctx), name=f"job-{job_id}", daemon=True)
         self._job_thread.start()
 

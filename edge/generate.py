@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from blockskip.boards import add_budget_arguments
 from blockskip.errors import ConfigError, InputError
 from blockskip.host.bundle import TrustPolicy, add_trust_arguments, trust_from_args
 
@@ -50,6 +51,8 @@ class GenerateConfig:
     precision: str | None = None  # fp32 | fp16 | int8 (onnxruntime); None: fp32 onnxruntime, fp16 tensorrt
     prompt_indices: list[int] = field(default_factory=list)  # bank entries to render as well
     guidance_scale: float | None = None  # classifier-free guidance (None: the family's default; SANA 4.5)
+    board: str | None = None  # refuse at start a generation whose estimated peak does not fit this board
+    memory_budget_gib: float | None = None  # ... or this many GiB (wins over the board's)
 
     def __post_init__(self):
         from blockskip.edge.backends import BACKENDS, check_precision
@@ -100,6 +103,26 @@ def resolve_texts(config: GenerateConfig) -> tuple[list[tuple[str, dict]], objec
                              f"text encoder on disk; use one of the bank's prompts:\n{listed}")
     texts = [(p, bank[p] if p in bank else model.encode_text(p)) for p in prompts]
     return texts, model
+
+
+def check_generation_budget(config: GenerateConfig, model, texts) -> None:
+    """Refuse, before the transformer is loaded or exported, a generation whose estimated peak
+    (blockskip.boards.generation_estimate) does not fit the board or budget of `config`."""
+    from blockskip.boards import budget_from, generation_estimate, gib
+    from blockskip.edge.backends import check_precision, resolve_backend
+
+    budget = budget_from(config.board, config.memory_budget_gib)
+    if budget is None:
+        return
+    backend = resolve_backend("onnxruntime" if config.backend == "auto" and config.precision == "int8"
+                              else config.backend)  # as pick_backend chooses
+    precision = check_precision(backend, config.precision) or "fp32"  # torch: the model's own (fp32) weights
+    text_len = max((t["encoder_hidden_states"].shape[1] for _, t in texts), default=0)
+    need = generation_estimate(model, config.height, config.width, precision, backend, text_len)["peak_bytes"]
+    if need > budget.bytes:
+        raise ConfigError(f"generating {config.width}x{config.height} with {backend} and {precision} weights needs "
+                          f"about {gib(need)} but {budget.source} allows {gib(budget.bytes)}; `blockskip plan "
+                          f"--board NAME` says what this board can generate with")
 
 
 def sampling_model(model_dir: str, loaded=None):
@@ -195,6 +218,7 @@ def generate(config: GenerateConfig, on_event: Callable[[dict], None] | None = N
     chosen_torch = config.backend == "torch"
     full = loaded if loaded is not None else (load_model(config.model, text_encoder=False) if chosen_torch else None)
     model = sampling_model(config.model, full)
+    check_generation_budget(config, model, texts)
     negative = negative_text(config, model, loaded)
     g = model.granularity
     if config.height % g or config.width % g:
@@ -282,6 +306,7 @@ def register(subparsers) -> None:
                         help="ONNX exports and engines (default: $BLOCKSKIP_CACHE or %(default)s)")
     parser.add_argument("--out", default="blockskip-images", help="output folder (default: %(default)s)")
     add_trust_arguments(parser)
+    add_budget_arguments(parser, "the generation's estimated peak")
     parser.set_defaults(func=run)
 
 
@@ -299,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
                             bundle=args.bundle, seed=args.seed, steps=args.steps, height=args.height,
                             width=args.width, count=args.count, backend=args.backend,
                             cache_dir=args.cache_dir, precision=args.precision,
-                            prompt_indices=args.bank_index)
+                            prompt_indices=args.bank_index, board=args.board, memory_budget_gib=args.memory_budget)
     progress = _Progress()
     results = generate(config, on_event=progress, trust=trust)
     progress.close()

@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from blockskip.boards import GIB, RUNTIME_BYTES, add_budget_arguments, budget_from, gib
 from blockskip.errors import ConfigError, InputError
 from blockskip.host.bundle import TrustPolicy, add_trust_arguments, open_bundle, trust_from_args
 from blockskip.memory import TensorMemory
@@ -53,6 +54,8 @@ class TrainConfig:
     output_format: str = "diffusers"  # diffusers | comfy (kohya-style keys)
     use_residuals: bool = True  # ablation: False drops the cached span residuals (the paper's "no residuals")
     track_memory: bool = False  # count live tensor bytes per op (blockskip.memory): exact peak on CPU, slower
+    board: str | None = None  # refuse at start a bundle whose planned peak does not fit this board (blockskip.boards)
+    memory_budget_gib: float | None = None  # ... or this many GiB (wins over the board's)
 
     def __post_init__(self):
         for name in ("steps", "grad_accum"):
@@ -166,6 +169,23 @@ def _bundle_lock(bundle_dir: Path, job: str):
     return lock
 
 
+def check_training_budget(bundle, manifest: dict, budget) -> None:
+    """Refuse, before anything is loaded, a bundle whose plan's estimated training peak (plus the
+    runtime) does not fit `budget` (None: no check)."""
+    if budget is None:
+        return
+    need = (manifest.get("estimates") or {}).get("train_memory_bytes")
+    if need is None:
+        raise ConfigError(f"bundle {bundle} records no memory estimate, so it cannot be checked against "
+                          f"{budget.source}; train it without --board / --memory-budget")
+    need += RUNTIME_BYTES
+    if need > budget.bytes:
+        board = f" --board {budget.board.name}" if budget.board else f" --memory-budget {budget.bytes / GIB:g}"
+        raise ConfigError(f"training bundle {bundle} needs about {gib(need)} (its plan's estimate with the runtime) "
+                          f"but {budget.source} allows {gib(budget.bytes)}; make a plan that fits with "
+                          f"`blockskip plan{board} ...`")
+
+
 def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None, trust: TrustPolicy | None = None,
           base_pack: Path | None = None) -> dict:
@@ -189,6 +209,7 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
     trust = trust or TrustPolicy()
     bundle_dir = open_bundle(Path(bundle), trust)  # BundleError before anything is built
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    check_training_budget(bundle, manifest, budget_from(config.board, config.memory_budget_gib))
     weights, base_dir = weights_for(bundle_dir, manifest, base_pack, trust)  # the same policy for the base pack
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -326,6 +347,7 @@ def register(subparsers) -> None:
     parser.add_argument("--track-memory", action="store_true",
                         help="count the bytes of every live tensor per op and report the exact peak "
                              "(on a CPU the process RSS cannot tell tensors from the runtime); slower")
+    add_budget_arguments(parser, "the bundle's planned training peak")
     parser.set_defaults(func=run)
 
 
@@ -335,7 +357,8 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(steps=args.steps, grad_accum=args.grad_accum, lr=args.lr, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, resume=args.resume,
                          gradient_checkpointing=args.gradient_checkpointing, device=args.device,
-                         output_format=args.output_format, track_memory=args.track_memory)
+                         output_format=args.output_format, track_memory=args.track_memory, board=args.board,
+                         memory_budget_gib=args.memory_budget)
     if not args.bundle.exists():
         raise InputError(f"bundle {args.bundle} does not exist")
     trust = trust_from_args(args)

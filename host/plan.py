@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from blockskip.boards import BOARDS, GIB, budget_from, gib
 from blockskip.errors import ConfigError, InputError
 from blockskip.features import FEATURE_DTYPES, storage_dtype
 from blockskip.models.skip import SkipPlan
@@ -196,9 +197,21 @@ def register(subparsers) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", required=True, help="profile JSON from `blockskip profile`")
     parser.add_argument("--model", required=True, help="the same model folder (or tiny-flux / tiny-sana)")
-    budget = parser.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--skip-ratio", type=float, help="fraction of blocks to skip (paper: 0.3, 0.4, 0.5)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--skip-ratio", type=float,
+                        help="fraction of blocks to skip (paper: 0.3, 0.4, 0.5); with --board: chosen unless given")
     budget.add_argument("--skip-blocks", type=int, help="number of blocks to skip")
+    parser.add_argument("--board", choices=list(BOARDS),
+                        help="choose the plan for this board's usable memory (" + "; ".join(
+                            f"{b.name}: {b.usable_bytes / GIB:.1f} GiB" for b in BOARDS.values()) +
+                        "): the first of 30%%/50%% skipped x kept weights as they are/int8/nf4 x the training "
+                        "resolution and 3/4 and 1/2 of it whose estimated peak fits; settings given are held "
+                        "fixed, and a plan that cannot fit is refused naming one that would. Also says whether "
+                        "and how the board can generate")
+    parser.add_argument("--memory-budget", type=float, metavar="GIB",
+                        help="choose the plan for this many GiB (wins over --board's usable memory)")
+    parser.add_argument("--generate-size", type=int,
+                        help="image side for the board's generation check (default: --s-max)")
     parser.add_argument("--max-last", type=int,
                         help="skip at most this many blocks at the end (default: no cap, the paper's argmin). "
                              "The last span's cached residual goes stale as LoRA trains; on shallow models a "
@@ -232,13 +245,13 @@ def register(subparsers) -> None:
                         help="weight and activation bytes for the memory estimate (default: fp32, the dtype of "
                              "the kept weights that `blockskip cache` writes and `blockskip train` holds; bf16 "
                              "is the paper's FLUX setting)")
-    parser.add_argument("--quant", default="none", choices=list(QUANT_SCHEMES),
-                        help="how the base pack stores the kept blocks' Linear weights (default: %(default)s): "
-                             "int8 (per output channel) or nf4 (4-bit NormalFloat, blocks of 64, double-quantized "
-                             "absmax), quantized on the host; the board trains LoRA on top without ever holding "
-                             "them in full precision. FLUX.1-dev, 50%% plan, 256 px, bf16 on one H200: kept weights "
-                             "7.42 GiB -> 3.73 (int8) / 1.94 (nf4), train peak 9.49 GiB -> 5.89 / 4.18 "
-                             "(benchmarks/results/train_memory_quant.md)")
+    parser.add_argument("--quant", choices=list(QUANT_SCHEMES),
+                        help="how the base pack stores the kept blocks' Linear weights (default: none, or with "
+                             "--board the lightest the board needs): int8 (per output channel) or nf4 (4-bit "
+                             "NormalFloat, blocks of 64, double-quantized absmax), quantized on the host; the board "
+                             "trains LoRA on top without ever holding them in full precision. FLUX.1-dev, 50%% plan, "
+                             "256 px, bf16 on one H200: kept weights 7.42 GiB -> 3.73 (int8) / 1.94 (nf4), train "
+                             "peak 9.49 GiB -> 5.89 / 4.18 (benchmarks/results/train_memory_quant.md)")
     parser.set_defaults(func=run)
 
 
@@ -325,6 +338,7 @@ def _size(count: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from blockskip.host.fit import choose, generation_summary
     from blockskip.host.patches import PatchSchedule
     from blockskip.host.profile import resolve_model
 
@@ -333,7 +347,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"profile {args.profile!r} does not exist (run `blockskip profile` first)")
     profile = json.loads(profile_path.read_text())
     model = resolve_model(args.model, text_encoder=False)
-    k = skip_budget(model.family.num_blocks, args.skip_ratio, args.skip_blocks)
+    budget = budget_from(args.board, args.memory_budget)
+    if budget is None and args.skip_ratio is None and args.skip_blocks is None:
+        raise ConfigError("give --skip-ratio or --skip-blocks (or --board / --memory-budget to choose one)")
     taken = []
     s_max, s_min, text_len = args.s_max, args.s_min, args.text_len
     if s_max is None:
@@ -347,10 +363,31 @@ def run(args: argparse.Namespace) -> int:
         taken.append(f"--text-len {text_len} ({source})")
     if taken:
         print("defaults from the model: " + ", ".join(taken))
-    schedule = PatchSchedule(s_min=s_min, s_max=s_max, granularity=model.granularity, schedule=args.schedule)
-    plan = make_plan(profile, model, k, schedule, LoraSettings(args.rank, args.alpha, args.lora_scope),
-                     args.samples, text_len, args.precision, max_last=args.max_last, feature_dtype=args.feature_dtype,
-                     quant=args.quant)
+    lora = LoraSettings(args.rank, args.alpha, args.lora_scope)
+
+    def make(ratio: float | None, quant: str, side: int) -> dict:
+        k = skip_budget(model.family.num_blocks, ratio, None if ratio is not None else args.skip_blocks)
+        schedule = PatchSchedule(s_min=side, s_max=s_max, granularity=model.granularity, schedule=args.schedule)
+        return make_plan(profile, model, k, schedule, lora, args.samples, text_len, args.precision,
+                         max_last=args.max_last, feature_dtype=args.feature_dtype, quant=quant)
+
+    if budget is None:
+        args.quant = args.quant or "none"
+        plan = make(args.skip_ratio, args.quant, s_min)
+    else:
+        chosen, tried = choose(make, budget, s_min, model.granularity, args.skip_ratio, args.skip_blocks is not None,
+                               args.quant, args.s_min is not None)
+        plan = chosen.plan
+        args.quant, args.feature_dtype = chosen.quant, plan["feature_dtype"]
+        generation, line = generation_summary(model, budget, args.generate_size or s_max, text_len)
+        plan["board"] = {"budget": budget.source, "budget_bytes": budget.bytes,
+                         "train_peak_bytes": chosen.need, "tried": [c.flags() for c in tried],
+                         "generation": generation}
+        heavier = len(tried) - 1
+        print(f"for {budget.source}: {chosen.flags()} (est. training peak {gib(chosen.need)} with the runtime"
+              + (f"; {heavier} more faithful setting{'s' * (heavier > 1)} did not fit)" if heavier else ")"))
+        if line:
+            print(line)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(plan, indent=2))
