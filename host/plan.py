@@ -34,6 +34,14 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # and the 50% plan they make a 1.85 GiB subject bundle instead of 23.7 GiB (cache_size.md).
 DEFAULT_FEATURE_DTYPE = "bf16"
 DEFAULT_SAMPLES = 300
+# Activation bytes that training keeps per token x width x kept block, measured (exact peaks of
+# benchmarks/results/train_memory_quant.md, less weights, LoRA and its AdamW state): frozen base
+# layers under LoRA save their inputs only and attention saves no tokens x tokens matrix, so this
+# is well under Korthikanti et al.'s s*h*(34 + 5*a*s/h) for fully trained layers (which this
+# estimate used before: 1.2-4.1x the measured peaks). bf16 (autocast on a GPU): 15.8-16.6 values
+# of 2 bytes on FLUX.1-dev shapes; fp32 (CPU): 11.3-12.5 values of 4 bytes on FLUX.1-dev and the
+# 57-block proxy. With these the estimate is within 5% of every measured row.
+ACTIVATION_BYTES = {"bf16": 32, "fp16": 32, "fp32": 48}
 # The paper's largest crop side (its LoRA baseline's resolution): FLUX 512 -> s_min 256, SANA 1024 -> 512.
 PAPER_S_MAX = {"flux": 512, "sana": 1024}
 # Text tokens of the families' own text encoders as `DiffusersTextEncoder` runs them (FLUX's T5: 512,
@@ -113,8 +121,8 @@ def estimate(model_desc: dict, family, plan: SkipPlan, lora: LoraSettings, s_min
              precision: str = "bf16", feature_dtype: str = "fp32", samples: int = 1, quant: str = "none") -> dict:
     """Analytic estimates for one batch-1 draw at s_min: edge training memory (kept weights, their
     Linear weights as `quant` stores them, + the transient of dequantizing one + LoRA + its AdamW
-    state + kept-block activations, Korthikanti et al. per-layer rule s*b*h*(34 + 5*a*s/h)
-    half-precision bytes), the feature cache bytes per draw in
+    state + kept-block activations, ACTIVATION_BYTES per token x width x kept block), the feature
+    cache bytes per draw in
     `feature_dtype` and for `samples` draws and one training prompt (`cache_bytes`), and the
     prompt bank's bytes per prompt."""
     bytes_per = BYTES[precision]
@@ -133,7 +141,7 @@ def estimate(model_desc: dict, family, plan: SkipPlan, lora: LoraSettings, s_min
         for name in family.lora_targets(i, lora.scope):
             weight = modules[name].weight
             lora_params += lora.rank * (weight.shape[0] + weight.shape[1])
-    activations = len(plan.kept) * seq * hidden * (34 + 5 * heads * seq / hidden) * bytes_per / 2
+    activations = len(plan.kept) * seq * hidden * ACTIVATION_BYTES[precision]
     weights, transient = weight_bytes(family, plan, bytes_per, quant)
     memory = weights + transient + lora_params * (4 + 4 + 8) + activations
     config = model_desc["config"]
