@@ -75,7 +75,77 @@ class TorchBackend(Backend):
         return self.transformer(**moved, return_dict=False)[0].float().cpu()
 
     def describe(self):
-        return {"backend": self.name, "device": str(self.device), "dtype": str(self.dtype)}
+        quant = getattr(self.transformer, "_blockskip_quant", None)
+        return {"backend": self.name, "device": str(self.device), "dtype": str(self.dtype),
+                **({"weights": quant} if quant else {})}
+
+
+def quantized_transformer(model_dir: str | Path, adapter: str | Path | None, scheme: str) -> torch.nn.Module:
+    """The model's transformer with every block's nn.Linear weights held as `scheme` ("int8" or
+    "nf4", blockskip.quant) for generation with the torch backend. Built on the meta device and
+    filled one block at a time from the model's safetensors, the adapter's update (B @ A, at its
+    stored scale) added to a weight before it is quantized: at most one block is ever in full
+    precision. Embedders, norms and the head stay as stored."""
+    from safetensors import safe_open
+
+    from blockskip.edge.lora import read_adapter
+    from blockskip.models.pipeline import load_model
+    from blockskip.quant import QuantLinear
+
+    family = load_model(model_dir, text_encoder=False, weights=False).family
+    transformer = family.model
+    root = Path(model_dir)
+    folder = root / "transformer" if (root / "transformer" / "config.json").is_file() else root
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{folder} holds no .safetensors weights (the torch backend's {scheme} weights are made "
+                         "from them; pickled .bin weights are never loaded)")
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    where = {key: handle for handle in handles for key in handle.keys()}
+    updates = {}
+    if adapter is not None:
+        tensors, config = read_adapter(adapter)
+        for key, down in tensors.items():
+            if ".lora_A." in key:
+                up = tensors[key.replace(".lora_A.", ".lora_B.")]
+                scale = float(config.get("lora_alpha", down.shape[0])) / float(config.get("r", down.shape[0]))
+                updates[key.removeprefix("transformer.").split(".lora_A.")[0]] = scale * (up.float() @ down.float())
+    names = {id(module): name for name, module in transformer.named_modules()}
+    blocks = {names[id(family.block(i))] for i in range(family.num_blocks)}
+
+    def fill(prefix: str, module: torch.nn.Module) -> None:
+        module.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                key = f"{prefix}.{name}" if prefix else name
+                if key not in where:
+                    raise InputError(f"{folder}: weight {key} is missing from the safetensors files")
+                param.copy_(where[key].get_tensor(key).to(param.dtype))
+            for name, linear in list(module.named_modules()):
+                path = f"{prefix}.{name}" if name else prefix
+                if path in updates:
+                    linear.weight.add_(updates.pop(path).to(linear.weight.dtype))
+
+    for name, module in transformer.named_children():
+        if isinstance(module, torch.nn.ModuleList) and any(f"{name}.{i}" in blocks for i in range(len(module))):
+            for i, block in enumerate(module):
+                fill(f"{name}.{i}", block)
+                for child_name, linear in list(block.named_modules()):
+                    if isinstance(linear, torch.nn.Linear):
+                        parent, _, attr = child_name.rpartition(".")
+                        setattr(block.get_submodule(parent) if parent else block, attr,
+                                QuantLinear.from_linear(linear, scheme))
+        else:
+            fill(name, module)
+    for name, param in list(transformer.named_parameters(recurse=False)):  # e.g. SANA's scale_shift_table
+        if name not in where:
+            raise InputError(f"{folder}: weight {name} is missing from the safetensors files")
+        transformer._parameters[name] = torch.nn.Parameter(where[name].get_tensor(name).to(param.dtype),
+                                                           requires_grad=False)
+    if updates:
+        raise InputError(f"adapter {adapter} names modules this model does not have: {', '.join(sorted(updates)[:3])}")
+    transformer._blockskip_quant = scheme
+    return transformer.eval()
 
 
 # ---- ONNX Runtime ----------------------------------------------------------------------------
@@ -326,7 +396,7 @@ def cached_engine(model_dir: str | Path, adapter: str | Path | None, shapes: Sha
 
 # ---- choosing --------------------------------------------------------------------------------
 # precisions each backend runs (first: its default); the torch backend runs the checkpoint as is
-BACKEND_PRECISIONS = {"torch": (None,), "onnxruntime": ("fp32", "fp16", "int8"), "tensorrt": ENGINE_PRECISIONS}
+BACKEND_PRECISIONS = {"torch": (None, "int8", "nf4"), "onnxruntime": ("fp32", "fp16", "int8"), "tensorrt": ENGINE_PRECISIONS}
 
 
 def check_precision(backend: str, precision: str | None) -> str | None:
@@ -338,8 +408,8 @@ def check_precision(backend: str, precision: str | None) -> str | None:
     if precision not in allowed:
         if backend == "torch":
             raise ConfigError(f"--precision {precision} is for the onnxruntime (fp32, fp16, int8) and tensorrt "
-                              "(fp16, fp32) backends; the torch backend runs the model's own weights "
-                              "(leave --precision out)")
+                              "(fp16, fp32) backends; the torch backend runs the model's own weights (leave "
+                              "--precision out) or its blocks' Linear weights quantized (int8, nf4)")
         if backend == "tensorrt" and precision == "int8":
             raise ConfigError("--precision int8 is ONNX Runtime's dynamic int8 for CPU boards; TensorRT engines "
                               "here are fp16 or fp32 (use --backend onnxruntime for int8)")
@@ -386,7 +456,9 @@ def pick_backend(name: str, model_dir: str | Path, adapter: str | Path | None, s
     chosen = resolve_backend("onnxruntime" if name == "auto" and precision == "int8" else name)
     precision = check_precision(chosen, precision)
     load = load or (lambda: load_model(model_dir, text_encoder=False))
-    if chosen == "torch":
+    if chosen == "torch" and precision in ("int8", "nf4"):
+        backend = TorchBackend(quantized_transformer(model_dir, adapter, precision), None)
+    elif chosen == "torch":
         backend = TorchBackend(load().family.model, adapter)
     elif chosen == "onnxruntime":
         backend = OrtBackend(cached_onnx(model_dir, adapter, shapes, cache_dir, precision, load=load))

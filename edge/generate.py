@@ -298,10 +298,12 @@ def register(subparsers) -> None:
     parser.add_argument("--count", type=int, default=1, help="images per prompt, seeds seed..seed+count-1")
     parser.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"],
                         help="where the transformer runs; auto: tensorrt, else onnxruntime, else torch")
-    parser.add_argument("--precision", choices=["fp32", "fp16", "int8"],
+    parser.add_argument("--precision", choices=["fp32", "fp16", "int8", "nf4"],
                         help="export/engine precision (default: fp32 onnxruntime, fp16 tensorrt); int8: "
                              "ONNX Runtime dynamic int8 for CPU boards (auto then picks onnxruntime): "
-                             "1.8x fp32 at 53 dB PSNR on a FLUX-shaped model, x86 CPU (edge/GENERATE.md)")
+                             "1.8x fp32 at 53 dB PSNR on a FLUX-shaped model, x86 CPU (edge/GENERATE.md); with "
+                             "--backend torch, int8 or nf4 hold the blocks' Linear weights quantized (loaded one "
+                             "block at a time, the adapter added first)")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE,
                         help="ONNX exports and engines (default: $BLOCKSKIP_CACHE or %(default)s)")
     parser.add_argument("--out", default="blockskip-images", help="output folder (default: %(default)s)")

@@ -89,7 +89,7 @@ ACTIONS: dict[str, dict[str, Arg]] = {
         "width": Arg((int,), min=16, max=4096),
         "count": Arg((int,), min=1, max=64),
         "backend": Arg((str,), choices=_BACKENDS),
-        "precision": Arg((str,), choices=("fp32", "fp16", "int8")),
+        "precision": Arg((str,), choices=("fp32", "fp16", "int8", "nf4")),
     },
     "cancel": {"job": Arg((str,), min=1, max=64)},
     "status": {},

@@ -130,11 +130,8 @@ def estimate(model_desc: dict, family, plan: SkipPlan, lora: LoraSettings, s_min
     n_img = (s_min // granularity) ** 2
     hidden = getattr(family.model, "inner_dim", None) or (
         family.config["num_attention_heads"] * family.config["attention_head_dim"])
-    heads = family.config["num_attention_heads"]
     seq = n_img + (text_len if family.name == "flux" else 0)
     kept_params = sum(p.numel() for i in plan.kept for p in family.block(i).parameters())
-    head_params = sum(p.numel() for name in family.head_module_names()
-                      for p in _params(family.model, name))
     lora_params = 0
     modules = dict(family.model.named_modules())
     for i in plan.kept:

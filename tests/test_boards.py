@@ -68,7 +68,7 @@ def test_plan_for_a_board_takes_the_most_faithful_plan_that_fits(tmp_path):
     budget = (int8 + full) / 2 / GIB
     result = plan_cli("--memory-budget", budget, "--out", out)
     assert result.returncode == 0, result.stderr
-    assert f"--skip-ratio 0.3 --quant int8 --s-min 16 (est. training peak" in result.stdout
+    assert "--skip-ratio 0.3 --quant int8 --s-min 16 (est. training peak" in result.stdout
     assert "1 more faithful setting did not fit" in result.stdout
     plan = json.loads(out.read_text())
     assert plan["quant"] == "int8" and plan["estimates"]["train_memory_bytes"] + RUNTIME_BYTES <= budget * GIB

@@ -98,14 +98,14 @@ def add_budget_arguments(parser, what: str) -> None:
 
 
 # Bytes per weight as stored for generation: fp32 (ONNX Runtime's CPU default, torch), fp16 / bf16
-# (TensorRT), int8 (ONNX Runtime's dynamic int8 export: one byte a weight plus per-channel scales),
-# nf4 (blockskip.quant: 4-bit codes plus one 8-bit absmax per 64 weights and an fp32 scale per 256
-# blocks). Embedders and the head stay fp32 in an int8 export; they are a small share of a DiT's
+# (TensorRT), int8 (ONNX Runtime's dynamic int8 export, or torch's blocks quantized by
+# blockskip.quant: one byte a weight plus per-channel scales), nf4 (torch, blockskip.quant: 4-bit
+# codes plus one 8-bit absmax per 64 weights and an fp32 scale per 256 blocks). Embedders and the head stay fp32 in an int8 export; they are a small share of a DiT's
 # parameters and are counted at the weight rate here.
 WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}
 # What a generation backend runs at each weight precision it offers, lightest last; activations
 # are fp32 on ONNX Runtime's CPU path and half precision elsewhere.
-BACKEND_PRECISIONS = {"tensorrt": ("fp16",), "onnxruntime": ("fp32", "int8"), "torch": ("fp32",)}
+BACKEND_PRECISIONS = {"tensorrt": ("fp16",), "onnxruntime": ("fp32", "int8"), "torch": ("fp32", "int8", "nf4")}
 # The process before any tensor: Python, torch, diffusers, peft and onnxruntime imported
 # (measured: ru_maxrss 414 MiB on x86-64 with torch 2.13 CPU; the CUDA context on a Jetson is in
 # the board's reserve).
@@ -122,7 +122,7 @@ def generation_estimate(model, height: int, width: int, precision: str, backend:
         raise ConfigError(f"unknown precision {precision!r}; known: {', '.join(WEIGHT_BYTES)}")
     family = model.family
     config = family.config
-    act = 4 if precision == "fp32" or backend == "onnxruntime" else 2
+    act = 2 if backend == "tensorrt" else 4  # TensorRT fp16; ONNX Runtime and torch compute in fp32
     params = sum(p.numel() for p in family.model.parameters())
     weights = params * WEIGHT_BYTES[precision]
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
@@ -143,7 +143,8 @@ def generation_estimate(model, height: int, width: int, precision: str, backend:
 
 
 def generation_options(model, board: Board, height: int, width: int, text_len: int) -> list[dict]:
-    """Every weight precision the board's generation backend offers, heaviest first, with its
-    estimate."""
-    return [generation_estimate(model, height, width, precision, board.backend, text_len)
-            for precision in BACKEND_PRECISIONS[board.backend]]
+    """Every weight precision the board's generation backend offers, heaviest first, then the
+    torch backend's quantized weights (int8, nf4), with their estimates."""
+    options = [(board.backend, precision) for precision in BACKEND_PRECISIONS[board.backend]]
+    options += [("torch", "int8"), ("torch", "nf4")]
+    return [generation_estimate(model, height, width, precision, backend, text_len) for backend, precision in options]

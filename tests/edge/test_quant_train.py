@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from blockskip.edge.lora import read_adapter
 from blockskip.edge.reduced import build_reduced
-from blockskip.edge.train import TrainConfig, _inject_lora, train
+from blockskip.edge.train import TrainConfig, train
 from blockskip.errors import BundleError, InputError
 from blockskip.features import FeatureReader
 from blockskip.host.basepack import build_base_pack, build_subject_bundle
@@ -18,7 +18,7 @@ from blockskip.host.bundle import TrustPolicy, generate_keypair, verify_bundle
 from blockskip.models.pipeline import tiny_model
 from blockskip.models.skip import reduced_forward
 from blockskip.quant import QuantLinear
-from test_train import make_bundle
+from test_train import bundle_loss, make_bundle
 
 UNSIGNED_OK = TrustPolicy(allow_unsigned=True)
 WEIGHTS = "weights/kept_blocks.safetensors"
@@ -39,23 +39,7 @@ def reduced(subject, base):
 
 def mean_loss(subject, base, adapter_dir=None):
     """The flow-matching loss over every cached draw, with the trained adapter or at LoRA's zero init."""
-    from peft import set_peft_model_state_dict
-
-    manifest = json.loads((subject / "manifest.json").read_text())
-    family, plan = reduced(subject, base)
-    tensors, config = read_adapter(adapter_dir) if adapter_dir else ({}, {})
-    _inject_lora(family, plan, {**manifest["lora"], "alpha": config.get("lora_alpha", manifest["lora"]["alpha"])}, 0)
-    if adapter_dir:
-        set_peft_model_state_dict(family.model, {k.removeprefix("transformer."): v for k, v in tensors.items()},
-                                  adapter_name="default")
-    reader = FeatureReader(subject, family.prompt_cond_keys)
-    losses = []
-    with torch.no_grad():
-        for i in range(len(reader)):
-            entry, residuals, cond, target, _ = reader.get(i)
-            out = family.output_to_latents(reduced_forward(family, plan, entry, residuals, cond), *target.shape[2:])
-            losses.append(torch.nn.functional.mse_loss(out, target).item())
-    return sum(losses) / len(losses)
+    return bundle_loss(subject, adapter_dir, weights=base / WEIGHTS)
 
 
 @pytest.mark.parametrize("quant", ["int8", "nf4"])

@@ -108,31 +108,37 @@ def test_reduced_model_holds_no_skipped_weights(tmp_path):
     assert materialized_bytes(reduced.model) < 0.6 * materialized_bytes(model.family.model)
 
 
+def bundle_loss(bundle, adapter_dir=None, weights=None):
+    """The flow-matching loss over every cached draw of `bundle` (its kept weights, or `weights`:
+    a base pack's), with the trained adapter in `adapter_dir` or at LoRA's zero init."""
+    from peft import set_peft_model_state_dict
+
+    from blockskip.edge.reduced import build_reduced
+    from blockskip.edge.train import _inject_lora
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    family, plan = build_reduced(bundle, manifest, **({"weights": weights} if weights else {}))
+    tensors, config = read_adapter(adapter_dir) if adapter_dir else ({}, {})
+    alpha = config.get("lora_alpha", manifest["lora"]["alpha"])  # the file's scale
+    _inject_lora(family, plan, {**manifest["lora"], "alpha": alpha}, 0)
+    if adapter_dir:
+        set_peft_model_state_dict(family.model, {k.removeprefix("transformer."): v for k, v in tensors.items()},
+                                  adapter_name="default")
+    reader = FeatureReader(bundle, family.prompt_cond_keys)
+    losses = []
+    with torch.no_grad():
+        for i in range(len(reader)):
+            entry, residuals, cond, target, _ = reader.get(i)
+            out = family.output_to_latents(reduced_forward(family, plan, entry, residuals, cond), *target.shape[2:])
+            losses.append(torch.nn.functional.mse_loss(out, target).item())
+    return sum(losses) / len(losses)
+
+
 def test_loss_goes_down_on_one_subject(tmp_path):
     _, _, bundle = make_bundle(tmp_path, "flux", 2, 1, samples=4, images=1)
-    manifest = json.loads((bundle / "manifest.json").read_text())
 
     def mean_loss(adapter_dir):
-        from peft import set_peft_model_state_dict
-
-        from blockskip.edge.reduced import build_reduced
-        from blockskip.edge.train import _inject_lora
-
-        family, plan = build_reduced(bundle, manifest)
-        tensors, config = read_adapter(adapter_dir) if adapter_dir else ({}, {})
-        alpha = config.get("lora_alpha", manifest["lora"]["alpha"])  # the file's scale
-        _inject_lora(family, plan, {**manifest["lora"], "alpha": alpha}, 0)
-        if adapter_dir:
-            set_peft_model_state_dict(family.model, {k.removeprefix("transformer."): v for k, v in tensors.items()},
-                                      adapter_name="default")
-        reader = FeatureReader(bundle, family.prompt_cond_keys)
-        losses = []
-        with torch.no_grad():
-            for i in range(len(reader)):
-                entry, residuals, cond, target, _ = reader.get(i)
-                out = family.output_to_latents(reduced_forward(family, plan, entry, residuals, cond), *target.shape[2:])
-                losses.append(torch.nn.functional.mse_loss(out, target).item())
-        return sum(losses) / len(losses)
+        return bundle_loss(bundle, adapter_dir)
 
     before = mean_loss(None)
     train(bundle, tmp_path / "out", TrainConfig(steps=40, grad_accum=1, lr=3e-3, checkpoint_every=0), trust=UNSIGNED_OK)
