@@ -22,10 +22,8 @@ from blockskip.models import Flux
 from blockskip.models.codec import VaeCodec
 from blockskip.models.pipeline import DEFAULT_SCHEDULERS, Model, sample, tiny_model
 from blockskip.models.text import HashTextEncoder
+from train_memory import PROXY  # FLUX.1-dev's depth at width 256
 
-PROXY = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=64,
-             num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=128, guidance_embeds=True,
-             axes_dims_rope=(8, 28, 28))
 # FLUX.1-dev's vae/config.json (AutoencoderKL, 16 latent channels)
 FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
                 layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,

@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from blockskip.boards import BOARDS, RUNTIME_BYTES, generation_options, gib
+from blockskip.boards import BOARDS, RUNTIME_BYTES, budget_from, generation_options, gib
 from blockskip.errors import ConfigError
 from blockskip.host.fit import choose
 from blockskip.host.patches import PatchSchedule
@@ -24,28 +24,20 @@ from blockskip.host.plan import LoraSettings, make_plan, skip_budget
 from blockskip.models import Flux, Sana
 from blockskip.models.codec import VaeCodec
 from blockskip.models.pipeline import DEFAULT_SCHEDULERS, Model
+from board_fit import FLUX_VAE
+from train_memory import FLUX_DEV
 
-# transformer/config.json of black-forest-labs/FLUX.1-dev and of Efficient-Large-Model/Sana_1600M_1024px_diffusers
-# and Sana_600M_1024px_diffusers (SANA 1.6B is diffusers' SanaTransformer2DModel default)
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
+# transformer/config.json of Efficient-Large-Model/Sana_1600M_1024px_diffusers and Sana_600M_1024px_diffusers
+# (SANA 1.6B is diffusers' SanaTransformer2DModel default); FLUX.1-dev's and its VAE's come from the
+# memory benchmarks
 SANA_16 = dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
                num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
                caption_channels=2304, mlp_ratio=2.5, sample_size=32, patch_size=1)
 SANA_06 = dict(SANA_16, num_attention_heads=36, num_layers=28, num_cross_attention_heads=16,
                cross_attention_head_dim=72, cross_attention_dim=1152)
-FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False)
 # name: (family, config, training s_min (the paper's), text tokens, generation side)
 MODELS = {"FLUX.1-dev": (Flux, FLUX_DEV, 256, 512, 1024), "SANA 1.6B": (Sana, SANA_16, 512, 300, 1024),
           "SANA 0.6B": (Sana, SANA_06, 512, 300, 1024)}
-
-
-class _Text:  # the board needs no text encoder (the prompt bank); the plan only asks for its length
-    def __init__(self, max_length):
-        self.max_length = max_length
 
 
 def meta_model(family_cls, config) -> Model:
@@ -78,8 +70,6 @@ def main() -> int:
             return make_plan(profile, model, k, schedule, LoraSettings(), 300, text_len, "fp32", quant=quant)
 
         for board in BOARDS.values():
-            from blockskip.boards import budget_from
-
             budget = budget_from(board.name)
             cells = []
             for ratio in (0.3, 0.5):

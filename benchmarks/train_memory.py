@@ -53,18 +53,6 @@ def plan_estimate(family, plan, resolution: int, text_len: int, rank: int, preci
                     quant=quant)["train_memory_bytes"]
 
 
-def quantize_block(block, quant: str) -> None:
-    """Swap each nn.Linear of a kept block for a QuantLinear holding its weight as `quant`."""
-    import torch
-
-    from blockskip.quant import QuantLinear
-
-    for name, module in list(block.named_modules()):
-        if isinstance(module, torch.nn.Linear):
-            parent, _, attr = name.rpartition(".")
-            setattr(block.get_submodule(parent) if parent else block, attr, QuantLinear.from_linear(module, quant))
-
-
 def child(name: str, device: str, steps: int, text_len: int, rank: int, shape: str) -> dict:
     import torch
     from peft import LoraConfig, inject_adapter_in_model
@@ -72,7 +60,7 @@ def child(name: str, device: str, steps: int, text_len: int, rank: int, shape: s
     from blockskip.memory import TensorMemory
     from blockskip.models import Flux
     from blockskip.models.skip import SkipPlan, reduced_forward
-    from blockskip.quant import register_with_peft
+    from blockskip.quant import quantize_linears, register_with_peft
 
     torch.manual_seed(0)
     if device == "cuda":
@@ -98,7 +86,7 @@ def child(name: str, device: str, steps: int, text_len: int, rank: int, shape: s
             torch.nn.init.normal_(p, std=0.02)
         module.to(dtype)
         if quant != "none" and any(module is family.block(i) for i in plan.kept):
-            quantize_block(module, quant)
+            quantize_linears(module, quant)
     targets = [t for i in plan.kept for t in family.lora_targets(i)]
     lora_config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets)
     register_with_peft(lora_config)

@@ -90,7 +90,7 @@ def quantized_transformer(model_dir: str | Path, adapter: str | Path | None, sch
 
     from blockskip.edge.lora import read_adapter
     from blockskip.models.pipeline import load_model
-    from blockskip.quant import QuantLinear
+    from blockskip.quant import quantize_linears
 
     family = load_model(model_dir, text_encoder=False, weights=False).family
     transformer = family.model
@@ -130,11 +130,7 @@ def quantized_transformer(model_dir: str | Path, adapter: str | Path | None, sch
         if isinstance(module, torch.nn.ModuleList) and any(f"{name}.{i}" in blocks for i in range(len(module))):
             for i, block in enumerate(module):
                 fill(f"{name}.{i}", block)
-                for child_name, linear in list(block.named_modules()):
-                    if isinstance(linear, torch.nn.Linear):
-                        parent, _, attr = child_name.rpartition(".")
-                        setattr(block.get_submodule(parent) if parent else block, attr,
-                                QuantLinear.from_linear(linear, scheme))
+                quantize_linears(block, scheme)
         else:
             fill(name, module)
     for name, param in list(transformer.named_parameters(recurse=False)):  # e.g. SANA's scale_shift_table

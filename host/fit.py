@@ -61,6 +61,13 @@ def choose(make: Callable[[float | None, str, int], dict], budget: Budget, s_min
     """The first candidate (most faithful first) that fits, and every one tried. `make(ratio,
     quant, s_min)` builds a plan document (ratio None: the explicit --skip-blocks). Settings given
     by the user are held fixed; raises ConfigError naming the lightest fitting plan otherwise."""
+    plans: dict[tuple, dict] = {}
+
+    def plan_for(r: float | None, q: str, size: int) -> dict:  # each setting is planned once
+        if (r, q, size) not in plans:
+            plans[(r, q, size)] = make(r, q, size)
+        return plans[(r, q, size)]
+
     fixed = ratio is not None or blocks_given
     sizes = [s_min] if s_min_given else resolutions(s_min, granularity)
     ratios = [ratio] if fixed else list(RATIOS)
@@ -69,7 +76,7 @@ def choose(make: Callable[[float | None, str, int], dict], budget: Budget, s_min
     for size in sizes:
         for r in ratios:
             for q in quants:
-                candidate = Candidate(r, q, size, make(r, q, size))
+                candidate = Candidate(r, q, size, plan_for(r, q, size))
                 tried.append(candidate)
                 if candidate.need <= budget.bytes:
                     return candidate, tried
@@ -78,7 +85,7 @@ def choose(make: Callable[[float | None, str, int], dict], budget: Budget, s_min
              if on]
     hint = ""
     if given:  # what would fit if the user's settings were free
-        free = [Candidate(r, q, size, make(r, q, size)) for size in resolutions(s_min, granularity)
+        free = [Candidate(r, q, size, plan_for(r, q, size)) for size in resolutions(s_min, granularity)
                 for r in RATIOS for q in QUANTS]
         fitting = [c for c in free if c.need <= budget.bytes]
         hint = (f"; {fitting[0].flags()} would fit (est. {gib(fitting[0].need)})" if fitting

@@ -377,13 +377,11 @@ def run(args: argparse.Namespace) -> int:
                          max_last=args.max_last, feature_dtype=args.feature_dtype, quant=quant)
 
     if budget is None:
-        args.quant = args.quant or "none"
-        plan = make(args.skip_ratio, args.quant, s_min)
+        plan = make(args.skip_ratio, args.quant or "none", s_min)
     else:
         chosen, tried = choose(make, budget, s_min, model.granularity, args.skip_ratio, args.skip_blocks is not None,
                                args.quant, args.s_min is not None)
         plan = chosen.plan
-        args.quant, args.feature_dtype = chosen.quant, plan["feature_dtype"]
         generation, line = generation_summary(model, budget, args.generate_size or s_max, text_len)
         plan["board"] = {"budget": budget.source, "budget_bytes": budget.bytes,
                          "train_peak_bytes": chosen.need, "tried": [c.flags() for c in tried],
@@ -400,9 +398,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"skip first {plan['plan']['n']} and last {plan['plan']['m']} of {model.family.num_blocks} blocks; "
           f"est. edge training memory {_size(est['train_memory_bytes'])} ({est['precision']}, {est['assumes']}) "
           f"-> {out}")
-    quant = f", Linear weights {args.quant}" if args.quant != "none" else ""
+    quant = f", Linear weights {plan['quant']}" if plan["quant"] != "none" else ""
     print(f"base pack {_size(est['base_pack_bytes'])} (kept weights{quant}, installed once per model and plan)")
-    print(f"subject bundle: features {_size(est['cache_bytes'])} ({args.samples} draws x "
-          f"{_size(est['cache_bytes_per_draw'])}, {args.feature_dtype}) + prompt bank "
+    print(f"subject bundle: features {_size(est['cache_bytes'])} ({plan['samples']} draws x "
+          f"{_size(est['cache_bytes_per_draw'])}, {plan['feature_dtype']}) + prompt bank "
           f"{_size(est['bank_bytes_per_prompt'])} per prompt")
     return 0

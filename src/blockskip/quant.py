@@ -216,6 +216,14 @@ def register_with_peft(lora_config) -> None:
 
 # ---------------------------------------------------------------- state dicts (host writes, board reads)
 
+def quantize_linears(module: nn.Module, scheme: str) -> None:
+    """Replace every nn.Linear inside `module` by a QuantLinear holding its weight as `scheme`."""
+    for name, linear in list(module.named_modules()):
+        if isinstance(linear, nn.Linear):
+            parent, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, child, QuantLinear.from_linear(linear, scheme))
+
+
 def linear_names(module: nn.Module, prefix: str) -> list[str]:
     return [f"{prefix}.{name}" if name else prefix for name, m in module.named_modules() if isinstance(m, nn.Linear)]
 

@@ -4,8 +4,6 @@ to the full-precision ones with the same adapter, and the adapter still changes 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -14,6 +12,7 @@ from blockskip.edge.onnx_export import Shapes
 from blockskip.errors import InputError
 from blockskip.models.pipeline import load_model, sample, save_model, tiny_model
 from blockskip.quant import QuantLinear
+from test_onnx_int8 import psnr
 
 SIZE = 16
 # Against the full-precision model with the same adapter, 6 Euler steps at 16x16, same seed.
@@ -21,11 +20,6 @@ SIZE = 16
 # models, where the adapter's own effect is 29.9 / 15.8 dB; the second check says the quantized
 # image is still the adapted one (NF4 SANA: 22.2 dB to it, 17.7 to the base model's).
 MIN_PSNR_DB = {"int8": 40.0, "nf4": 20.0}
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
 @pytest.fixture(scope="module", params=["flux", "sana"])
