@@ -1,7 +1,10 @@
 """`blockskip plan`: from a sensitivity profile and a skip budget, the skip plan.
 
 For a budget of k blocks the plan skips the first n and the last m blocks with n + m = k,
-choosing the split that minimizes `Dpre[n] + Dsuf[m]`. The plan JSON also carries the patch
+choosing the split that minimizes `Dpre[n] + Dsuf[m] + stale[m] * Dpre[L]`: the paper's score
+plus what the last m blocks' cached residual gets wrong once LoRA changes their input (the
+profile's `stale`; `--paper-argmin` leaves it out, `--max-last` caps m, `--split N M` takes a
+split as given). It prints the split, why, and the paper's argmin in one line. The plan JSON also carries the patch
 schedule, the LoRA config, the sample count, the feature storage and estimates of edge training
 memory, of the subject bundle (features per draw and per subject, prompt bank per prompt) and of
 the base pack (the kept weights, once per model and plan). `--quant int8|nf4` stores the kept
@@ -77,22 +80,55 @@ def skip_budget(num_blocks: int, ratio: float | None = None, blocks: int | None 
     return blocks
 
 
-def choose_split(d_pre: list[float], d_suf: list[float], k: int, max_last: int | None = None) -> tuple[int, int]:
-    """(n, m) with n + m = k minimizing Dpre[n] + Dsuf[m]; ties go to the larger n.
-
-    `max_last` caps m (None: no cap, the paper's rule). The residual cached for the last skipped
-    span stands in for blocks that run after the trained ones, so it goes stale as LoRA trains; on
-    shallow models that costs fidelity (benchmarks/results/quality.md). The paper's FLUX plans
-    never skip more than 10 of 57 blocks at the end."""
+def split_scores(d_pre: list[float], d_suf: list[float], k: int, stale: list[float] | None = None) -> list[float]:
+    """The score of every split (n, k - n), n = 0 .. k: `Dpre[n] + Dsuf[m]` (the paper's), plus
+    `stale[m] * Dpre[L]` when the profile measured staleness: a last span whose cached residual
+    misses a fraction `stale[m]` of the change LoRA makes at its input costs that fraction of
+    what the text does to the image (Dpre[L]: every block's text attention masked)."""
     if len(d_pre) != len(d_suf):
         raise ConfigError(f"profile Dpre and Dsuf lengths differ ({len(d_pre)} vs {len(d_suf)})")
-    if k > len(d_pre) - 1:
+    if stale is not None and len(stale) != len(d_pre):
+        raise ConfigError(f"profile stale and Dpre lengths differ ({len(stale)} vs {len(d_pre)})")
+    if not 0 <= k <= len(d_pre) - 1:
         raise ConfigError(f"cannot skip {k} blocks: the profile covers {len(d_pre) - 1}")
+    whole = d_pre[-1]
+    return [d_pre[n] + d_suf[k - n] + (stale[k - n] * whole if stale is not None else 0.0) for n in range(k + 1)]
+
+
+def choose_split(d_pre: list[float], d_suf: list[float], k: int, max_last: int | None = None,
+                 stale: list[float] | None = None) -> tuple[int, int]:
+    """(n, m) with n + m = k minimizing the split's score (`split_scores`); ties go to the larger n.
+
+    Without `stale` this is the paper's argmin of Dpre[n] + Dsuf[m]. With it, skipping blocks at
+    the end also pays for their cached residual going stale as LoRA trains the blocks before them:
+    on the 8-block crop model that moves the 50% plan from (1, 3) to (4, 0) (0.51 -> 0.81 of LoRA's
+    fidelity gain, benchmarks/results/quality.md); where the last blocks' residual barely depends
+    on their input (stale[m] near 0) the paper's split stays. `max_last` caps m (None: no cap)."""
     if max_last is not None and max_last < 0:
         raise ConfigError(f"max_last must be >= 0, got {max_last}")
+    scores = split_scores(d_pre, d_suf, k, stale)
     cap = k if max_last is None else min(k, max_last)
-    best = min(range(k - cap, k + 1), key=lambda n: (d_pre[n] + d_suf[k - n], -n))
+    best = min(range(k - cap, k + 1), key=lambda n: (scores[n], -n))
     return best, k - best
+
+
+def explain_split(profile: dict, k: int, n: int, m: int, how: str) -> str:
+    """One line: the split taken, why, and what the paper's argmin of Dpre[n] + Dsuf[m] would have been."""
+    d_pre, d_suf, stale = profile["d_pre"], profile["d_suf"], profile.get("stale")
+    paper = choose_split(d_pre, d_suf, k)
+    line = f"split ({n}, {m}) of {k} skipped blocks: {how}"
+    if paper == (n, m):
+        line += "; the same as the paper's argmin of Dpre[n] + Dsuf[m]"
+        if stale is not None and m:
+            line += f" (its last {m} blocks' cached residual misses {stale[m]:.2f} of a change at their input)"
+        return line
+    line += f"; the paper's argmin of Dpre[n] + Dsuf[m] would be {paper}"
+    if stale is None:
+        return line
+    scores = split_scores(d_pre, d_suf, k, stale)
+    return line + (f" (Dpre + Dsuf {d_pre[paper[0]] + d_suf[paper[1]]:.3f} against {d_pre[n] + d_suf[m]:.3f}), but its "
+                   f"last {paper[1]} blocks' cached residual misses {stale[paper[1]]:.2f} of a change at their input "
+                   f"(score {scores[paper[0]]:.3f} against {scores[n]:.3f})")
 
 
 def kept_linears(family, plan: SkipPlan) -> list[tuple[str, torch.nn.Linear]]:
@@ -218,9 +254,15 @@ def register(subparsers) -> None:
     parser.add_argument("--generate-size", type=int,
                         help="image side for the board's generation check (default: --s-max)")
     parser.add_argument("--max-last", type=int,
-                        help="skip at most this many blocks at the end (default: no cap, the paper's argmin). "
-                             "The last span's cached residual goes stale as LoRA trains; on shallow models a "
-                             "cap keeps fidelity (benchmarks/results/quality.md)")
+                        help="skip at most this many blocks at the end (default: no cap)")
+    parser.add_argument("--paper-argmin", action="store_true",
+                        help="choose the split by the paper's Dpre[n] + Dsuf[m] alone. By default a profile's "
+                             "staleness term is added: stale[m] * Dpre[L], for the last m blocks' cached residual "
+                             "going stale as LoRA trains the blocks before them (on the built-in crop model the 50%% "
+                             "plan moves from (1, 3) to (4, 0); benchmarks/results/quality.md)")
+    parser.add_argument("--split", type=int, nargs=2, metavar=("N", "M"),
+                        help="skip exactly the first N and the last M blocks (instead of --skip-ratio / "
+                             "--skip-blocks; not with --board / --memory-budget)")
     parser.add_argument("--out", required=True, help="plan JSON to write")
     parser.add_argument("--s-max", type=int,
                         help="largest crop side (default: from the model: the image_size its blockskip.json "
@@ -262,17 +304,36 @@ def register(subparsers) -> None:
 
 def make_plan(profile: dict, model, k: int, schedule, lora: LoraSettings, samples: int,
               text_len: int = 512, precision: str = "bf16", max_last: int | None = None,
-              feature_dtype: str = "fp32", quant: str = "none") -> dict:
-    """The paper's plan: skip the first n and last m blocks, n + m = k, by the profile's argmin
-    (m <= max_last when given)."""
+              feature_dtype: str = "fp32", quant: str = "none", paper: bool = False,
+              split: tuple[int, int] | None = None) -> dict:
+    """Skip the first n and last m blocks, n + m = k: by the profile's score (`choose_split`: with
+    the staleness term when the profile has one and not `paper`; m <= max_last when given), or
+    the explicit `split`. The plan records the split, its score, the paper's argmin and a line
+    saying why (`why`)."""
     family = model.family
     if profile.get("model", {}).get("config_hash") != family.config_hash():
         raise InputError("the profile was measured on another model (config hash "
                          f"{profile.get('model', {}).get('config_hash')} != {family.config_hash()})")
-    n, m = choose_split(profile["d_pre"], profile["d_suf"], k, max_last)
+    stale = None if paper else profile.get("stale")
+    if split is not None:
+        n, m = split
+        if n < 0 or m < 0 or n + m != k:
+            raise ConfigError(f"split ({n}, {m}) must be two counts >= 0 adding up to the {k} skipped blocks")
+        how = "given"
+    else:
+        n, m = choose_split(profile["d_pre"], profile["d_suf"], k, max_last, stale)
+        how = ("the paper's argmin of Dpre[n] + Dsuf[m]" if stale is None else
+               "argmin of Dpre[n] + Dsuf[m] + stale[m] * Dpre[L]")
+        how += f", m <= {max_last}" if max_last is not None else ""
+        if stale is None and not paper:
+            how += " (this profile has no staleness term: `blockskip profile` measures it)"
     plan = SkipPlan.first_last(family.num_blocks, n, m)
-    return plan_document(model, plan, schedule, lora, samples, text_len, precision,
-                         {"n": n, "m": m, "score": profile["d_pre"][n] + profile["d_suf"][m]}, feature_dtype, quant)
+    scores = split_scores(profile["d_pre"], profile["d_suf"], k, stale)
+    extra = {"n": n, "m": m, "score": scores[n],
+             "paper_split": list(choose_split(profile["d_pre"], profile["d_suf"], k)),
+             "stale": profile["stale"][m] if profile.get("stale") else None,
+             "why": explain_split({**profile, "stale": stale}, k, n, m, how)}
+    return plan_document(model, plan, schedule, lora, samples, text_len, precision, extra, feature_dtype, quant)
 
 
 def plan_document(model, plan: SkipPlan, schedule, lora: LoraSettings, samples: int, text_len: int = 512,
@@ -353,8 +414,11 @@ def run(args: argparse.Namespace) -> int:
     profile = json.loads(profile_path.read_text())
     model = resolve_model(args.model, text_encoder=False)
     budget = budget_from(args.board, args.memory_budget)
-    if budget is None and args.skip_ratio is None and args.skip_blocks is None:
-        raise ConfigError("give --skip-ratio or --skip-blocks (or --board / --memory-budget to choose one)")
+    if args.split is not None and (args.skip_ratio is not None or args.skip_blocks is not None or budget is not None):
+        raise ConfigError("--split names the skipped blocks itself: give it without --skip-ratio, --skip-blocks, "
+                          "--board and --memory-budget")
+    if budget is None and args.skip_ratio is None and args.skip_blocks is None and args.split is None:
+        raise ConfigError("give --skip-ratio, --skip-blocks or --split (or --board / --memory-budget to choose one)")
     taken = []
     s_max, s_min, text_len = args.s_max, args.s_min, args.text_len
     if s_max is None:
@@ -371,10 +435,12 @@ def run(args: argparse.Namespace) -> int:
     lora = LoraSettings(args.rank, args.alpha, args.lora_scope)
 
     def make(ratio: float | None, quant: str, side: int) -> dict:
-        k = skip_budget(model.family.num_blocks, ratio, None if ratio is not None else args.skip_blocks)
+        blocks = sum(args.split) if args.split else args.skip_blocks
+        k = skip_budget(model.family.num_blocks, ratio, None if ratio is not None else blocks)
         schedule = PatchSchedule(s_min=side, s_max=s_max, granularity=model.granularity, schedule=args.schedule)
         return make_plan(profile, model, k, schedule, lora, args.samples, text_len, args.precision,
-                         max_last=args.max_last, feature_dtype=args.feature_dtype, quant=quant)
+                         max_last=args.max_last, feature_dtype=args.feature_dtype, quant=quant,
+                         paper=args.paper_argmin, split=tuple(args.split) if args.split else None)
 
     if budget is None:
         plan = make(args.skip_ratio, args.quant or "none", s_min)
@@ -395,6 +461,7 @@ def run(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(plan, indent=2))
     est = plan["estimates"]
+    print(plan["plan"]["why"])
     print(f"skip first {plan['plan']['n']} and last {plan['plan']['m']} of {model.family.num_blocks} blocks; "
           f"est. edge training memory {_size(est['train_memory_bytes'])} ({est['precision']}, {est['assumes']}) "
           f"-> {out}")

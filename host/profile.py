@@ -4,6 +4,14 @@ For every n, generate with image-query -> text-key attention masked in the first
 compare with the unmasked generation: `Dpre[n] = 1 - cos(E(x_full), E(x_first_n_masked))`;
 likewise `Dsuf[m]` for the last m blocks. Averaged over prompts and seeds; computed once per
 base model. `blockskip plan` turns it into a skip plan.
+
+The profile also measures `stale[m]`: how much of a change at the input of the last m blocks
+their cached residual misses. Training skips them by adding the frozen model's residual
+`S(f) - f`; once LoRA moves their input f by d, the full model computes `S(f + d)` and the
+reduced one `f + d + S(f) - f`. With the prompt changed (the next prompt of the list) in the
+blocks before them standing in for d, on each reference image noised at a few timesteps:
+`stale[m] = |v_B - v_stale| / |v_B - v_A|`, 0 when the last m blocks add a residual that does
+not depend on their input, about 1 when their residual undoes the change.
 """
 
 from __future__ import annotations
@@ -26,40 +34,83 @@ DEFAULT_PROMPTS = ["a photo of a leaf on soil", "a close-up photo of a plant in 
                    "a green leaf against the sky"]
 PIXEL_SIZE = 32  # pixel-space models with no recorded size (tiny-flux, tiny-sana): the demo's size
 LATENT_PROFILE_SIZE = 256  # latent-space models with no recorded size (FLUX, SANA folders)
+# Timesteps at which `stale` compares the full and the reduced forward (noised reference images).
+STALE_SIGMAS = (0.25, 0.5, 0.75)
 TEXT_ENCODER_PLACES = ("a text_encoder/ folder (diffusers pipeline layout, with tokenizer/; FLUX also "
                        "text_encoder_2/ and tokenizer_2/), or a 'text_encoder' entry in blockskip.json "
                        "(the project's own hash and word encoders)")
 
 
+@torch.no_grad()
+def suffix_staleness(family, inputs_a: dict, inputs_b: dict) -> list[float]:
+    """`stale[m]` for m = 0 .. num_blocks at one draw: the same noisy input under prompt A
+    (`inputs_a`) and prompt B (`inputs_b`). The last m blocks S see B's state f_B in the full
+    forward; in the reduced one they are skipped by the residual cached from A's state f_A (both
+    with B's conditioning, so only their input differs): `v_stale = head(f_B + S(f_A) - f_A)`.
+    Returns `|v_B - v_stale| / |v_B - v_A|` (image tokens; 0 at m = 0)."""
+    key = family.image_key
+    n_blocks = family.num_blocks
+    state_a, cond_a = family.embed(**inputs_a)
+    state_b, cond_b = family.embed(**inputs_b)
+    states_a, states_b = [state_a], [state_b]  # states_x[i]: the state entering block i
+    for i in range(n_blocks):
+        states_a.append(family.run_blocks(states_a[-1], cond_a, i, i + 1))
+        states_b.append(family.run_blocks(states_b[-1], cond_b, i, i + 1))
+    v_a, v_b = family.head(states_a[-1], cond_a), family.head(states_b[-1], cond_b)
+    change = (v_b - v_a).norm().clamp_min(1e-12)
+    stale = [0.0]
+    for m in range(1, n_blocks + 1):
+        start = n_blocks - m
+        f_a, f_b = states_a[start], states_b[start]
+        residual = family.run_blocks(f_a, cond_b, start, n_blocks)[key] - f_a[key]  # (B, N_img, D)
+        v_stale = family.head({**f_b, key: f_b[key] + residual}, cond_b)
+        stale.append(((v_b - v_stale).norm() / change).item())
+    return stale
+
+
 def masking_profile(model, encoder, prompts: list[str], seeds: list[int], steps: int, size: int,
                     progress: bool = True) -> dict:
-    """Dpre and Dsuf (length num_blocks + 1; index 0 is 0 by definition) averaged over
-    prompts x seeds."""
-    from blockskip.models.pipeline import sample
+    """Dpre, Dsuf and stale (length num_blocks + 1; index 0 is 0 by definition) averaged over
+    prompts x seeds (stale: and STALE_SIGMAS; prompt B is the next prompt of the list, the empty
+    prompt when there is only one)."""
+    from blockskip.models.pipeline import add_noise, sample
 
     family = model.family
     n_blocks = family.num_blocks
     d_pre = torch.zeros(n_blocks + 1, dtype=torch.float64)
     d_suf = torch.zeros(n_blocks + 1, dtype=torch.float64)
-    total = len(prompts) * len(seeds) * (2 * n_blocks + 1)
+    stale = torch.zeros(n_blocks + 1, dtype=torch.float64)
+    total = len(prompts) * len(seeds) * (2 * n_blocks + 2)
     bar = tqdm(total=total, desc="profile", unit="gen", disable=not progress)
-    for prompt in prompts:
-        text = model.encode_text(prompt)
+    texts = [model.encode_text(prompt) for prompt in prompts]
+    for p, text in enumerate(texts):
+        other = texts[(p + 1) % len(texts)] if len(texts) > 1 else model.encode_text("")
         for seed in seeds:
             def generate(masked: range) -> torch.Tensor:
                 with family.mask_text_attention(masked):
                     image = sample(model, text, seed=seed, steps=steps, height=size, width=size)
                 bar.update(1)
-                return encoder.embed(image)
+                return image
 
-            reference = generate(range(0))
+            image = generate(range(0))
+            reference = encoder.embed(image)
             for k in range(1, n_blocks + 1):
-                d_pre[k] += 1 - F.cosine_similarity(reference, generate(range(k)), dim=-1).mean().item()
-                d_suf[k] += 1 - F.cosine_similarity(reference, generate(range(n_blocks - k, n_blocks)),
+                d_pre[k] += 1 - F.cosine_similarity(reference, encoder.embed(generate(range(k))), dim=-1).mean().item()
+                d_suf[k] += 1 - F.cosine_similarity(reference, encoder.embed(generate(range(n_blocks - k, n_blocks))),
                                                     dim=-1).mean().item()
+            with torch.no_grad():
+                latents = model.codec.encode(image)
+            gen = torch.Generator().manual_seed(seed)
+            for value in STALE_SIGMAS:
+                sigma = torch.tensor([value])
+                noisy, _ = add_noise(latents, torch.randn(latents.shape, generator=gen), sigma)
+                stale += torch.tensor(suffix_staleness(family, family.make_inputs(noisy, sigma, text),
+                                                       family.make_inputs(noisy, sigma, other)), dtype=torch.float64)
+            bar.update(1)
     bar.close()
     count = len(prompts) * len(seeds)
-    return {"d_pre": (d_pre / count).tolist(), "d_suf": (d_suf / count).tolist()}
+    return {"d_pre": (d_pre / count).tolist(), "d_suf": (d_suf / count).tolist(),
+            "stale": (stale / (count * len(STALE_SIGMAS))).tolist()}
 
 
 def register(subparsers) -> None:

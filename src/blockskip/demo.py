@@ -54,8 +54,8 @@ def register(subparsers) -> None:
     parser.add_argument("--skip-ratio", type=float, default=0.5,
                         help="fraction of blocks to skip, in [0, 1) (default: %(default)s)")
     parser.add_argument("--max-last", type=int,
-                        help="skip at most this many blocks at the end (see `blockskip plan --help`; "
-                             "default: the profile's argmin)")
+                        help="skip at most this many blocks at the end (see `blockskip plan --help`; default: "
+                             "no cap, the plan already weighs how stale the last blocks' cached residual gets)")
     parser.add_argument("--samples", type=int, default=64, help="cached training draws (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=300, help="training steps (default: %(default)s)")
     parser.add_argument("--size", type=int, default=32, help="generation size and largest crop in pixels")

@@ -9,7 +9,7 @@ import pytest
 from blockskip.errors import ConfigError
 from blockskip.host.encoders import EfficientNetLite0
 from blockskip.host.patches import PatchSchedule
-from blockskip.host.plan import LoraSettings, choose_split, make_plan, skip_budget
+from blockskip.host.plan import LoraSettings, choose_split, make_plan, skip_budget, split_scores
 from blockskip.host.profile import masking_profile
 from blockskip.models import Flux
 from blockskip.models.pipeline import Model, tiny_model
@@ -68,6 +68,129 @@ def test_max_last_moves_the_plan_to_the_front():
     assert choose_split(d_pre, d_suf, 4, max_last=0) == (4, 0)
     with pytest.raises(ConfigError):
         choose_split(d_pre, d_suf, 4, max_last=-1)
+
+
+# A 6-block profile (2 double + 4 single blocks, tiny FLUX) on which the paper's argmin at 50% skips
+# 1 block first and 2 last: Dpre jumps after the first block, Dsuf stays low for two.
+SIX_PRE = [0.0, 0.02, 0.4, 0.45, 0.47, 0.55, 0.6]
+SIX_SUF = [0.0, 0.01, 0.1, 0.14, 0.25, 0.3, 0.6]
+
+
+def _suffix_model(kind: str):
+    """Tiny FLUX whose last two blocks either add a residual that does not depend on their input
+    (`harmless`: their output projections are zero, so each adds gate * bias, which depends on the
+    timestep and pooled text only) or add one that depends strongly on it (`hurting`: the same
+    projections x 20)."""
+    import torch
+
+    model = tiny_model("flux")
+    family = model.family
+    with torch.no_grad():
+        for index in range(family.num_blocks - 2, family.num_blocks):
+            proj = family.block(index).proj_out
+            proj.weight.mul_(0.0 if kind == "harmless" else 20.0)
+    return model
+
+
+def _reduced_vs_full_after_training(model, n: int, m: int) -> float:
+    """|full - reduced| / |full - frozen| after a LoRA-like change of the kept blocks: the reduced
+    forward adds the residuals cached from the frozen model (what `blockskip cache` stores)."""
+    import torch
+
+    from blockskip.models.skip import SkipPlan, compute_features, reduced_forward
+
+    family = model.family
+    plan = SkipPlan.first_last(family.num_blocks, n, m)
+    gen = torch.Generator().manual_seed(0)
+    latents, sigma = torch.randn(1, 3, 16, 16, generator=gen), torch.tensor([0.5])
+    inputs = family.make_inputs(latents, sigma, model.encode_text("a photo of sks leaf"))
+    with torch.no_grad():
+        entry, residuals, cond, frozen = compute_features(family, plan, inputs)
+        for index in plan.kept:  # what LoRA would do: change every kept block's attention a little
+            for name in ("to_q", "to_k", "to_v"):
+                weight = getattr(family.block(index).attn, name).weight
+                weight.add_(0.05 * weight.std() * torch.randn(weight.shape, generator=gen))
+        full = family.forward(**inputs)
+        reduced = reduced_forward(family, plan, entry, residuals, cond)
+    return ((full - reduced).norm() / (full - frozen).norm()).item()
+
+
+@pytest.mark.parametrize("kind", ["harmless", "hurting"])
+def test_the_plan_skips_the_last_blocks_only_where_their_cached_residual_stays_true(kind, encoder):
+    """On a model whose last blocks add a residual independent of their input, skipping them costs
+    nothing after training (the reduced forward equals the full one) and the plan keeps the paper's
+    split; where their residual depends strongly on their input, the cached one is wrong after
+    training and the plan skips fewer of them, however low their Dsuf."""
+    model = _suffix_model(kind)
+    measured = masking_profile(model, encoder, ["a photo of sks leaf", "a red leaf on soil"], [0], steps=2, size=16,
+                               progress=False)
+    stale = measured["stale"]
+    assert len(stale) == model.family.num_blocks + 1 and stale[0] == 0.0
+    profile = {"model": {"config_hash": model.family.config_hash()}, "d_pre": SIX_PRE, "d_suf": SIX_SUF,
+               "stale": stale}
+    k = skip_budget(6, 0.5)
+    paper = choose_split(SIX_PRE, SIX_SUF, k)
+    assert paper == (1, 2)
+    plan = make_plan(profile, model, k, PatchSchedule(s_min=16, s_max=32, granularity=2), LoraSettings(), samples=4)
+    chosen = (plan["plan"]["n"], plan["plan"]["m"])
+    assert plan["plan"]["paper_split"] == [1, 2]
+    if kind == "harmless":
+        assert stale[1] == pytest.approx(0.0, abs=1e-5) and stale[2] == pytest.approx(0.0, abs=1e-5)
+        assert chosen == paper
+        assert "the same as the paper's argmin" in plan["plan"]["why"]
+        assert _reduced_vs_full_after_training(_suffix_model(kind), *paper) < 1e-4
+    else:
+        assert stale[2] > 0.5, "a residual x 20 must depend on its input"
+        assert chosen[1] < paper[1]
+        assert "the paper's argmin of Dpre[n] + Dsuf[m] would be (1, 2)" in plan["plan"]["why"]
+        # after training the paper's split is far off the full model, the chosen one much less
+        paper_error = _reduced_vs_full_after_training(_suffix_model(kind), *paper)
+        assert paper_error > 0.3
+        assert _reduced_vs_full_after_training(_suffix_model(kind), *chosen) < paper_error / 2
+    # --paper-argmin ignores the staleness term
+    plain = make_plan(profile, model, k, PatchSchedule(s_min=16, s_max=32, granularity=2), LoraSettings(),
+                      samples=4, paper=True)
+    assert (plain["plan"]["n"], plain["plan"]["m"]) == paper
+
+
+def test_split_scores_add_the_staleness_term():
+    d_pre, d_suf = [0.0, 0.1, 0.5], [0.0, 0.05, 0.2]
+    assert split_scores(d_pre, d_suf, 2) == pytest.approx([0.2, 0.15, 0.5])
+    stale = [0.0, 0.5, 0.9]
+    assert split_scores(d_pre, d_suf, 2, stale) == pytest.approx([0.2 + 0.9 * 0.5, 0.15 + 0.5 * 0.5, 0.5])
+    assert choose_split(d_pre, d_suf, 2) == (1, 1) and choose_split(d_pre, d_suf, 2, stale=stale) == (2, 0)
+    with pytest.raises(ConfigError, match="stale"):
+        split_scores(d_pre, d_suf, 2, [0.0, 0.1])
+
+
+def test_the_built_in_profile_moves_the_50_percent_plan_to_the_front_and_keeps_30_percent(tmp_path):
+    """The committed profile of the built-in crop model: the paper's argmin at 50% is (1, 3), which
+    kept 0.51 of LoRA's fidelity gain against 0.81 for (4, 0) (benchmarks/results/quality.md); the
+    staleness term takes (4, 0), and keeps 30% at (1, 1). The command says why in one line."""
+    from blockskip.models.crops import MODEL_DIR
+
+    expected = {"0.5": ("(4, 0)", "would be (1, 3)"), "0.3": ("(1, 1)", "the same as the paper's argmin")}
+    for ratio, (split, why) in expected.items():
+        out = tmp_path / f"plan{ratio}.json"
+        result = _plan_cli("--profile", MODEL_DIR.parent / "crop-profile.json", "--model", MODEL_DIR,
+                           "--skip-ratio", ratio, "--out", out)
+        assert result.returncode == 0, result.stderr
+        line = next(line for line in result.stdout.splitlines() if line.startswith("split "))
+        assert line.startswith(f"split {split} of ") and why in line
+        plan = json.loads(out.read_text())["plan"]
+        assert f"({plan['n']}, {plan['m']})" == split and plan["why"] == line
+    out = tmp_path / "paper.json"
+    result = _plan_cli("--profile", MODEL_DIR.parent / "crop-profile.json", "--model", MODEL_DIR,
+                       "--skip-ratio", "0.5", "--paper-argmin", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert (json.loads(out.read_text())["plan"]["n"], json.loads(out.read_text())["plan"]["m"]) == (1, 3)
+    given = _plan_cli("--profile", MODEL_DIR.parent / "crop-profile.json", "--model", MODEL_DIR,
+                      "--split", "2", "2", "--out", out)
+    assert given.returncode == 0, given.stderr
+    assert "split (2, 2) of 4 skipped blocks: given" in given.stdout
+    both = _plan_cli("--profile", MODEL_DIR.parent / "crop-profile.json", "--model", MODEL_DIR,
+                     "--split", "2", "2", "--skip-ratio", "0.5", "--out", out)
+    assert both.returncode == 2 and "--split names the skipped blocks itself" in both.stderr
 
 
 def test_paper_flux_lookups_with_a_crafted_profile():
