@@ -118,6 +118,8 @@ def explain_split(profile: dict, k: int, n: int, m: int, how: str) -> str:
     paper = choose_split(d_pre, d_suf, k)
     line = f"split ({n}, {m}) of {k} skipped blocks: {how}"
     if paper == (n, m):
+        if how.startswith("the paper's argmin"):
+            return line
         line += "; the same as the paper's argmin of Dpre[n] + Dsuf[m]"
         if stale is not None and m:
             line += f" (its last {m} blocks' cached residual misses {stale[m]:.2f} of a change at their input)"

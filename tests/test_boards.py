@@ -92,7 +92,7 @@ def test_a_given_setting_that_cannot_fit_is_refused_naming_one_that_would(tmp_pa
 
 def test_plan_without_a_skip_budget_or_a_board_says_what_to_give(tmp_path):
     result = plan_cli("--out", tmp_path / "plan.json")
-    assert result.returncode == 2 and "give --skip-ratio or --skip-blocks (or --board / --memory-budget" in result.stderr
+    assert result.returncode == 2 and "give --skip-ratio, --skip-blocks or --split (or --board / --memory-budget" in result.stderr
 
 
 @pytest.fixture(scope="module")

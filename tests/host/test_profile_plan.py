@@ -71,9 +71,9 @@ def test_max_last_moves_the_plan_to_the_front():
 
 
 # A 6-block profile (2 double + 4 single blocks, tiny FLUX) on which the paper's argmin at 50% skips
-# 1 block first and 2 last: Dpre jumps after the first block, Dsuf stays low for two.
-SIX_PRE = [0.0, 0.02, 0.4, 0.45, 0.47, 0.55, 0.6]
-SIX_SUF = [0.0, 0.01, 0.1, 0.14, 0.25, 0.3, 0.6]
+# 1 block first and 2 last (0.07), with skipping the first 3 close behind (0.15).
+SIX_PRE = [0.0, 0.02, 0.1, 0.15, 0.47, 0.55, 0.6]
+SIX_SUF = [0.0, 0.01, 0.05, 0.14, 0.25, 0.3, 0.6]
 
 
 def _suffix_model(kind: str):
@@ -140,7 +140,6 @@ def test_the_plan_skips_the_last_blocks_only_where_their_cached_residual_stays_t
         assert "the same as the paper's argmin" in plan["plan"]["why"]
         assert _reduced_vs_full_after_training(_suffix_model(kind), *paper) < 1e-4
     else:
-        assert stale[2] > 0.5, "a residual x 20 must depend on its input"
         assert chosen[1] < paper[1]
         assert "the paper's argmin of Dpre[n] + Dsuf[m] would be (1, 2)" in plan["plan"]["why"]
         # after training the paper's split is far off the full model, the chosen one much less
@@ -156,8 +155,8 @@ def test_the_plan_skips_the_last_blocks_only_where_their_cached_residual_stays_t
 def test_split_scores_add_the_staleness_term():
     d_pre, d_suf = [0.0, 0.1, 0.5], [0.0, 0.05, 0.2]
     assert split_scores(d_pre, d_suf, 2) == pytest.approx([0.2, 0.15, 0.5])
-    stale = [0.0, 0.5, 0.9]
-    assert split_scores(d_pre, d_suf, 2, stale) == pytest.approx([0.2 + 0.9 * 0.5, 0.15 + 0.5 * 0.5, 0.5])
+    stale = [0.0, 0.8, 0.9]  # weighed by Dpre[L] = 0.5
+    assert split_scores(d_pre, d_suf, 2, stale) == pytest.approx([0.2 + 0.9 * 0.5, 0.15 + 0.8 * 0.5, 0.5])
     assert choose_split(d_pre, d_suf, 2) == (1, 1) and choose_split(d_pre, d_suf, 2, stale=stale) == (2, 0)
     with pytest.raises(ConfigError, match="stale"):
         split_scores(d_pre, d_suf, 2, [0.0, 0.1])
