@@ -7,16 +7,20 @@ train LoRA on the edge path (its own process, tensor memory tracked) -> load the
 model -> generate the identifier prompt and context prompts at 32 px -> score.
 
 Methods: LoRA on the full model at full resolution (32 px, whole image; the paper's 512 for
-FLUX); patch sampling only (crops 32 -> 16 px, all blocks; the paper's 512 -> 256); DiT-BlockSkip 30% / 50% (profile-chosen
-first n + last m, patch sampling); skip-first-only and skip-last-only 50%; DiT-BlockSkip 50%
-without residuals; HollowedNet-style (skip the middle 50%). Asked for by name only
+FLUX); patch sampling only (crops 32 -> 16 px, all blocks; the paper's 512 -> 256); DiT-BlockSkip 30% / 50%
+(first n + last m as `blockskip plan` chooses them from the profile, patch sampling); DiT-BlockSkip 50% by the
+paper's argmin of Dpre + Dsuf alone (`blockskip plan --paper-argmin`); skip-first-only and skip-last-only
+50%; DiT-BlockSkip 50% without residuals; HollowedNet-style (skip the middle 50%). Asked for by name only
 (`--methods`): DiT-BlockSkip 50% + int8 / + NF4 (the kept blocks' Linear weights quantized in the
 base pack, `blockskip plan --quant`).
 
 Metrics: subject fidelity = mean cosine similarity of EfficientNet-Lite0 embeddings between
 generated and subject images (DINO stand-in); attribute accuracy = the attribute classifier's
-agreement with the subject's shape, colour and pattern; context fidelity = classifier accuracy
-on the prompted background (CLIP-T stand-in); peak training memory: the peak of live tensor bytes
+agreement with the subject's shape, colour and pattern (both over the identifier prompt and it on
+each background); context accuracy = the share of images of "a photo of sks <colour> leaf with
+<pattern> on <background>" (a colour and a lesion pattern other than the subject's, one prompt per
+background) in which the classifier sees all three as prompted (CLIP-T stand-in: whether the
+adapter still lets the prompt change the subject and its place); peak training memory: the peak of live tensor bytes
 in the training process (blockskip.memory.TensorMemory: weights read, LoRA parameters, gradients,
 AdamW moments, saved activations, temporaries; what torch.cuda.max_memory_allocated counts on a
 GPU). The process RSS is not used: on a CPU it is ~480 MiB of interpreter and libraries for every
@@ -24,6 +28,8 @@ method, which hides a few-MiB model. Mean and spread over training seeds and sub
 
     python benchmarks/quality.py --out benchmarks/results           # the table and grid
     python benchmarks/quality.py --quick                            # a smoke run
+    python benchmarks/quality.py --threads 1 --methods "LoRA (full model, 32 px)" "DiT-BlockSkip 30%" \
+        "DiT-BlockSkip 50%" --out benchmarks/results/plan-choice  # the plan that weighs staleness
     python benchmarks/quality.py --methods "LoRA (full model, 32 px)" "DiT-BlockSkip 50%" \
         --feature-dtypes fp32 bf16 fp8 --samples 240 60 30 --out benchmarks/results/feature-storage
                                     # feature storage: a row per storage and draw count, and a table
@@ -57,6 +63,7 @@ METHODS = {
     "patch sampling only": ("none", 0.0, (16, 32, "low-to-high"), True),
     "DiT-BlockSkip 30%": ("profile", 0.3, (16, 32, "low-to-high"), True),
     "DiT-BlockSkip 50%": ("profile", 0.5, (16, 32, "low-to-high"), True),
+    "DiT-BlockSkip 50%, paper's argmin": ("paper", 0.5, (16, 32, "low-to-high"), True),
     "skip first 50% only": ("first", 0.5, (16, 32, "low-to-high"), True),
     "skip last 50% only": ("last", 0.5, (16, 32, "low-to-high"), True),
     "BlockSkip 50%, no residuals": ("profile", 0.5, (16, 32, "low-to-high"), False),
@@ -71,9 +78,11 @@ QUANT = {"DiT-BlockSkip 50% + int8": "int8", "DiT-BlockSkip 50% + NF4": "nf4"}
 TRAIN_CHILD = """
 import json, sys
 from pathlib import Path
+import torch
 from blockskip.edge.train import TrainConfig, train
 from blockskip.host.bundle import TrustPolicy
 args = json.loads(sys.argv[1])
+torch.set_num_threads(args["threads"])
 trust = TrustPolicy(allow_unsigned=True)  # bundles this script built a moment ago, on this machine
 print(json.dumps({"result": train(Path(args["bundle"]), Path(args["out"]), TrainConfig(**args["config"]), trust=trust)}))
 """
@@ -86,8 +95,9 @@ def skip_plan(kind: str, ratio: float, num_blocks: int, profile: dict):
     k = skip_budget(num_blocks, ratio)
     if kind == "none" or k == 0:
         return SkipPlan(num_blocks, ())
-    if kind == "profile":
-        return SkipPlan.first_last(num_blocks, *choose_split(profile["d_pre"], profile["d_suf"], k))
+    if kind in ("profile", "paper"):  # `blockskip plan`'s default, and its --paper-argmin
+        stale = profile["stale"] if kind == "profile" else None
+        return SkipPlan.first_last(num_blocks, *choose_split(profile["d_pre"], profile["d_suf"], k, stale=stale))
     if kind == "first":
         return SkipPlan.first_last(num_blocks, k, 0)
     if kind == "last":
@@ -111,7 +121,8 @@ def train_adapter(model, plan, schedule, photos, work: Path, seed: int, args, us
     config = {"steps": args.steps, "grad_accum": args.grad_accum, "lr": args.lr, "seed": seed,
               "checkpoint_every": 0, "use_residuals": use_residuals, "track_memory": True, "device": "cpu"}
     proc = subprocess.run([sys.executable, "-c", TRAIN_CHILD,
-                           json.dumps({"bundle": str(bundle), "out": str(work / "adapter"), "config": config})],
+                           json.dumps({"bundle": str(bundle), "out": str(work / "adapter"), "config": config,
+                                       "threads": args.threads})],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
@@ -120,37 +131,54 @@ def train_adapter(model, plan, schedule, photos, work: Path, seed: int, args, us
             "kept": len(plan.kept), "estimate": plan_doc["estimates"]["train_memory_bytes"]}
 
 
+def context_prompts(subject: dict, backgrounds: list[str]) -> list[tuple[str, dict]]:
+    """(prompt, what it asks for) per background: the subject in another colour and with another
+    lesion pattern on that background, e.g. "a photo of sks green leaf with spots on soil"."""
+    from blockskip.models.crops import ATTRIBUTES
+
+    colours = [c for c in ATTRIBUTES["colour"] if c != subject["colour"]]
+    patterns = [p for p in ATTRIBUTES["pattern"] if p not in (subject["pattern"], "none")]
+    asked = [{"colour": colours[i % len(colours)], "pattern": patterns[i % len(patterns)], "background": bg}
+             for i, bg in enumerate(backgrounds)]
+    return [(f"a photo of sks {a['colour']} leaf with {a['pattern']} on {a['background']}", a) for a in asked]
+
+
 @torch.no_grad()
 def evaluate(new_model, adapter, subject: dict, photos, encoder, classifier, backgrounds, args) -> dict:
     from blockskip.edge.lora import load_adapter
+    from blockskip.models.crops import ATTRIBUTES
     from blockskip.models.pipeline import sample
 
     model = new_model()
     if adapter is not None:
         load_adapter(model.family.model, adapter)
     prompts = [IDENTIFIER] + [f"{IDENTIFIER} on {bg}" for bg in backgrounds]
-    images, labels = [], []
-    for p, prompt in enumerate(prompts):
+    contexts = context_prompts(subject, backgrounds)
+
+    def generate(prompt: str, p: int) -> torch.Tensor:
         text = model.encode_text(prompt)
-        for i in range(args.images):
-            images.append(sample(model, text, seed=1000 * p + i, steps=args.sample_steps, height=32, width=32))
-            labels.append(backgrounds[p - 1] if p else None)
-    batch = torch.cat(images)
+        return torch.cat([sample(model, text, seed=1000 * p + i, steps=args.sample_steps, height=32, width=32)
+                          for i in range(args.images)])
+
+    batch = torch.cat([generate(prompt, p) for p, prompt in enumerate(prompts)])
     references = torch.cat([_to_tensor(Image.open(path)) for path in photos])
     gen_emb = encoder.embed(batch)
     ref_emb = encoder.embed(references)
     fidelity = torch.nn.functional.cosine_similarity(gen_emb[:, None], ref_emb[None], dim=-1).mean().item()
     predicted = classifier.predict(batch)
-    from blockskip.models.crops import ATTRIBUTES
-
     attribute_hits = []
     for attr in ("shape", "colour", "pattern"):
         target = ATTRIBUTES[attr].index(subject[attr])
         attribute_hits.append((predicted[attr] == target).float().mean().item())
-    context = [predicted["background"][j].item() == ATTRIBUTES["background"].index(bg)
-               for j, bg in enumerate(labels) if bg is not None]
+    context_hits = []
+    for c, (prompt, asked) in enumerate(contexts):
+        seen = classifier.predict(generate(prompt, len(prompts) + c))
+        hit = torch.ones(args.images, dtype=torch.bool)
+        for attr, value in asked.items():
+            hit &= seen[attr] == ATTRIBUTES[attr].index(value)
+        context_hits += hit.tolist()
     return {"fidelity": fidelity, "attributes": sum(attribute_hits) / 3,
-            "context": sum(context) / max(1, len(context)), "images": batch}
+            "context": sum(context_hits) / len(context_hits), "images": batch}
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
@@ -241,6 +269,9 @@ def main() -> int:
     parser.add_argument("--methods", nargs="*",
                         help="method names (default: all but the quantized ones, which are asked for by name)")
     parser.add_argument("--subjects", nargs="*", type=int, help="subset of SUBJECTS by index (default: all)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads here and in each training process (default: %(default)s; 1 where other "
+                             "jobs share the cores: two threads on two busy cores ran 20x slower than one)")
     parser.add_argument("--quick", action="store_true", help="1 seed, few steps: a smoke run")
     parser.add_argument("--no-patch-sampling", action="store_true",
                         help="every method trains on whole images at 32 px: block skipping alone")
@@ -254,7 +285,7 @@ def main() -> int:
         args.seeds, args.steps, args.samples, args.images, args.sample_steps = 1, 10, [8], 2, 4
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
     try:
@@ -322,14 +353,18 @@ def main() -> int:
     lora_memory = statistics.mean(r["memory"] for r in scores[lora_name]) if scores.get(lora_name) else None
     lora_gain = (statistics.mean(r["fidelity"] for r in scores[lora_name]) - base_fidelity) if lora_memory else None
     lora_estimate = statistics.mean(r["estimate"] for r in scores[lora_name]) if lora_memory else None
+    lora_fidelity = statistics.mean(r["fidelity"] for r in scores[lora_name]) if lora_memory else None
     lines = [f"Model: {args.model or 'the built-in crop model (models/weights/crop-flux)'}, "
              f"{base.family.num_blocks} blocks. Subjects: {', '.join(caption(s) for s in chosen.values())} (held out of pretraining); "
              f"{args.photos} photos each; {args.seeds} training seeds; {args.steps} steps x {args.grad_accum}; "
              f"features {', '.join(args.feature_dtypes)}, {', '.join(map(str, args.samples))} cached draws; "
-             f"{args.images} images per prompt x {1 + len(backgrounds)} prompts.", "",
-             "| method | kept blocks | subject fidelity (EffNet cos) | attribute acc. | context acc. | "
-             "fidelity gain vs LoRA | peak train MiB (tensors) | vs LoRA | planned MiB | vs LoRA |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"{args.images} images per prompt x {1 + len(backgrounds)} prompts for fidelity and attributes, "
+             f"x {len(backgrounds)} context prompts. Fidelity gain vs LoRA: (method - base) / (LoRA - base); "
+             "fidelity vs LoRA: method / LoRA (the paper's measure).", "",
+             "| method | skipped | kept blocks | subject fidelity (EffNet cos) | fidelity gain vs LoRA | "
+             "fidelity vs LoRA | attribute acc. | context acc. | peak train MiB (tensors) | vs LoRA | planned MiB | "
+             "vs LoRA |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     table = {}
     for name, rows in scores.items():
         if not rows:
@@ -339,12 +374,15 @@ def main() -> int:
         memory = statistics.mean(r["memory"] for r in rows) if "memory" in rows[0] else None
         kept = rows[0].get("kept", base.family.num_blocks)
         estimate = statistics.mean(r["estimate"] for r in rows) if "estimate" in rows[0] else None
-        lines.append(f"| {name} | {kept} | {summarize(rows, 'fidelity')} | {summarize(rows, 'attributes')} | "
-                     f"{summarize(rows, 'context')} | {gain:.2f} | "
+        ratio = fidelity / lora_fidelity if lora_fidelity else float("nan")
+        skipped = ", ".join(f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in rows[0].get("plan", ())) or "-"
+        lines.append(f"| {name} | {skipped} | {kept} | {summarize(rows, 'fidelity')} | {gain:.2f} | {ratio:.2f} | "
+                     f"{summarize(rows, 'attributes')} | {summarize(rows, 'context')} | "
                      f"{memory / 2**20 if memory else 0:.1f} | {memory / lora_memory if memory and lora_memory else 0:.2f} | "
                      f"{estimate / 2**20 if estimate else 0:.1f} | "
                      f"{estimate / lora_estimate if estimate and lora_estimate else 0:.2f} |")
-        table[name] = {"fidelity": fidelity, "gain_vs_lora": gain, "memory": memory, "estimate": estimate,
+        table[name] = {"fidelity": fidelity, "gain_vs_lora": gain, "fidelity_vs_lora": ratio, "memory": memory,
+                       "estimate": estimate,
                        "rows": [{k: v for k, v in r.items() if k != "images"} for r in rows]}
     if len(storages) > 1 and lora_gain:
         lines += storage_table(variants, scores, storages[0], base_fidelity, lora_gain)
