@@ -252,6 +252,7 @@ def main() -> int:
     parser.add_argument("--model", type=Path, help="a crop model folder from benchmarks/pretrain_crops.py "
                         "(default: the built-in models/weights/crop-flux)")
     parser.add_argument("--seeds", type=int, default=2, help="training seeds per subject and method")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first training seed (default: %(default)s)")
     parser.add_argument("--photos", type=int, default=5, help="subject photos (4-6)")
     parser.add_argument("--samples", type=int, nargs="+", default=[64],
                         help="cached (unique) training draws; training cycles through them (default: 64). "
@@ -333,7 +334,7 @@ def main() -> int:
                 plan = skip_plan(kind, ratio, base.family.num_blocks, profile)
                 schedule = PatchSchedule(s_min=s_min, s_max=s_max, granularity=base.granularity,
                                          schedule=schedule_name)
-                for seed in range(args.seeds):
+                for seed in range(args.first_seed, args.first_seed + args.seeds):
                     work = Path(tmp) / f"s{s}-{abs(hash(name))}-{seed}"
                     trained = train_adapter(base, plan, schedule, photos, work, seed, args, use_residuals,
                                             feature_dtype, samples, QUANT.get(method, "none"))
@@ -343,7 +344,7 @@ def main() -> int:
                                   estimate=trained["estimate"], feature_dtype=feature_dtype, samples=samples,
                                   subject=s, seed=seed)
                     scores[name].append(result)
-                    if seed == 0 and name not in grid_rows:  # the first subject run
+                    if seed == args.first_seed and name not in grid_rows:  # the first subject run
                         grid_rows[name] = result["images"]
                     print(f"{name:34s} subject {s} seed {seed}: fidelity {result['fidelity']:.3f} "
                           f"attributes {result['attributes']:.2f} context {result['context']:.2f} "
@@ -356,7 +357,8 @@ def main() -> int:
     lora_fidelity = statistics.mean(r["fidelity"] for r in scores[lora_name]) if lora_memory else None
     lines = [f"Model: {args.model or 'the built-in crop model (models/weights/crop-flux)'}, "
              f"{base.family.num_blocks} blocks. Subjects: {', '.join(caption(s) for s in chosen.values())} (held out of pretraining); "
-             f"{args.photos} photos each; {args.seeds} training seeds; {args.steps} steps x {args.grad_accum}; "
+             f"{args.photos} photos each; {args.seeds} training seeds "
+             f"({args.first_seed}-{args.first_seed + args.seeds - 1}); {args.steps} steps x {args.grad_accum}; "
              f"features {', '.join(args.feature_dtypes)}, {', '.join(map(str, args.samples))} cached draws; "
              f"{args.images} images per prompt x {1 + len(backgrounds)} prompts for fidelity and attributes, "
              f"x {len(backgrounds)} context prompts. Fidelity gain vs LoRA: (method - base) / (LoRA - base); "
