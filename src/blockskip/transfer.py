@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import threading
 import time
@@ -240,6 +241,16 @@ def _from_ranges(runs: Any, chunks: int) -> set[int]:
     return {i for first, last in runs for i in range(first, last + 1)}
 
 
+def _publish(publish: Publish, topic: str, payload: bytes, properties: Properties | None) -> bool:
+    """The owner's publish; a failure is logged, never raised into the thread that handles messages."""
+    try:
+        publish(topic, payload, properties)
+        return True
+    except Exception:  # the owner's boundary: its publish failed (queue full, client closed)
+        logger.exception("publishing on %s failed", topic)
+        return False
+
+
 def _wait_event(event: threading.Event, what: str, timeout: float | None, should_stop: Callable[[], bool] | None) -> None:
     deadline = None if timeout is None else time.monotonic() + timeout
     while not event.is_set():
@@ -263,6 +274,7 @@ class _Outgoing:
     sent: int = 0  # chunk publishes (resends counted)
     fd: int | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    asks: dict[str, None] = field(default_factory=dict)  # recent want ids served (QoS 1 duplicates are not)
 
 
 class FileSender:
@@ -325,20 +337,31 @@ class FileSender:
         try:
             message = _control_json(payload)
             if kind == "want":
-                self._serve(out, self._want(out.offer, message))
+                self._serve(out, self._want(out, message))
             else:
                 self._done(out, message)
         except ValueError as err:
             logger.warning("dropping a bad %s for transfer %s: %s", kind, transfer, err)
         return True
 
-    @staticmethod
-    def _want(offer: FileOffer, message: Any) -> list[int]:
+    def _want(self, out: _Outgoing, message: Any) -> list[int]:
+        """The chunks a want asks for; none for a want already served (a QoS 1 duplicate)."""
         chunks = message.get("chunks") if isinstance(message, dict) else None
         if not isinstance(chunks, list) or not 0 < len(chunks) <= MAX_WANT:
-            raise ValueError(f'a want is {{"chunks": [index, ...]}} with 1-{MAX_WANT} indices')
-        if not all(_is_int(i) and 0 <= i < offer.chunks for i in chunks):
-            raise ValueError(f"chunk indices must be integers in 0..{offer.chunks - 1}")
+            raise ValueError(f'a want is {{"chunks": [index, ...], "ask": id}} with 1-{MAX_WANT} indices')
+        if not all(_is_int(i) and 0 <= i < out.offer.chunks for i in chunks):
+            raise ValueError(f"chunk indices must be integers in 0..{out.offer.chunks - 1}")
+        ask = message.get("ask")
+        if ask is not None:
+            if not isinstance(ask, str) or not ID_PATTERN.match(ask):
+                raise ValueError("ask must be 1-64 of [A-Za-z0-9_.:-]")
+            with self._lock:
+                if ask in out.asks:
+                    logger.debug("transfer %s: want %s again (a redelivery), not served twice", out.offer.transfer, ask)
+                    return []
+                out.asks[ask] = None
+                if len(out.asks) > 256:
+                    del out.asks[next(iter(out.asks))]
         return list(dict.fromkeys(chunks))
 
     def _serve(self, out: _Outgoing, indices: list[int]) -> None:
@@ -349,7 +372,8 @@ class FileSender:
                 return
             props = Properties(PacketTypes.PUBLISH)
             props.UserProperty = [("index", str(index)), ("sha256", hashlib.sha256(data).hexdigest())]
-            self.publish(topic, data, props)
+            if not _publish(self.publish, topic, data, props):
+                return  # the receiver asks again
             with self._lock:
                 out.sent += 1
 
@@ -432,11 +456,16 @@ class FileSender:
             return 0 if out is None else out.sent
 
     def forget(self, transfer: str) -> None:
-        """Stop serving a transfer and drop its state."""
+        """Stop serving a transfer and drop its state (a `wait` on it ends with `stopped`)."""
         with self._lock:
             out = self._out.pop(transfer, None)
-            if out is not None and out.fd is not None:
-                os.close(out.fd)
+            if out is not None:
+                if out.fd is not None:
+                    os.close(out.fd)
+                    out.fd = None
+                if out.result is None:
+                    out.result = {"ok": False, "error": {"code": "stopped", "message": "the transfer was forgotten"}}
+                out.done.set()
             if self.state_dir is not None:
                 (self.state_dir / f"{transfer}.json").unlink(missing_ok=True)
 
@@ -493,6 +522,8 @@ class FileReceiver:
         self._events: dict[str, threading.Event] = {}
         self._connected = True  # until the owner says otherwise (on_disconnect)
         self._closed = threading.Event()
+        self._ask_tag = secrets.token_hex(4)  # with a counter: each want's id, unique across restarts
+        self._ask_count = 0
         self._timer = threading.Thread(target=self._retry_loop, name="transfer-retry", daemon=True)
         self._timer.start()
 
@@ -545,8 +576,8 @@ class FileReceiver:
         with self._lock:
             self._ended[offer.transfer] = dest
             self._events[offer.transfer] = event = threading.Event()
-        self.publish(topics(prefix, offer.transfer)["done"], json.dumps({"ok": True, "sha256": offer.sha256}).encode(),
-                     None)
+        _publish(self.publish, topics(prefix, offer.transfer)["done"],
+                 json.dumps({"ok": True, "sha256": offer.sha256}).encode(), None)
         event.set()
         logger.info("transfer %s: %s is already here", offer.transfer, dest)
         return True
@@ -684,7 +715,11 @@ class FileReceiver:
 
     def _ask(self, t: _Incoming, indices: list[int]) -> None:
         if indices:
-            self.publish(topics(t.prefix, t.offer.transfer)["want"], json.dumps({"chunks": indices}).encode(), None)
+            with self._lock:
+                self._ask_count += 1
+                ask = f"{self._ask_tag}-{self._ask_count}"
+            _publish(self.publish, topics(t.prefix, t.offer.transfer)["want"],
+                     json.dumps({"chunks": indices, "ask": ask}).encode(), None)  # if it fails, the retry asks
 
     @staticmethod
     def _progress_of(t: _Incoming) -> dict:
@@ -748,7 +783,7 @@ class FileReceiver:
             del self._active[t.offer.transfer]
             self._ended[t.offer.transfer] = outcome
             event = self._events[t.offer.transfer]
-        self.publish(topics(t.prefix, t.offer.transfer)["done"], json.dumps(done).encode(), None)
+        _publish(self.publish, topics(t.prefix, t.offer.transfer)["done"], json.dumps(done).encode(), None)
         if t.on_progress is not None:
             self._progress(t, self._progress_of(t))
         event.set()
@@ -780,10 +815,7 @@ class FileReceiver:
                         asks.append((t, late))
             for t, late in asks:
                 logger.info("transfer %s: asking again for chunks %s", t.offer.transfer, late[:8])
-                try:
-                    self._ask(t, late)
-                except Exception:  # the owner's publish failed: try again at the next retry
-                    logger.exception("cannot ask for chunks of transfer %s", t.offer.transfer)
+                self._ask(t, late)
 
     # ---- the owner's view ----------------------------------------------------------------------
     def wait(self, transfer: str, timeout: float | None = None, should_stop: Callable[[], bool] | None = None) -> Path:

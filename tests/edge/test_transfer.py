@@ -223,7 +223,8 @@ def test_corrupted_chunks_are_refused_and_asked_again(tmp_path, broker, sides, p
     dest = tmp_path / "board" / "c.bin"
     receiver = sides("board", lambda pub: FileReceiver(pub, tmp_path / "recv", window=2, retry_s=3)).end
     receiver.receive(PREFIX, offer, dest)
-    wait_until(lambda: probe.on("/want") == [{"chunks": [0, 1]}])
+    wants = lambda: [w["chunks"] for w in probe.on("/want")]  # noqa: E731
+    wait_until(lambda: wants() == [[0, 1]])
 
     def chunk(index: int, payload: bytes, sha256: str) -> None:
         props = Properties(PacketTypes.PUBLISH)
@@ -232,11 +233,11 @@ def test_corrupted_chunks_are_refused_and_asked_again(tmp_path, broker, sides, p
 
     good0 = data[:1024]
     chunk(0, bytes(1024), hashlib.sha256(good0).hexdigest())  # wrong bytes, the real chunk's sha256
-    wait_until(lambda: {"chunks": [0]} in probe.on("/want"))
+    wait_until(lambda: [0] in wants())
     chunk(0, good0, "0" * 64)  # right bytes, wrong sha256
     chunk(1, data[1024:1500], hashlib.sha256(data[1024:1500]).hexdigest())  # short chunk
-    wait_until(lambda: len(probe.on("/want")) >= 4)
-    assert probe.on("/want") == [{"chunks": [0, 1]}, {"chunks": [0]}, {"chunks": [0]}, {"chunks": [1]}]
+    wait_until(lambda: len(wants()) >= 4)
+    assert wants() == [[0, 1], [0], [0], [1]]
     assert not json.loads((tmp_path / "recv" / "c1.json").read_text())["received"]
 
     sender = sides("host", lambda pub: FileSender(pub)).end  # the real sender comes up; retries reach it
@@ -271,6 +272,7 @@ def test_bad_payloads_do_not_stop_a_transfer(tmp_path, broker, sides, probe_fact
     t = topics(PREFIX, "b1")
     for payload in (b"not json", b"\xff\xfe", b"[1, 2]", b'{"chunks": "all"}', b'{"chunks": [6]}',
                     b'{"chunks": [-1]}', b'{"chunks": [true]}', b'{"chunks": []}', b"[" * 100_000,
+                    b'{"chunks": [0], "ask": 5}', b'{"chunks": [0], "ask": "a/b"}',
                     json.dumps({"chunks": list(range(6)) * 300}).encode()):
         probe.send(t["want"], payload)
     for payload in (b"{}", b'{"ok": "yes"}', b'{"ok": true, "sha256": "00"}', b"nope"):
@@ -287,6 +289,23 @@ def test_bad_payloads_do_not_stop_a_transfer(tmp_path, broker, sides, probe_fact
     assert receiver.wait("b1", timeout=30) == dest
     assert dest.read_bytes() == src.read_bytes()
     assert sender.wait("b1", timeout=10)["ok"]
+
+
+def test_a_redelivered_want_is_served_once(tmp_path, broker, sides, probe_factory, wait_until):
+    """A want the broker delivers twice (QoS 1 after a restart) re-sends nothing; a new ask does."""
+    src = random_file(tmp_path / "w.bin", 3000)
+    sender = sides("host", lambda pub: FileSender(pub)).end
+    sender.offer(PREFIX, src, "w1", chunk_size=1024)
+    probe = probe_factory(broker.port, [topics(PREFIX, "w1")["chunk"]], client_id="probe-w")
+    want = topics(PREFIX, "w1")["want"]
+    probe.send(want, {"chunks": [0, 1], "ask": "x-1"})
+    probe.send(want, {"chunks": [0, 1], "ask": "x-1"})
+    probe.send(want, {"chunks": [2], "ask": "x-2"})
+    wait_until(lambda: sender.sent("w1") == 3 and len(probe.messages) == 3)
+    probe.send(want, {"chunks": [0], "ask": "x-3"})  # asked again (a retry): served again
+    wait_until(lambda: sender.sent("w1") == 4 and len(probe.messages) == 4)
+    assert sorted(p for _, p, _ in probe.messages) == sorted([src.read_bytes()[i * 1024:(i + 1) * 1024]
+                                                              for i in (0, 0, 1, 2)])
 
 
 @pytest.mark.parametrize("change", [
@@ -318,5 +337,22 @@ def test_receiver_refuses_too_large_and_conflicting_offers(tmp_path):
         with pytest.raises(TransferError) as err:
             receiver.receive("blockskip/#/", small, tmp_path / "f.bin")
         assert err.value.code == "bad_prefix"
+    finally:
+        receiver.close()
+
+
+def test_empty_file_and_a_finished_transfer_offered_again(tmp_path):
+    published: list[tuple[str, bytes]] = []
+    receiver = FileReceiver(lambda topic, payload, props: published.append((topic, payload)), tmp_path / "recv")
+    try:
+        empty = FileOffer("e1", "empty.txt", 0, hashlib.sha256(b"").hexdigest(), 1024)
+        dest = tmp_path / "out" / "empty.txt"
+        receiver.receive(PREFIX, empty, dest)
+        assert receiver.wait("e1", timeout=5) == dest and dest.read_bytes() == b""
+        assert published == [(topics(PREFIX, "e1")["done"], json.dumps({"ok": True, "sha256": empty.sha256}).encode())]
+        # the same offer again (a repeated command): the file is here, done again, nothing asked
+        receiver.receive(PREFIX, empty, dest)
+        assert receiver.wait("e1", timeout=5) == dest
+        assert [t for t, _ in published] == [topics(PREFIX, "e1")["done"]] * 2
     finally:
         receiver.close()
