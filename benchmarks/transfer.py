@@ -221,7 +221,8 @@ def write_report(args: argparse.Namespace, rows: list[dict], hash_s: float, vers
         "# File transfer over MQTT: throughput and chunks re-sent",
         "",
         f"`{command}`, {time.strftime('%Y-%m-%d')}: a {args.size_mb} MiB random file from a `FileSender` to a "
-        f"`FileReceiver` (`blockskip.transfer`), each behind its own paho-mqtt {package_version('paho-mqtt')} MQTT v5 client "
+        f"`FileReceiver` (`blockskip.transfer`), each behind its own paho-mqtt {package_version('paho-mqtt')} "
+        f"MQTT v5 client "
         f"(persistent session, QoS 1) in one Python {platform.python_version()} process, through {version} "
         f"with persistence on a loopback port; {os.cpu_count()} shared CPU cores, the receiver's state_dir on the "
         f"local disk. MB/s is 10^6 bytes per second from `receive` to the file renamed into place (every "
@@ -252,14 +253,16 @@ def write_report(args: argparse.Namespace, rows: list[dict], hash_s: float, vers
         "",
         f"## Broker restarted at half the chunks (SIGTERM, start again on the same port; retry_s {args.retry_s:g})",
         "",
-        "| chunk KiB | window | MB/s (restart included) | seconds | re-sent | restarted after chunk publishes | sha256 |",
+        "| chunk KiB | window | MB/s (restart included) | seconds | re-sent | restarted after chunk publishes "
+        "| sha256 |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["restart"]:
             lines.append(f"| {r['chunk_kib']} | {r['window']} | {r['mb_s']:.1f} | {r['seconds']:.2f} | {r['resent']} | "
                          f"{r['restarted_at']} of {r['chunks']} | {'ok' if r['ok'] else 'MISMATCH'} |")
-    lines += ["", f"Defaults in `blockskip.transfer`: chunk {DEFAULT_CHUNK_SIZE // 1024} KiB, window {DEFAULT_WINDOW}.", ""]
+    lines += ["", f"Defaults in `blockskip.transfer`: chunk {DEFAULT_CHUNK_SIZE // 1024} KiB, "
+                  f"window {DEFAULT_WINDOW}.", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")

@@ -152,8 +152,9 @@ class FileOffer:
             raise TransferError("bad_offer", "an offer must be a JSON object")
         names = {"transfer", "name", "size", "sha256", "chunk_size"}
         if set(d) != names:
+            unknown = sorted(map(str, set(d) - names))[:8]
             raise TransferError("bad_offer", f"an offer has exactly the keys {sorted(names)}; missing "
-                                             f"{sorted(names - set(d))}, unknown {sorted(map(str, set(d) - names))[:8]}")
+                                             f"{sorted(names - set(d))}, unknown {unknown}")
         return cls(**d)
 
 
@@ -252,7 +253,8 @@ def _publish(publish: Publish, topic: str, payload: bytes, properties: Propertie
         return False
 
 
-def _wait_event(event: threading.Event, what: str, timeout: float | None, should_stop: Callable[[], bool] | None) -> None:
+def _wait_event(event: threading.Event, what: str, timeout: float | None,
+                should_stop: Callable[[], bool] | None) -> None:
     deadline = None if timeout is None else time.monotonic() + timeout
     while not event.is_set():
         if should_stop is not None and should_stop():
@@ -388,8 +390,8 @@ class FileSender:
                     st = os.fstat(fd)
                     if (st.st_size, st.st_mtime_ns) != (offer.size, out.mtime_ns):
                         os.close(fd)
-                        raise TransferError("source_changed", f"{out.path} changed since it was offered as "
-                                                              f"transfer {offer.transfer}; offer it again under a new id")
+                        raise TransferError("source_changed", f"{out.path} changed since it was offered as transfer "
+                                                              f"{offer.transfer}; offer it again under a new id")
                     out.fd = fd
                 fd = out.fd
             data = os.pread(fd, offer.chunk_len(index), index * offer.chunk_size)
