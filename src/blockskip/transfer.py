@@ -498,6 +498,7 @@ class _Incoming:
     received: set[int]  # durable chunks
     asked: dict[int, float] = field(default_factory=dict)  # index -> monotonic time last asked
     on_progress: Callable[[dict], None] | None = None
+    on_complete: Callable[[Path], None] | None = None  # the owner's check of the complete file (raises TransferError)
     hasher: Any = field(default_factory=hashlib.sha256)  # over chunks [0, hashed)
     hashed: int = 0
     scan: int = 0  # no missing chunk below this index
@@ -532,10 +533,14 @@ class FileReceiver:
 
     # ---- starting and resuming -------------------------------------------------------------
     def receive(self, prefix: str, offer: FileOffer, dest: Path,
-                on_progress: Callable[[dict], None] | None = None) -> None:
+                on_progress: Callable[[dict], None] | None = None,
+                on_complete: Callable[[Path], None] | None = None) -> None:
         """Start receiving `offer` into `dest`, or resume it from the state in state_dir.
         `on_progress({"transfer", "bytes", "size", "chunks_done", "chunks"})` is called at most once
-        a second and once at the end (from the thread that calls `handle`)."""
+        a second and once at the end (from the thread that calls `handle`). `on_complete(dest)` runs
+        once the file is in place and its sha256 checked, before `done` goes out: a TransferError it
+        raises removes `dest` and becomes the `done` message's error (the agent checks a received
+        bundle's signature there)."""
         _check_prefix(prefix)
         if isinstance(offer, dict):
             offer = FileOffer.from_dict(offer)
@@ -549,11 +554,13 @@ class FileReceiver:
                 if (t.prefix, t.offer, t.dest) != (prefix, offer, dest):
                     raise TransferError("bad_offer", f"transfer {transfer} is already receiving another file")
                 t.on_progress = on_progress
+                t.on_complete = on_complete
                 return
         if self._already_here(prefix, offer, dest):
             return
         t, resumed = self._open(prefix, offer, dest)
         t.on_progress = on_progress
+        t.on_complete = on_complete
         with self._lock:
             self._active[transfer] = t
             self._ended.pop(transfer, None)
@@ -767,6 +774,13 @@ class FileReceiver:
         except OSError as err:
             self._fail(t, TransferError("io_error", f"cannot move {offer.name} to {t.dest}: {err}"))
             return
+        if t.on_complete is not None:
+            try:  # the owner's check of the complete file (a bundle's signature) before `done` says ok
+                t.on_complete(t.dest)
+            except TransferError as err:
+                t.dest.unlink(missing_ok=True)
+                self._end(t, err, {"ok": False, "error": {"code": err.code, "message": err.message}})
+                return
         logger.info("transfer %s complete: %s (%d bytes)", offer.transfer, t.dest, offer.size)
         self._end(t, t.dest, {"ok": True, "sha256": offer.sha256})
 
