@@ -167,9 +167,10 @@ def start_worker_process(tmp_path: Path, config: dict) -> subprocess.Popen:
 
 def test_a_killed_worker_and_a_broker_restart_mid_transfer_still_end_the_job_once(
         broker, start_agent, probe_factory, host_side, tmp_path, wait_until):
-    """The broker restarts while the board receives the base pack in 1 KiB chunks, the worker is
-    SIGKILLed while the board trains; the restarted worker finishes the job: one training, one
-    generation, the bundle intact, every capture that was acked still there."""
+    """Two workers; the broker restarts while the board receives the base pack in 1 KiB chunks,
+    the worker running the job is SIGKILLed while the board trains; restarted, it finishes the
+    job: one training, one generation, the bundle intact, every capture that was acked still
+    there, and the other worker never ran it."""
     agent = board(start_agent, host_side)
     watch = probe_factory(broker.port, [f"blockskip/{DEV}/progress", status_topic("leaf-2"), worker_topic("host-0")],
                           "watcher")
@@ -183,6 +184,9 @@ def test_a_killed_worker_and_a_broker_restart_mid_transfer_still_end_the_job_onc
                                   "prompts": PROMPTS, "captures": {"camera_id": "cam-01"},
                                   "train": {"steps": 40, "checkpoint_every": 10},
                                   "generate": {"steps": 2, "backend": "torch"}})
+        wait_until(lambda: watch.on(status_topic("leaf-2")), 60)  # host-0 has it; now the second worker joins
+        other = HostWorker(HostConfig(**host_config(tmp_path, broker, host_side, 1)))
+        other.start()
         receiving = agent.data_dir / "transfers" / "receive"
         wait_until(lambda: list(receiving.glob("*.part")), 120, interval=0.005)  # the base pack is on its way
         broker.restart(down_s=1.0)
@@ -198,6 +202,9 @@ def test_a_killed_worker_and_a_broker_restart_mid_transfer_still_end_the_job_onc
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(30)
+        if "other" in locals():
+            other.stop()
+    assert not (other.jobs_dir / "leaf-2").exists()
     events = watch.on("/progress")
     for command in ("leaf-2.train", "leaf-2.generate"):  # each ran once and ended once
         assert [e["type"] for e in events if e.get("job") == command and e["type"] in ("done", "cancelled", "failed")] \
