@@ -212,6 +212,7 @@ class HostWorker:
         self._devices: set[str] = set()  # devices whose topics we subscribed to
         self._running: str | None = None
         self._last_progress: dict[str, float] = {}
+        self._last_chunk = 0.0  # when the last photo chunk arrived
         self._models: dict[str, Any] = {}
         self._runner = threading.Thread(target=self._run_loop, name="host-runner", daemon=True)
         self.client.will_set(worker_topic(config.worker_id), self._presence("offline"), qos=1, retain=True)
@@ -475,11 +476,13 @@ class HostWorker:
 
     # ---- talking to the board ----------------------------------------------------------------
     def _wait(self, what: str, ready: Callable[[], Any], timeout: float, tick: Callable[[], None] | None = None,
-              tick_s: float = 0.0) -> Any:
-        """Wait until `ready()` is truthy; `tick` runs every `tick_s` (resends). Woken by each
-        message from the board, and twice a second anyway."""
+              tick_s: float = 0.0, activity: Callable[[], Any] | None = None) -> Any:
+        """Wait until `ready()` is truthy; `tick` runs every `tick_s` (resends). Gives up after
+        `timeout` seconds without a sign of life: a change of `activity()` (events, chunks) starts
+        the count again. Woken by each message from the board, and twice a second anyway."""
         deadline = time.monotonic() + timeout
         next_tick = time.monotonic() + tick_s
+        seen = activity() if activity else None
         while True:
             value = ready()
             if value:
@@ -487,8 +490,10 @@ class HostWorker:
             if self._stop.is_set():
                 raise Stopping()
             now = time.monotonic()
+            if activity is not None and activity() != seen:
+                seen, deadline = activity(), now + timeout
             if now >= deadline:
-                raise JobFailed(f"{what}: no answer from the board for {timeout:.0f} s")
+                raise JobFailed(f"{what}: no sign of life from the board for {timeout:.0f} s")
             if tick and now >= next_tick:
                 tick()
                 next_tick = now + tick_s
@@ -547,7 +552,8 @@ class HostWorker:
             seen[0] = len(events)
             return next((e for e in events if e.get("type") in ("done", "cancelled", "failed")), None)
 
-        end = self._wait(f"{stage} on {job['device']}", ended, self.config.device_timeout_s)
+        end = self._wait(f"{stage} on {job['device']}", ended, self.config.device_timeout_s,
+                         activity=lambda: len(log.events.get(command_id, [])))
         if end["type"] != "done":
             error = end.get("error") or {}
             raise JobFailed(f"{stage} on {job['device']} ended {end['type']}"
@@ -595,6 +601,7 @@ class HostWorker:
 
         def progress(info: dict) -> None:
             done_bytes[info["transfer"]] = info["bytes"]
+            self._last_chunk = time.monotonic()
             self._event(job["id"], {"type": "progress", "stage": stage, "bytes": sum(done_bytes.values()),
                                     "total_bytes": total, "last": sum(done_bytes.values()) == total})
 
@@ -603,12 +610,19 @@ class HostWorker:
                 done_bytes[offer.transfer] = offer.size
                 continue
             self.file_receiver.receive(prefix, offer, dest, on_progress=progress)
+        self._last_chunk = time.monotonic()
         for offer, dest in files:
-            if not dest.exists():
-                self.file_receiver.wait(offer.transfer, timeout=self.config.device_timeout_s,
-                                        should_stop=self._stop.is_set)
-                if self._stop.is_set() and not dest.exists():
-                    raise Stopping()
+            while not dest.exists():  # no deadline while chunks keep coming (progress reports them)
+                try:
+                    self.file_receiver.wait(offer.transfer, timeout=5.0, should_stop=self._stop.is_set)
+                except TransferError as err:
+                    if self._stop.is_set():
+                        raise Stopping() from err
+                    if err.code != "timeout":
+                        raise
+                    if time.monotonic() - self._last_chunk > self.config.device_timeout_s:
+                        raise JobFailed(f"photos from {job['device']}: no chunk for "
+                                        f"{self.config.device_timeout_s:.0f} s") from err
         self._event(job["id"], {"type": "photos", "count": len(files), "bytes": total, "source": job["device"]})
 
     def _model(self, name: str):
@@ -715,7 +729,7 @@ class HostWorker:
                                fresh=True)  # receive is idempotent by content: a repeat answers `installed`
         if result.get("state") != "installed":
             done = self._wait(f"sending {tar.name} to {job['device']}", lambda: self.file_sender.result(transfer),
-                              self.config.device_timeout_s)
+                              self.config.device_timeout_s, activity=lambda: self.file_sender.sent(transfer))
             if not done.get("ok"):
                 error = done.get("error") or {}
                 raise JobFailed(f"{job['device']} refused {tar.name} ({error.get('code')}): {error.get('message')}")
