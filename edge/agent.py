@@ -304,6 +304,7 @@ class Agent:
         self.client.will_set(self.prefix + "status", messages.status_payload("offline", None, __version__), qos=1, retain=True)
         self.sender = OutboxSender(self.outbox, self.client)
         transfers = self.data_dir / "transfers"
+        _prune_offers(transfers / "send", config.command_id_window_s)
         self.file_sender = FileSender(self._publish_file, transfers / "send")
         self.file_receiver = FileReceiver(self._publish_file, transfers / "receive", window=config.transfer_window,
                                           retry_s=config.transfer_retry_s, max_bytes=config.max_receive_bytes)
@@ -731,6 +732,21 @@ class Agent:
         if self.config.thumbnails and "path" in item:
             body["thumbnail_png_b64"] = thumbnail_b64(str(item["path"]))
         self.sender.put(self.prefix + "result", messages.dumps(body), kind="result")
+
+
+def _prune_offers(folder: Path, max_age_s: float) -> None:
+    """Forget `upload` offers older than the command id window (a receiver that never finished):
+    past it, a repeat of their command would run again and offer the files anew anyway."""
+    if not folder.is_dir():
+        return
+    cutoff = time.time() - max_age_s
+    for state in folder.glob("*.json"):
+        try:
+            if state.stat().st_mtime < cutoff:
+                state.unlink()
+                logger.info("forgot the stale upload offer %s", state.stem)
+        except OSError:
+            continue
 
 
 def _sha256_file(path: Path) -> str:

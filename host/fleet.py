@@ -366,11 +366,16 @@ def run_fetch(args: argparse.Namespace) -> int:
     for result, dest, _ in entries:
         thumb = result.get("thumbnail_png_b64")
         src = f"data:image/png;base64,{thumb}" if thumb else dest.name
-        cells.append(f'<figure><a href="{html.escape(dest.name)}"><img src="{html.escape(src)}" width="128"></a>'
+        cells.append(f'<figure><a href="{html.escape(dest.name)}"><img src="{html.escape(src)}" alt=""></a>'
                      f"<figcaption>{html.escape(str(result.get('prompt')))} (seed {result.get('seed')})"
                      f"</figcaption></figure>")
-    page.write_text(f"<!doctype html><meta charset=utf-8><title>{html.escape(args.job)}</title>"
-                    f"<h1>{html.escape(args.job)} on {html.escape(device)}</h1>" + "".join(cells))
+    style = ("<style>body{font-family:sans-serif;margin:1.5em}figure{display:inline-block;margin:0 1em 1em 0;"
+             "width:160px;vertical-align:top}img{width:160px;height:160px;object-fit:contain;"
+             "image-rendering:pixelated;background:#eee}figcaption{font-size:0.85em}</style>")
+    page.write_text(f"<!doctype html><meta charset=utf-8><title>{html.escape(args.job)}</title>{style}"
+                    f"<h1>{html.escape(args.job)} on {html.escape(device)}</h1>"
+                    f"<p>{len(entries)} images; the prompt and seed under each; click for the full image.</p>"
+                    + "".join(cells))
     print(f"{len(entries)} images of job {args.job} in {out} (index: {page})")
     return 0
 

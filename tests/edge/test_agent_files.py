@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
+import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -90,7 +92,12 @@ def bundles(tmp_path_factory) -> Path:
 
 
 def test_upload_offers_captures_and_images_and_nothing_else(broker, start_agent, host, tmp_path, wait_until):
+    stale = tmp_path / "data" / "transfers" / "send" / "old-upload.0.json"  # an offer nobody fetched for 2 days
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")
+    os.utime(stale, (time.time() - 2 * 86400,) * 2)
     agent = start_agent()
+    assert not stale.exists()
     data = agent.data_dir
     image = tmp_path / "leaf.png"
     Image.new("RGB", (8, 8), (1, 2, 3)).save(image)
