@@ -391,6 +391,7 @@ class Agent:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self.connected.clear()
         self.sender.set_connected(False)
+        self.file_receiver.on_disconnect()  # no chunk is asked again until the link is back
         logger.warning("disconnected from broker (%s); reconnecting with backoff", reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:

@@ -296,6 +296,7 @@ class HostWorker:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self.connected.clear()
+        self.file_receiver.on_disconnect()  # no chunk is asked again until the link is back
         if not self._stop.is_set():
             logger.warning("disconnected from broker (%s); reconnecting with backoff", reason_code)
 
