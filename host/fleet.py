@@ -18,6 +18,7 @@ chunks, blockskip.transfer) into a folder, with an index.html of thumbnails.
 from __future__ import annotations
 
 import argparse
+import base64
 import html
 import json
 import secrets
@@ -120,6 +121,13 @@ class Session:
                 if value or time.monotonic() >= deadline:
                     return value
                 self.lock.wait(timeout=min(0.5, deadline - time.monotonic()))
+
+    def subscribe(self, topics: list[str], timeout: float = 10.0) -> None:
+        """Subscribe and wait for the broker's SUBACK (so nothing sent after this is missed)."""
+        self._subscribed.clear()
+        self.client.subscribe([(t, 1) for t in topics])
+        if not self._subscribed.wait(timeout):
+            raise InputError("the broker did not confirm the subscription")
 
     def publish(self, topic: str, payload: dict | bytes) -> None:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -301,8 +309,12 @@ def _follow(session: Session, job_id: str, timeout: float) -> int:
                 if status["state"] == "failed":
                     print(f"job {job_id} failed in {status.get('stage') or 'submit'}: {status.get('error')}")
                     return 1
-                print(f"job {job_id} done on {status.get('device')}: {len(status.get('results') or [])} images "
+                results = status.get("results") or []
+                print(f"job {job_id} done on {status.get('device')}: {len(results)} images "
                       f"(`blockskip fleet fetch {job_id} --out DIR` copies them)")
+                for result in results:
+                    print(f"  {result.get('path')}  seed {result.get('seed')}  sha256 {str(result.get('sha256'))[:12]}  "
+                          f"{result.get('prompt')!r}")
                 return 0
             with session.lock:
                 session.lock.wait(timeout=0.5)  # woken by the next message
@@ -310,6 +322,26 @@ def _follow(session: Session, job_id: str, timeout: float) -> int:
         return 2
     finally:
         session.close()
+
+
+def _write_index(out: Path, job: str, device: str, entries: list[tuple[dict, str]]) -> Path:
+    """index.html: each image (its thumbnail when the job has one) under its prompt and seed."""
+    cells = []
+    for result, name in entries:
+        thumb = result.get("thumbnail_png_b64")
+        src = f"data:image/png;base64,{thumb}" if thumb else name
+        cells.append(f'<figure><a href="{html.escape(name)}"><img src="{html.escape(src)}" alt=""></a>'
+                     f"<figcaption>{html.escape(str(result.get('prompt')))} (seed {result.get('seed')})"
+                     f"</figcaption></figure>")
+    style = ("<style>body{font-family:sans-serif;margin:1.5em}figure{display:inline-block;margin:0 1em 1em 0;"
+             "width:160px;vertical-align:top}img{width:160px;height:160px;object-fit:contain;"
+             "image-rendering:pixelated;background:#eee}figcaption{font-size:0.85em}</style>")
+    page = out / "index.html"
+    page.write_text(f"<!doctype html><meta charset=utf-8><title>{html.escape(job)}</title>{style}"
+                    f"<h1>{html.escape(job)} on {html.escape(device)}</h1>"
+                    f"<p>{len(entries)} images; the prompt and seed under each; click for the image.</p>"
+                    + "".join(cells))
+    return page
 
 
 def run_fetch(args: argparse.Namespace) -> int:
@@ -328,21 +360,35 @@ def run_fetch(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = status["device"]
+    if args.thumbnails_only:
+        session.close()
+        entries = []
+        for result in results:
+            name = Path(result["path"]).name
+            if result.get("thumbnail_png_b64"):
+                (out / f"thumb-{name}").write_bytes(base64.b64decode(result["thumbnail_png_b64"]))
+            entries.append((result, f"thumb-{name}"))
+        if not any(r.get("thumbnail_png_b64") for r in results):
+            raise InputError(f"job {args.job} has no thumbnails (the agent's `thumbnails: true` adds them); "
+                             f"fetch the images without --thumbnails-only")
+        print(f"{len(entries)} thumbnails of job {args.job} in {out} (index: {_write_index(out, args.job, device, entries)})")
+        return 0
     prefix = f"blockskip/{device}/"
     receiver = FileReceiver(lambda t, p, props=None: session.client.publish(t, p, qos=1, properties=props),
                             out / ".transfers")
     session.handlers.append(lambda msg: receiver.handle(msg.topic, msg.payload, msg.properties))
     command_id = f"fetch-{secrets.token_hex(6)}"
-    session.client.subscribe([(f"{prefix}reply/{command_id}", 1), *[(t, 1) for t in receiver.subscriptions(prefix)]])
-    time.sleep(0.2)
+    session.subscribe([f"{prefix}reply/{command_id}", *receiver.subscriptions(prefix)])
     session.publish(f"{prefix}cmd", {"id": command_id, "action": "upload",
                                      "args": {"paths": [r["path"] for r in results]}})
     reply = session.wait_for(lambda: next(iter(session.json_on(lambda t: t.endswith(f"/reply/{command_id}"))), None),
                              args.wait)
     if not reply:
+        receiver.close()
         session.close()
         raise InputError(f"{device} did not answer within {args.wait:.0f} s (is it online? `blockskip fleet devices`)")
     if not reply.get("ok"):
+        receiver.close()
         session.close()
         error = reply.get("error") or {}
         raise InputError(f"{device} refused the upload ({error.get('code')}): {error.get('message')}")
@@ -361,21 +407,7 @@ def run_fetch(args: argparse.Namespace) -> int:
     finally:
         receiver.close()
         session.close()
-    page = out / "index.html"
-    cells = []
-    for result, dest, _ in entries:
-        thumb = result.get("thumbnail_png_b64")
-        src = f"data:image/png;base64,{thumb}" if thumb else dest.name
-        cells.append(f'<figure><a href="{html.escape(dest.name)}"><img src="{html.escape(src)}" alt=""></a>'
-                     f"<figcaption>{html.escape(str(result.get('prompt')))} (seed {result.get('seed')})"
-                     f"</figcaption></figure>")
-    style = ("<style>body{font-family:sans-serif;margin:1.5em}figure{display:inline-block;margin:0 1em 1em 0;"
-             "width:160px;vertical-align:top}img{width:160px;height:160px;object-fit:contain;"
-             "image-rendering:pixelated;background:#eee}figcaption{font-size:0.85em}</style>")
-    page.write_text(f"<!doctype html><meta charset=utf-8><title>{html.escape(args.job)}</title>{style}"
-                    f"<h1>{html.escape(args.job)} on {html.escape(device)}</h1>"
-                    f"<p>{len(entries)} images; the prompt and seed under each; click for the full image.</p>"
-                    + "".join(cells))
+    page = _write_index(out, args.job, device, [(result, dest.name) for result, dest, _ in entries])
     print(f"{len(entries)} images of job {args.job} in {out} (index: {page})")
     return 0
 
@@ -443,4 +475,7 @@ def register(subparsers: Any) -> None:
     fetch.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the status and the board's "
                                                                  "answer (default: %(default)s)")
     fetch.add_argument("--timeout", type=float, default=3600.0, help="seconds per image transfer")
+    fetch.add_argument("--thumbnails-only", action="store_true",
+                       help="write the job's thumbnails (from its status: no transfer, the board may be offline) "
+                            "and index.html")
     fetch.set_defaults(func=run_fetch)

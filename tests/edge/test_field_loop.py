@@ -146,6 +146,10 @@ def test_captures_to_images_through_two_host_workers(broker, start_agent, probe_
         assert sorted(sha256(p) for p in images) == sorted(r["sha256"] for r in state["results"])
         assert all(r.get("thumbnail_png_b64") for r in state["results"])
         assert (fetched / "index.html").read_text().count("data:image/png;base64,") == 2
+        thumbs = tmp_path / "thumbs"
+        assert main(["fleet", "--config", str(operator), "fetch", "leaf-1", "--out", str(thumbs),
+                     "--thumbnails-only"]) == 0
+        assert len(list(thumbs.glob("thumb-*.png"))) == 2 and (thumbs / "index.html").is_file()
 
         assert main(["fleet", "--config", str(operator), "jobs", "--wait", "0.5"]) == 0
         listing = capsys.readouterr().out
