@@ -260,6 +260,12 @@ class HostWorker:
         self.file_receiver.close()
 
     def _hand_back(self) -> None:
+        # Leave the group first: a job handed back while still subscribed could come straight back here.
+        left = threading.Event()
+        self.client.on_unsubscribe = lambda *args: left.set()
+        self.client.unsubscribe(share_topic(self.config.group))
+        if not left.wait(5.0):
+            logger.warning("the broker did not confirm leaving the group; handing back anyway")
         while True:
             try:
                 job_id = self._queue.get_nowait()
@@ -447,6 +453,8 @@ class HostWorker:
             for stage in STAGES[: last + 1]:
                 if stage in state["stages_done"]:
                     continue
+                if self._stop.is_set():
+                    raise Stopping()  # SIGTERM: the next stage runs when this worker starts again
                 state["stage"] = stage
                 self._save_state(job_id, state)
                 self._publish_status(job_id, self._status_body(job, state))

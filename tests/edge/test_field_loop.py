@@ -320,3 +320,40 @@ def test_the_example_host_and_operator_configs_load(tmp_path, host_side):
     (tmp_path / "bad.yaml").write_text(text.replace("username: host-01", "username: host-02"))
     with pytest.raises(ConfigError, match="must equal worker_id"):
         serve.load_config(tmp_path / "bad.yaml")
+
+
+def test_a_stopping_worker_hands_back_the_jobs_it_has_not_begun(broker, probe_factory, host_side, tmp_path,
+                                                                 wait_until):
+    """Worker A took three jobs; SIGTERM (stop) while it runs the first: the two it had not begun go
+    back to the group and worker B runs them; A keeps no trace of them."""
+    photos = tmp_path / "photos"
+    subject_photos(photos)
+    watch = probe_factory(broker.port, ["blockskip-jobs/+/status"], "watcher")
+    a = HostWorker(HostConfig(**host_config(tmp_path, broker, host_side, 0)))
+    a.start()
+    b = None
+    try:
+        wait_until(a.connected.is_set)
+        ids = ["first", "second", "third"]
+        for job_id in ids:
+            watch.send(SUBMIT_TOPIC, {"id": job_id, "device": DEV, "model": "flux", "subject": "a photo of sks leaf",
+                                      "prompts": PROMPTS[:1], "photos_dir": str(photos), "stop_after": "prepare"})
+        wait_until(lambda: all(watch.on(status_topic(j)) for j in ids), 30)  # all three taken by A
+        b = HostWorker(HostConfig(**host_config(tmp_path, broker, host_side, 1)))
+        b.start()
+        wait_until(b.connected.is_set)
+        a.stop()
+
+        def final(job_id: str) -> dict | None:
+            ended = [s for s in watch.on(status_topic(job_id)) if s["state"] in ("done", "failed")]
+            return ended[-1] if ended else None
+
+        wait_until(lambda: all(final(j) for j in ids), 120)
+    finally:
+        for worker in (a, b):
+            if worker is not None and worker.connected.is_set():
+                worker.stop()
+    assert all(final(j)["state"] == "done" for j in ids)
+    assert final("first")["worker"] == "host-0"
+    assert final("second")["worker"] == final("third")["worker"] == "host-1"
+    assert sorted(p.name for p in a.jobs_dir.iterdir()) == ["first"]
