@@ -2,8 +2,11 @@
 
 Topics live under `blockskip/<device_id>/`: retained `status` (with a last will), `cmd` ->
 `reply/<id>`, `error` (errors for commands without a usable id), `progress`, `result`,
-`capture/<camera_id>` -> `capture/ack`. Every QoS 1 publish goes through the disk outbox
-(edge/outbox.py); captures are stored by the spool (edge/spool.py) before they are acked.
+`capture/<camera_id>` -> `capture/ack`, and `files/<transfer>/{chunk,want,done}` (files in chunks,
+blockskip.transfer: `upload` offers captures or generated images, `receive` fetches a bundle or a
+base pack and installs it only after it verified under the board's trust policy). Every QoS 1
+publish except file chunks goes through the disk outbox (edge/outbox.py); captures are stored by
+the spool (edge/spool.py) before they are acked.
 One job (train or generate) at a time, in a worker thread; a second one is refused with `busy`.
 Payloads, error codes and configuration keys: edge/AGENT.md.
 """
@@ -35,6 +38,7 @@ from blockskip.edge.spool import CaptureError, Spool, capture_meta
 from blockskip.edge.journal import Journal
 from blockskip.errors import BlockskipError, BundleError, ConfigError, InputError, NotAvailableError
 from blockskip.host.bundle import TrustPolicy
+from blockskip.transfer import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, FileOffer, FileReceiver, FileSender, TransferError
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +105,9 @@ class AgentConfig:
     base_packs_dir: str = "base-packs"  # installed base packs, searched by hash (a relative path is in data_dir)
     board: str | None = None  # this board (blockskip.boards): train and generate refuse jobs that do not fit it
     memory_budget_gib: float | None = None  # or the GiB jobs may use (wins over the board's usable memory)
+    transfer_window: int = DEFAULT_WINDOW  # file chunks asked for at a time when receiving (blockskip.transfer)
+    transfer_retry_s: float = 5.0  # a chunk missing this long is asked for again
+    max_receive_bytes: int = 32 * 1024**3  # largest file `receive` accepts (a bundle or a base pack)
 
     def __post_init__(self) -> None:
         if not isinstance(self.device_id, str) or not messages.ID_PATTERN.match(self.device_id):
@@ -113,9 +120,11 @@ class AgentConfig:
         if self.backend not in ("auto", "tensorrt", "onnxruntime", "torch"):
             raise ConfigError(f"backend must be auto, tensorrt, onnxruntime or torch, got {self.backend!r}")
         for name in ("max_command_bytes", "max_capture_bytes", "outbox_max_messages", "outbox_max_bytes",
-                     "max_capture_pixels"):
+                     "max_capture_pixels", "transfer_window", "max_receive_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
+        if not self.transfer_retry_s > 0:
+            raise ConfigError("transfer_retry_s must be > 0")
         if not self.command_id_window_s > 0:
             raise ConfigError("command_id_window_s must be > 0")
         if not isinstance(self.trusted_keys, list) or not all(isinstance(k, str) and k for k in self.trusted_keys):
@@ -294,14 +303,22 @@ class Agent:
         self.client = make_client(config.broker, client_id=config.device_id, manual_ack=True)
         self.client.will_set(self.prefix + "status", messages.status_payload("offline", None, __version__), qos=1, retain=True)
         self.sender = OutboxSender(self.outbox, self.client)
+        transfers = self.data_dir / "transfers"
+        _prune_offers(transfers / "send", config.command_id_window_s)
+        self.file_sender = FileSender(self._publish_file, transfers / "send")
+        self.file_receiver = FileReceiver(self._publish_file, transfers / "receive", window=config.transfer_window,
+                                          retry_s=config.transfer_retry_s, max_bytes=config.max_receive_bytes)
         # Commands and captures are handled on two threads, so decoding a large capture never
         # holds up a command (or a cancel).
         self._inbox: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue()
         self._captures: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue()
+        self._files: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue()  # chunks, wants, dones
         self._dispatcher = threading.Thread(target=self._dispatch_loop, args=(self._inbox,), name="agent-dispatch",
                                             daemon=True)
         self._capture_worker = threading.Thread(target=self._dispatch_loop, args=(self._captures,),
                                                 name="agent-captures", daemon=True)
+        self._file_worker = threading.Thread(target=self._dispatch_loop, args=(self._files,), name="agent-files",
+                                             daemon=True)
         self._job_lock = threading.Lock()
         self._job: dict[str, Any] | None = None  # {"id", "action", "started"} of the running job
         self._job_thread: threading.Thread | None = None
@@ -320,6 +337,10 @@ class Agent:
         self._recover_interrupted_job()
         self._dispatcher.start()
         self._capture_worker.start()
+        self._file_worker.start()
+        for _prefix, offer, dest in self.file_receiver.pending():  # receives cut off by a restart go on
+            logger.info("resuming the receive of %s (%s)", dest, offer.transfer)
+            self.file_receiver.receive(self.prefix, offer, dest, on_complete=self._install_check(dest))
         broker = self.config.broker
         logger.info("agent %s connecting to %s:%d", self.config.device_id, broker.host, broker.port)
         self.client.connect_async(
@@ -337,8 +358,11 @@ class Agent:
             thread.join(timeout=self.config.job_stop_timeout_s)
         self._inbox.put(None)
         self._captures.put(None)
+        self._files.put(None)
         self._dispatcher.join(timeout=5)
         self._capture_worker.join(timeout=5)
+        self._file_worker.join(timeout=5)
+        self.file_receiver.close()
         self.sender.put(self.prefix + "status", messages.status_payload("offline", None, __version__), retain=True, kind="status")
         deadline = time.monotonic() + flush_timeout_s
         while self.connected.is_set() and not self.sender.idle() and time.monotonic() < deadline:
@@ -356,19 +380,27 @@ class Agent:
             return
         logger.info("connected (session present: %s)", flags.session_present)
         options = SubscribeOptions(qos=1, noLocal=True)
-        client.subscribe([(self.prefix + "cmd", options), (self.prefix + "capture/+", options)])
+        client.subscribe([(self.prefix + "cmd", options), (self.prefix + "capture/+", options)]
+                         + [(topic, options) for topic in self.file_sender.subscriptions(self.prefix)
+                            + self.file_receiver.subscriptions(self.prefix)])
         self.connected.set()
         self.sender.set_connected(True)
+        self.file_receiver.on_connect()
         self._publish_status()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self.connected.clear()
         self.sender.set_connected(False)
+        self.file_receiver.on_disconnect()  # no chunk is asked again until the link is back
         logger.warning("disconnected from broker (%s); reconnecting with backoff", reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        is_capture = msg.topic.startswith(self.prefix + "capture/")
-        (self._captures if is_capture else self._inbox).put(msg)
+        if msg.topic.startswith(self.prefix + "capture/"):
+            self._captures.put(msg)
+        elif msg.topic.startswith(self.prefix + "files/"):
+            self._files.put(msg)
+        else:
+            self._inbox.put(msg)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         self.sender.on_publish(mid, not reason_code.is_failure)
@@ -393,6 +425,13 @@ class Agent:
             self._handle_command(msg.payload)
         elif rest.startswith("capture/") and rest != "capture/ack":
             self._handle_capture(rest[len("capture/"):], msg)
+        elif rest.startswith("files/"):
+            if self.file_receiver.handle(msg.topic, msg.payload, msg.properties):
+                return
+            if self.file_sender.handle(msg.topic, msg.payload):
+                transfer = rest.split("/")[1]
+                if self.file_sender.result(transfer) is not None:  # the receiver has it (or gave up): done
+                    self.file_sender.forget(transfer)
 
     def _reply(self, command_id: str | None, payload: bytes) -> None:
         topic = self.prefix + ("error" if command_id is None else f"reply/{command_id}")
@@ -446,6 +485,10 @@ class Agent:
             return {"total": total, "captures": records}
         if cmd.action == "cancel":
             return self._cancel(cmd.args.get("job"))
+        if cmd.action == "upload":
+            return self._upload(cmd)
+        if cmd.action == "receive":
+            return self._receive(cmd)
         return self._start_job(cmd)
 
     def _status_result(self) -> dict[str, Any]:
@@ -453,12 +496,84 @@ class Agent:
         return {
             "state": "busy" if job else "online", "job": job, "version": __version__,
             "outbox": len(self.outbox), "outbox_dropped": self.outbox.dropped, "captures": self.spool.count(),
+            "base_packs": self._installed_base_packs(),
         }
 
     def _publish_status(self) -> None:
         job = self._job
         payload = messages.status_payload("busy" if job else "online", job, __version__)
         self.sender.put(self.prefix + "status", payload, retain=True, kind="status")
+
+    def _installed_base_packs(self) -> list[str]:
+        """Content hashes the installed base packs claim (checked in full when a job uses one)."""
+        from blockskip.host.basepack import _claimed, _is_pack
+
+        where = self.config.base_packs()
+        if not where.is_dir():
+            return []
+        claimed = (_claimed(p) for p in sorted(where.iterdir()) if _is_pack(p))
+        return sorted({c["content_sha256"] for c in claimed if c and isinstance(c.get("content_sha256"), str)})
+
+    # ---- files over MQTT ----------------------------------------------------------------------
+    def _publish_file(self, topic: str, payload: bytes, properties: Properties | None = None) -> None:
+        """File chunks and their control messages go straight to the client (QoS 1): a chunk lost
+        with a connection is asked for again by the receiver, so they need no outbox."""
+        self.client.publish(topic, payload, qos=1, properties=properties)
+
+    def _upload(self, cmd: Command) -> dict[str, Any]:
+        """Offer captures (by sha256) and files under generated/ or adapters/ for a receiver to fetch."""
+        files: list[tuple[Path, dict[str, Any]]] = []
+        for digest in cmd.args.get("captures", []):
+            record = self.spool.record(digest)
+            if record is None:
+                raise CommandError("not_found", f"no capture {digest[:64]!r} in the spool")
+            files.append((self.spool.root / record["file"], {"capture": record}))
+        for value in cmd.args.get("paths", []):
+            path = messages.resolve_in(self.data_dir, value, must_exist=True)
+            if not any(self.data_dir / root in path.parents for root in DEFAULT_OUT.values()) or not path.is_file():
+                raise CommandError("bad_path", f"upload sends files inside {' or '.join(DEFAULT_OUT.values())}/ "
+                                               f"only; {value[:200]!r} is not one")
+            files.append((path, {}))
+        if not files:
+            raise CommandError("bad_args", "upload needs `captures` (sha256 list) or `paths`")
+        chunk = cmd.args.get("chunk_size", DEFAULT_CHUNK_SIZE)
+        offers = []
+        for index, (path, extra) in enumerate(files):
+            offer = self.file_sender.offer(self.prefix, path, f"{cmd.id[:54]}.{index}", chunk)
+            offers.append({"path": os.path.relpath(path, self.data_dir), "offer": offer.to_dict(), **extra})
+        return {"files": offers}
+
+    def _receive(self, cmd: Command) -> dict[str, Any]:
+        """Fetch an offered bundle or base pack (a .tar) into bundles/ or the base packs folder."""
+        try:
+            offer = FileOffer.from_dict(cmd.args["offer"])
+        except TransferError as err:
+            raise CommandError("bad_args", f"offer: {err}") from err
+        if not messages.TAR_NAME.match(offer.name):
+            raise CommandError("bad_args", "a received bundle or base pack is a .tar named with [A-Za-z0-9_.-]")
+        root = self.data_dir / "bundles" if cmd.args["kind"] == "bundle" else self.config.base_packs().resolve()
+        dest = root / offer.name
+        rel = os.path.relpath(dest, self.data_dir)
+        if dest.exists():
+            if dest.is_file() and _sha256_file(dest) == offer.sha256:
+                return {"transfer": offer.transfer, "state": "installed", "path": rel}
+            raise CommandError("exists", f"{rel} exists and holds another file; send it under another name")
+        self.file_receiver.receive(self.prefix, offer, dest, on_complete=self._install_check(dest))
+        return {"transfer": offer.transfer, "state": "receiving", "path": rel}
+
+    def _install_check(self, dest: Path) -> Callable[[Path], None]:
+        """What a received tar must pass before its `done` says ok: the board's trust policy and
+        every checksum (open_bundle unpacks it beside itself, where train and generate find it)."""
+        def check(path: Path) -> None:
+            from blockskip.host.bundle import open_bundle
+
+            try:
+                open_bundle(path, self.trust)
+            except (BundleError, InputError) as err:
+                raise TransferError("bad_bundle", f"{dest.name} was received intact but refused: {err}") from err
+            logger.info("received and verified %s", path)
+
+        return check
 
     # ---- captures -------------------------------------------------------------------------
     def _handle_capture(self, camera_id: str, msg: mqtt.MQTTMessage) -> None:
@@ -620,6 +735,31 @@ class Agent:
         self.sender.put(self.prefix + "result", messages.dumps(body), kind="result")
 
 
+def _prune_offers(folder: Path, max_age_s: float) -> None:
+    """Forget `upload` offers older than the command id window (a receiver that never finished):
+    past it, a repeat of their command would run again and offer the files anew anyway."""
+    if not folder.is_dir():
+        return
+    cutoff = time.time() - max_age_s
+    for state in folder.glob("*.json"):
+        try:
+            if state.stat().st_mtime < cutoff:
+                state.unlink()
+                logger.info("forgot the stale upload offer %s", state.stem)
+        except OSError:
+            continue
+
+
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _jsonable(value: Any) -> Any:
     """Paths to strings, recursively; anything else JSON cannot hold to its repr."""
     if isinstance(value, dict):
@@ -654,8 +794,8 @@ def register(subparsers: Any) -> None:
         description=(
             "Connect to an MQTT v5 broker as one device and serve until SIGTERM/SIGINT. Topics are under "
             "blockskip/<device_id>/: status (retained, last will 'offline'), cmd -> reply/<id> "
-            "(actions: train, generate, cancel, status, captures), error, progress, result, "
-            "capture/<camera_id> -> capture/ack. Everything published at QoS 1 goes through a disk outbox "
+            "(actions: train, generate, cancel, status, captures, upload, receive), error, progress, "
+            "result, capture/<camera_id> -> capture/ack, files/<transfer>/chunk|want|done (files in chunks). Everything published at QoS 1 goes through a disk outbox "
             "in the data directory and is delivered after a reconnect. See edge/AGENT.md."
         ),
         epilog="Example config: deploy/agent.example.yaml. Passwords come from a file or an environment variable.",

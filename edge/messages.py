@@ -18,6 +18,9 @@ from typing import Any
 # Largest command payload accepted, in bytes (a command is a small JSON object).
 MAX_COMMAND_BYTES = 64 * 1024
 
+# A file `receive` installs: a bundle or base pack tar with a plain name.
+TAR_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,123}\.tar$")
+
 # Command ids become part of a topic (`reply/<id>`): no wildcards, no separators.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
@@ -34,6 +37,7 @@ ERROR_CODES = {
     "not_available": "the feature is not part of this build",
     "job_failed": "the job raised an error",
     "bad_bundle": "the job's bundle failed verification or is not signed by a key the board trusts",
+    "exists": "the file a `receive` would write exists and holds other bytes",
     "interrupted": "the agent stopped (killed, power loss) while the job ran; reported when it restarts",
     "internal": "an unexpected error in the agent (logged); the agent keeps serving",
 }
@@ -94,6 +98,12 @@ ACTIONS: dict[str, dict[str, Arg]] = {
     "cancel": {"job": Arg((str,), min=1, max=64)},
     "status": {},
     "captures": {"limit": Arg((int,), min=1, max=1000), "camera_id": Arg((str,), min=1, max=64)},
+    # Files over MQTT (blockskip.transfer): offer files for a receiver to fetch in chunks ...
+    "upload": {"captures": Arg((list,), min=1, max=1000, items=str), "paths": Arg((list,), min=1, max=1000, items=str),
+               "chunk_size": Arg((int,), min=1024, max=16 * 1024 * 1024)},
+    # ... or fetch a file offered by a sender (a bundle or a base pack from a host worker).
+    "receive": {"offer": Arg((dict,), required=True), "kind": Arg((str,), required=True,
+                                                                  choices=("bundle", "base-pack"))},
 }
 
 # Arguments that name files and must stay inside the data directory.
@@ -111,7 +121,8 @@ class Command:
 
 
 def _type_name(types: tuple[type, ...]) -> str:
-    return " or ".join({str: "string", int: "integer", float: "number", bool: "boolean", list: "list"}[t] for t in types)
+    return " or ".join({str: "string", int: "integer", float: "number", bool: "boolean", list: "list",
+                              dict: "object"}[t] for t in types)
 
 
 def _check_arg(name: str, value: Any, spec: Arg) -> None:

@@ -149,5 +149,15 @@ class Spool:
         records.sort(key=lambda r: r.get("received", 0), reverse=True)
         return len(records), records[:limit]
 
+    def record(self, digest: str) -> dict[str, Any] | None:
+        """The metadata of the capture with this sha256, or None."""
+        if not SHA256_PATTERN.match(digest):
+            return None
+        try:
+            record = json.loads((self.root / f"{digest}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return record if (self.root / str(record.get("file", ""))).is_file() else None
+
     def count(self) -> int:
         return sum(1 for _ in self.root.glob("*.json"))

@@ -9,6 +9,18 @@ same features as an uninterrupted one. Text conditioning is encoded once per pro
 weights (`weights/kept_blocks.safetensors`) are written as the plan's `quant` says: with int8 / nf4
 the kept blocks' Linear weights are quantized here, on the host (host/BUNDLE.md, "Quantized kept
 weights"); the features always come from the full-precision model.
+
+Over the GPUs (or CPU processes) of one host, under torchrun:
+
+    torchrun --nproc-per-node 2 -m blockskip cache --device cuda ... --out STAGING
+
+Shard k (draws [k*S, (k+1)*S)) is computed and written by rank k % WORLD_SIZE, so the shards are
+the ones a single process writes, under the same names; each rank keeps the per-prompt
+conditioning it met in features/prompts.rank<R>.safetensors until the end. Rank 0 alone writes
+the shared files (cache_job.json, the kept weights, the prompt bank, bundle.json) and, after all
+ranks are done, merges the per-prompt conditioning into features/prompts.safetensors. Each rank
+runs on cuda:LOCAL_RANK with --device cuda (process group: nccl), else on the CPU (gloo). A
+restarted run, with any number of ranks, skips every complete shard.
 """
 
 from __future__ import annotations
@@ -18,10 +30,12 @@ import hashlib
 import json
 import logging
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -34,6 +48,10 @@ from blockskip.quant import QUANT_SCHEMES
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+RANK_PROMPTS = "prompts.rank{}.safetensors"  # a rank's per-prompt conditioning until rank 0 merges it
+# Ranks wait at a barrier for the slowest rank's shards (minutes to hours on a large model); a rank
+# that dies is caught by torchrun, which stops the others.
+BARRIER_TIMEOUT = timedelta(hours=24)
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -58,7 +76,7 @@ def kept_weights(family, plan: SkipPlan, quant: str = "none") -> tuple[dict[str,
     out = {}
     for name, tensor in family.model.state_dict().items():
         if any(name.startswith(p) for p in prefixes) or any(name == h or name.startswith(h + ".") for h in heads):
-            out[name] = tensor.detach().contiguous().clone()
+            out[name] = tensor.detach().cpu().contiguous().clone()
     if quant == "none":
         return out, None
     return quantize_state(out, [path for path, _ in kept_linears(family, plan)], quant)
@@ -70,6 +88,12 @@ def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> Non
     save_file(tensors, str(tmp), metadata=metadata)
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -93,7 +117,7 @@ def draw_inputs(model, schedule, images, texts, prompt_count: int, seed: int, in
     prompt_index = index % prompt_count
     sigma = training_sigmas(gen, 1, model.shift_for(schedule.s_min, schedule.s_min))
     patch, crop = schedule.sample_patch(images[image_index][1], float(sigma), rng)
-    x0 = model.codec.encode(to_tensor(patch)[None])  # (1, C, h, w)
+    x0 = model.codec.encode(to_tensor(patch)[None]).cpu()  # (1, C, h, w)
     noise = torch.randn(x0.shape, generator=gen)
     noisy, target = add_noise(x0, noise, sigma)
     inputs = model.family.make_inputs(noisy, sigma, texts[prompt_index])
@@ -108,11 +132,13 @@ def make_draw(model, plan: SkipPlan, schedule, images, texts, prompt_count: int,
     per-prompt cond, info)."""
     family = model.family
     inputs, target, info = draw_inputs(model, schedule, images, texts, prompt_count, seed, index)
+    device = next(family.model.parameters()).device  # the inputs are made on the CPU, from CPU generators
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     entry, residuals, cond, _ = compute_features(family, plan, inputs)
     tensors = store_draw(draw_tensors(index, entry, residuals, cond, target, family.prompt_cond_keys), feature_dtype)
-    prompt_cond = {k: (v[0] if _batched(k, v) else v).contiguous().clone()
+    prompt_cond = {k: (v[0] if _batched(k, v) else v).cpu().contiguous().clone()
                    for k, v in cond.items() if k in family.prompt_cond_keys}
-    return tensors, prompt_cond, info
+    return {k: v.cpu() for k, v in tensors.items()}, prompt_cond, info
 
 
 def register(subparsers) -> None:
@@ -138,16 +164,79 @@ def register(subparsers) -> None:
                              "one): fp32 keeps the cached forward exact; bf16 and fp16 halve the bytes; fp8 stores "
                              "the entry state and residuals as float8 e4m3 with a per-token scale and the rest in "
                              "bf16, about a quarter of fp32 at FLUX.1-dev's shapes")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the frozen model runs (default: %(default)s); under torchrun each rank uses "
+                             "cuda:LOCAL_RANK")
     parser.set_defaults(func=run)
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of the initialised torch.distributed process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, this rank's device). Under torchrun (WORLD_SIZE > 1 in the environment)
+    joins the process group from torchrun's RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT: nccl on
+    cuda:LOCAL_RANK with `device` "cuda", gloo on the CPU."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda, but torch sees no CUDA device; use --device cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, torch.device(device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise InputError(f"rank with LOCAL_RANK {local_rank} has no GPU: this host shows "
+                             f"{torch.cuda.device_count()}; start at most that many processes per node")
+        target, backend = torch.device("cuda", local_rank), "nccl"
+        torch.cuda.set_device(target)
+    else:
+        target, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, timeout=BARRIER_TIMEOUT)
+    return dist.get_rank(), world_size, target
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _all_prompt_cond(features: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """The per-prompt conditioning in prompts.safetensors and every rank's own file."""
+    merged = read_prompt_cond(features / PROMPTS_FILE)
+    for path in sorted(features.glob(RANK_PROMPTS.format("*"))):
+        for prompt, cond in read_prompt_cond(path).items():
+            merged.setdefault(prompt, cond)
+    return merged
+
+
+def _save_prompt_cond(prompt_cond: dict, path: Path, feature_dtype: str) -> None:
+    dtype = storage_dtype(feature_dtype, "prompt")
+    _atomic_save({f"{p}/{k}": v.to(dtype) if v.is_floating_point() else v
+                  for p, cond in prompt_cond.items() for k, v in cond.items()} or {"none": torch.zeros(1)}, path)
 
 
 def build_cache(model, plan_doc: dict, image_paths: list[Path], prompts: list[str], out: Path,
                 bank_prompts: list[str] = (), seed: int = 0, samples: int | None = None,
-                shard_size: int = 32, feature_dtype: str | None = None, progress: bool = True) -> Path:
+                shard_size: int = 32, feature_dtype: str | None = None, progress: bool = True,
+                rank: int | None = None, world_size: int | None = None) -> Path:
     """Cache `samples` draws (default: the plan's) in `feature_dtype` (default: the plan's, fp32
-    for a plan that names none)."""
+    for a plan that names none), on the device of the model's transformer.
+
+    With `world_size` > 1 this process is `rank` of that many (default: the torch.distributed
+    process group's, or 0 of 1 without one): it computes shards rank, rank + world_size, ... and
+    rank 0 writes the shared files once every shard is complete (a barrier when the process group
+    is initialised; without one, run ranks 1.. first and rank 0 last)."""
     from blockskip.host.patches import PatchSchedule, load_image
 
+    if rank is None and world_size is None:
+        rank, world_size = dist_rank_world()
+    rank, world_size = rank or 0, world_size or 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
     family = model.family
     if plan_doc.get("model", {}).get("config_hash") != family.config_hash():
         raise InputError("the plan was made for another model (config hash mismatch); re-run `blockskip plan`")
@@ -169,21 +258,32 @@ def build_cache(model, plan_doc: dict, image_paths: list[Path], prompts: list[st
     job_file = out / "cache_job.json"
     if job_file.exists() and json.loads(job_file.read_text()) != job:
         raise InputError(f"{out} holds a cache made with other settings; use a new --out folder")
-    job_file.write_text(json.dumps(job, indent=2))
+    if rank == 0:
+        _atomic_write_text(job_file, json.dumps(job, indent=2))
     images = [(p.name, load_image(p, min_side=schedule.s_min)) for p in image_paths]
     texts = [model.encode_text(p) for p in prompts]  # once per prompt
     weights = out / WEIGHTS_FILE
-    if not weights.exists():
+    if rank == 0 and not weights.exists():
         tensors, quant_metadata = kept_weights(family, plan, quant)
         _atomic_save(tensors, weights, quant_metadata)
-    prompts_path = out / "features" / PROMPTS_FILE
-    prompt_cond = read_prompt_cond(prompts_path)
+    features = out / "features"
+    # one process: prompts.safetensors itself; a rank of several: its own file, merged by rank 0
+    own_prompts = features / (PROMPTS_FILE if world_size == 1 else RANK_PROMPTS.format(rank))
+    prompt_cond = _all_prompt_cond(features)
     shards = (samples + shard_size - 1) // shard_size
-    bar = tqdm(total=samples, desc="cache", unit="draw", disable=not progress)
-    prompt_dtype = storage_dtype(feature_dtype, "prompt")
-    for shard in range(shards):
-        indices = range(shard * shard_size, min(samples, (shard + 1) * shard_size))
-        path = out / "features" / SHARD_PATTERN.format(shard)
+    if rank == 0 and shards < world_size:
+        logger.warning("%d shard(s) of %d draws for %d ranks: ranks %d..%d have nothing to compute; a smaller "
+                       "--shard-size spreads the draws", shards, shard_size, world_size, shards, world_size - 1)
+    mine = range(rank, shards, world_size)
+
+    def draws_of(shard: int) -> range:
+        return range(shard * shard_size, min(samples, (shard + 1) * shard_size))
+
+    bar = tqdm(total=sum(len(draws_of(shard)) for shard in mine), unit="draw", disable=not progress or rank != 0,
+               desc="cache" if world_size == 1 else f"cache (rank 0 of {world_size})")
+    for shard in mine:
+        indices = draws_of(shard)
+        path = features / SHARD_PATTERN.format(shard)
         if _shard_complete(path, len(indices)):
             bar.update(len(indices))
             continue
@@ -196,18 +296,37 @@ def build_cache(model, plan_doc: dict, image_paths: list[Path], prompts: list[st
             draws.append(info)
             bar.update(1)
         # per-prompt conditioning first, so that a complete shard never refers to a missing prompt
-        _atomic_save({f"{p}/{k}": v.to(prompt_dtype) if v.is_floating_point() else v
-                      for p, cond in prompt_cond.items() for k, v in cond.items()} or {"none": torch.zeros(1)},
-                     prompts_path)
+        _save_prompt_cond(prompt_cond, own_prompts, feature_dtype)
         _atomic_save(tensors, path, {"draws": json.dumps(draws)})
     bar.close()
+    _barrier(world_size)
+    if rank == 0:
+        missing = [SHARD_PATTERN.format(shard) for shard in range(shards)
+                   if not _shard_complete(features / SHARD_PATTERN.format(shard), len(draws_of(shard)))]
+        if missing:
+            raise InputError(f"{out}: {len(missing)} shard(s) not complete ({', '.join(missing[:4])}...): another "
+                             f"rank has not finished; run the cache again to compute them")
+        rank_files = sorted(features.glob(RANK_PROMPTS.format("*")))
+        if rank_files:
+            _save_prompt_cond(_all_prompt_cond(features), features / PROMPTS_FILE, feature_dtype)
+            for path in rank_files:
+                path.unlink()
+        _write_shared(out, model, plan_doc, prompts, bank_prompts, samples, feature_dtype, quant)
+        job_file.unlink()
+    _barrier(world_size)  # every rank returns a complete staging folder
+    return out
+
+
+def _write_shared(out: Path, model, plan_doc: dict, prompts: list[str], bank_prompts: list[str], samples: int,
+                  feature_dtype: str, quant: str) -> None:
+    """The prompt bank and bundle.json (rank 0, once every shard is complete)."""
     if bank_prompts:
         from blockskip.edge.prompt_bank import write_prompt_bank
 
         write_prompt_bank(out, model, list(bank_prompts))
     metadata = {
         "model": model.describe(),
-        "transformer_config": family.json_config(),
+        "transformer_config": model.family.json_config(),
         "plan": plan_doc["plan"],
         "patch_schedule": plan_doc["patch_schedule"],
         "lora": plan_doc["lora"],
@@ -220,8 +339,6 @@ def build_cache(model, plan_doc: dict, image_paths: list[Path], prompts: list[st
         "estimates": plan_doc.get("estimates"),
     }
     (out / "bundle.json").write_text(json.dumps(metadata, indent=2, default=list))
-    job_file.unlink()
-    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -231,14 +348,26 @@ def run(args: argparse.Namespace) -> int:
     if not plan_path.is_file():
         raise InputError(f"plan {args.plan!r} does not exist (run `blockskip plan` first)")
     plan_doc = json.loads(plan_path.read_text())
-    model = resolve_model(args.model)
-    require_text_encoder(model, args.model, "cache encodes the training and prompt-bank prompts")
-    bank = list(args.bank_prompt) + (read_prompts(args.bank_file) if args.bank_file else [])
-    out = build_cache(model, plan_doc, list_images(args.images), args.prompt, Path(args.out), bank,
-                      args.seed, args.samples, args.shard_size, args.feature_dtype)
+    rank, world_size, device = init_distributed(args.device)
+    try:
+        model = resolve_model(args.model)
+        require_text_encoder(model, args.model, "cache encodes the training and prompt-bank prompts")
+        model.family.model.to(device)
+        if getattr(model.codec, "vae", None) is not None:
+            model.codec.vae.to(device)
+        bank = list(args.bank_prompt) + (read_prompts(args.bank_file) if args.bank_file else [])
+        out = build_cache(model, plan_doc, list_images(args.images), args.prompt, Path(args.out), bank,
+                          args.seed, args.samples, args.shard_size, args.feature_dtype, rank=rank,
+                          world_size=world_size)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+    if rank != 0:
+        return 0
     meta = json.loads((out / "bundle.json").read_text())
     size = sum(p.stat().st_size for p in (out / "features").glob("*.safetensors"))
-    print(f"features for {meta['samples']} draws ({meta['feature_dtype']}, {size / 2**20:.1f} MiB) in {out}; seal it "
-          f"with `blockskip bundle {out} --base-pack-out BASE --out SUBJECT` (the first subject of this model and "
-          f"plan) or `--base-pack BASE --out SUBJECT` (a base pack made before)")
+    ranks = f" by {world_size} ranks" if world_size > 1 else ""
+    print(f"features for {meta['samples']} draws ({meta['feature_dtype']}, {size / 2**20:.1f} MiB){ranks} in {out}; "
+          f"seal it with `blockskip bundle {out} --base-pack-out BASE --out SUBJECT` (the first subject of this model "
+          f"and plan) or `--base-pack BASE --out SUBJECT` (a base pack made before)")
     return 0

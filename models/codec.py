@@ -60,7 +60,7 @@ class VaeCodec:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        encoded = self.vae.encode(images.to(self.vae.dtype))
+        encoded = self.vae.encode(images.to(self.vae.device, self.vae.dtype))
         latents = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latent
         return (latents - self.shift) * self.scaling
 

@@ -40,6 +40,10 @@ COMMANDS = [
     ("agent", "blockskip.edge.agent", "run the edge MQTT agent (commands, progress, captures, results)"),
     ("capture", "blockskip.edge.capture",
      "camera side: publish a folder of images to a device's agent and wait for acks"),
+    ("host", "blockskip.host.serve",
+     "host worker: take personalize jobs over MQTT (photos -> bundle -> board -> images)"),
+    ("fleet", "blockskip.host.fleet",
+     "operator: list boards and jobs, submit and follow personalize jobs, fetch their images"),
 ]
 MODULE_OF = {name: module for name, module, _ in COMMANDS}
 

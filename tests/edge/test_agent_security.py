@@ -15,7 +15,7 @@ import pytest
 from blockskip.edge.agent import Agent, AgentConfig, BrokerConfig, connect_properties, make_client
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto"
-PASSWORDS = {"dev-a": "pa55-dev-a", "dev-b": "pa55-dev-b", "operator": "pa55-operator",
+PASSWORDS = {"dev-a": "pa55-dev-a", "dev-b": "pa55-dev-b", "operator": "pa55-operator", "host-01": "pa55-host-01",
              "dev-a-cam-01": "pa55-cam-01", "dev-a-cam-02": "pa55-cam-02"}
 # dev-a's two cameras, added to the shipped ACL as deploy/mosquitto/README.md says ("Adding a device").
 CAMERA_ACL = "".join(f"\nuser dev-a-cam-{n}\ntopic write blockskip/dev-a/capture/cam-{n}\n"
@@ -261,3 +261,28 @@ def test_another_login_cannot_take_over_a_cameras_session(intruder, secure_broke
     camera = clients(camera_login, "dev-a-cam-01", clean_start=False, session_expiry_s=3600)
     assert camera.connected()
     mq.wait_until(lambda: ("blockskip/dev-a/capture/ack", b"ack-2") in camera.messages, 5)
+
+
+def test_the_field_loop_logins_from_the_shipped_acl(secure_broker, pki, clients, monkeypatch, mq):
+    """A host worker's login (acl.example `host-01`) takes jobs through the shared subscription and
+    publishes job statuses; a device's login can neither submit a job nor forge a job's status,
+    and a camera's cannot either."""
+    from blockskip.host.jobs import SUBMIT_TOPIC, share_topic, status_topic
+
+    worker = clients(login(secure_broker, pki, "host-01"), "host-01")
+    operator = clients(login(secure_broker, pki, "operator"), "operator")
+    device = clients(login(secure_broker, pki, "dev-a"), "dev-a")
+    camera = clients(login(secure_broker, pki, "dev-a-cam-01"), "dev-a-cam-01")
+    assert all(c.connected() for c in (worker, operator, device, camera))
+    worker.client.subscribe(share_topic("blockskip-host"), qos=1)
+    operator.client.subscribe(status_topic("+"), qos=1)
+    mq.wait_until(lambda: worker.suback and operator.suback)
+    for intruder in (device, camera):
+        intruder.client.publish(SUBMIT_TOPIC, b'{"id": "forged"}', qos=1).wait_for_publish(5)
+        intruder.client.publish(status_topic("real"), b'{"state": "done"}', qos=1, retain=True).wait_for_publish(5)
+    operator.client.publish(SUBMIT_TOPIC, b'{"id": "real"}', qos=1).wait_for_publish(5)
+    worker.client.publish(status_topic("real"), b'{"state": "queued"}', qos=1, retain=True).wait_for_publish(5)
+    mq.wait_until(lambda: worker.messages and operator.messages)
+    time.sleep(0.3)
+    assert worker.messages == [(SUBMIT_TOPIC, b'{"id": "real"}')]  # the forged jobs were dropped
+    assert operator.messages == [(status_topic("real"), b'{"state": "queued"}')]  # only the worker's status

@@ -1,0 +1,863 @@
+"""`blockskip host serve`: a host worker that runs personalize jobs for the boards, over MQTT.
+
+A worker connects to the fleet's broker with its own login, takes jobs from
+`$share/<group>/blockskip-jobs/submit` (MQTT v5 shared subscription: each job goes to one worker
+of the group, so more workers take more jobs), and runs each job through its stages:
+
+1. photos   -- from the board's capture spool (`captures` then `upload`: files in checksummed
+               chunks over MQTT, blockskip.transfer) or from a folder on the host;
+2. prepare  -- profile (once per model, kept in the work folder), plan, cache, subject bundle
+               (against the model's base pack) or single bundle, signed with the host key;
+3. deliver  -- the bundle's tar to the board over MQTT (`receive`); the board verifies it under
+               its own trust policy before it says it has it; a base pack the board lacks goes first;
+4. train    -- `train` on the board, its progress forwarded;
+5. generate -- `generate` with the job's prompts; each image's record (path on the board,
+               sha256, prompt, seed, thumbnail when the agent sends them) lands in the job's status.
+
+Every job lives in `<work_dir>/jobs/<id>/` (job.json, state.json, device.jsonl: the board's
+replies and events for it, written before the broker's message is acknowledged). A worker that
+is killed resumes its jobs where they stood when it starts again: the device commands carry ids
+derived from the job, and the agent answers a repeated id with its first reply and runs nothing,
+so no step runs twice. On SIGTERM the worker hands the jobs it has not started back to the group
+and keeps the running one for its restart. Topics and payloads: host/SERVE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from blockskip import __version__
+from blockskip.edge.agent import BrokerConfig, connect_properties, load_yaml, make_client
+from blockskip.edge.messages import ID_PATTERN
+from blockskip.errors import BlockskipError, ConfigError
+from blockskip.host.jobs import (DEFAULT_GROUP, STAGES, SUBMIT_TOPIC, JobError, events_topic, parse_job,
+                                 select_captures, share_topic, status_topic, worker_topic)
+from blockskip.transfer import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, FileOffer, FileReceiver, FileSender, TransferError
+
+logger = logging.getLogger(__name__)
+
+
+class JobFailed(Exception):
+    """A job that cannot go on; the message says why (it ends the job as `failed`)."""
+
+
+class Stopping(Exception):
+    """The worker is shutting down; the running job stays on disk and resumes on restart."""
+
+
+@dataclass
+class ModelConfig:
+    """One model the workers personalize (an entry of host.yaml `models`)."""
+
+    path: str  # the model on the host: a diffusers folder, 'builtin' (the crop model) or 'tiny-flux' / 'tiny-sana'
+    board_model: str  # the same model on the boards, relative to the agent's data_dir (for `generate`)
+    base_pack: str | None = None  # its base pack (folder or .tar, from `blockskip bundle --base-pack-out`)
+    plan: str | None = None  # the plan JSON that base pack was made with; default: made from the profile
+    profile: str | None = None  # a profile JSON (`blockskip profile`); default: measured once, kept in work_dir
+    skip_ratio: float = 0.5  # when the worker makes the plan
+    samples: int | None = None  # draws cached per subject (default: the plan's)
+    seed: int = 0  # seed of the cache draws
+    shard_size: int = 32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise ConfigError("models.<name>.path must be the model's folder on the host")
+        if not isinstance(self.board_model, str) or not self.board_model:
+            raise ConfigError("models.<name>.board_model must be the model's path on the boards (inside data_dir)")
+        for name in ("base_pack", "plan", "profile"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).exists():
+                raise ConfigError(f"models.<name>.{name} {value} does not exist")
+        if self.base_pack is not None and self.plan is None:
+            raise ConfigError("a model with a base_pack needs the plan it was made with (models.<name>.plan)")
+
+
+@dataclass
+class HostConfig:
+    """host.yaml (deploy/host.example.yaml documents every key)."""
+
+    worker_id: str  # the worker's MQTT login and client id (one login per worker)
+    work_dir: str  # jobs, staging folders, bundles, profiles, transfer state
+    models: dict[str, Any]  # name -> ModelConfig
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    signing_key: str | None = None  # ed25519 private key (`blockskip keygen`): bundles are signed with it
+    group: str = DEFAULT_GROUP  # the shared subscription group of the workers that split the jobs
+    session_expiry_s: int = 7 * 86_400  # the broker keeps our subscriptions and queued messages this long
+    device_timeout_s: float = 3600.0  # a device step that shows no sign of life this long fails the job
+    command_resend_s: float = 60.0  # a command without a reply is sent again (same id) this often
+    busy_retry_s: float = 10.0  # a board busy with another job is asked again after this
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # bytes per file chunk over MQTT
+    transfer_window: int = DEFAULT_WINDOW  # chunks asked for at a time when receiving photos
+    transfer_retry_s: float = 5.0
+    progress_interval_s: float = 2.0  # at most one progress event per job per interval
+    send_base_pack: bool = True  # send the model's base pack to a board that does not have it
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.worker_id, str) or not ID_PATTERN.match(self.worker_id):
+            raise ConfigError("worker_id must be 1-64 characters of [A-Za-z0-9_.:-]")
+        if isinstance(self.broker, dict):
+            self.broker = BrokerConfig(**self.broker)
+        if self.broker.username is not None and self.broker.username != self.worker_id:
+            raise ConfigError(f"broker.username {self.broker.username!r} must equal worker_id {self.worker_id!r}: "
+                              f"the broker makes the login the client id")
+        if not isinstance(self.models, dict) or not self.models:
+            raise ConfigError("models must name at least one model (name: {path, board_model, ...})")
+        models = {}
+        for name, entry in self.models.items():
+            if isinstance(entry, ModelConfig):
+                models[name] = entry
+                continue
+            if not isinstance(entry, dict):
+                raise ConfigError(f"models.{name} must be a mapping")
+            try:
+                models[name] = ModelConfig(**entry)
+            except TypeError as err:
+                raise ConfigError(f"models.{name}: {err}") from err
+        self.models = models
+        if self.signing_key is not None and not Path(self.signing_key).is_file():
+            raise ConfigError(f"signing_key {self.signing_key} does not exist")
+        if not isinstance(self.group, str) or not ID_PATTERN.match(self.group):
+            raise ConfigError("group must be 1-64 characters of [A-Za-z0-9_.:-]")
+        for name in ("device_timeout_s", "command_resend_s", "busy_retry_s", "transfer_retry_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0")
+        if self.chunk_size < 1024 or self.transfer_window < 1:
+            raise ConfigError("chunk_size must be >= 1024 and transfer_window >= 1")
+
+
+def load_config(path: Path) -> HostConfig:
+    try:
+        return HostConfig(**load_yaml(path))
+    except TypeError as err:
+        raise ConfigError(f"config {path}: {err}") from err
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Atomically: temporary file, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class DeviceLog:
+    """What a board said about one job (replies, events, results), kept in memory and appended to
+    the job's device.jsonl before the broker's message is acknowledged."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.replies: dict[str, dict] = {}
+        self.events: dict[str, list[dict]] = {}
+        self.results: dict[str, list[dict]] = {}
+        self.status: dict | None = None
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    self._apply(json.loads(line))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn last line after a kill
+
+    def _apply(self, record: dict) -> None:
+        kind, body = record["kind"], record["body"]
+        if kind == "reply":
+            self.replies.setdefault(body["id"], body)
+        elif kind == "event":
+            self.events.setdefault(body["job"], []).append(body)
+        elif kind == "result":
+            self.results.setdefault(body["job"], []).append(body)
+
+    def add(self, kind: str, body: dict) -> None:
+        record = {"kind": kind, "body": body}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._apply(record)
+
+
+class HostWorker:
+    """One worker: its MQTT client, a runner thread doing one job at a time, file transfers."""
+
+    def __init__(self, config: HostConfig, say: Callable[[str], None] | None = None):
+        self.config = config
+        self.say = say or (lambda line: None)  # one line per job stage, for a person watching the worker
+        self.work = Path(config.work_dir).resolve()
+        self.jobs_dir = self.work / "jobs"
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.client = make_client(config.broker, client_id=config.worker_id)
+        self.file_sender = FileSender(self._publish_file, self.work / "transfers" / "send")
+        self.file_receiver = FileReceiver(self._publish_file, self.work / "transfers" / "receive",
+                                          window=config.transfer_window, retry_s=config.transfer_retry_s)
+        self.connected = threading.Event()
+        self._stop = threading.Event()
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._lock = threading.Condition()
+        self._logs: dict[str, DeviceLog] = {}  # active job id -> its device log
+        self._devices: set[str] = set()  # devices whose topics we subscribed to
+        self._running: str | None = None
+        self._last_progress: dict[str, float] = {}
+        self._last_chunk = 0.0  # when the last photo chunk arrived
+        self._models: dict[str, Any] = {}
+        self._runner = threading.Thread(target=self._run_loop, name="host-runner", daemon=True)
+        self.client.will_set(worker_topic(config.worker_id), self._presence("offline"), qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    def _presence(self, state: str) -> bytes:
+        return json.dumps({"worker": self.config.worker_id, "state": state, "group": self.config.group,
+                           "job": self._running, "queued": self._queue.qsize(), "version": __version__,
+                           "ts": time.time()}, sort_keys=True).encode()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Queue the jobs found on disk (a restart resumes them), connect, start the runner."""
+        pending = []
+        for folder in self.jobs_dir.iterdir():
+            state = self._read_state(folder.name)
+            if state and state["state"] in ("queued", "running"):
+                pending.append((state.get("received", 0), folder.name))
+        for _, job_id in sorted(pending):
+            logger.info("job %s was not finished when the worker stopped; it resumes", job_id)
+            self._queue.put(job_id)
+        broker = self.config.broker
+        logger.info("host worker %s connecting to %s:%d (group %s)", self.config.worker_id, broker.host, broker.port,
+                    self.config.group)
+        self.client.connect_async(broker.host, broker.port, broker.keepalive, clean_start=False,
+                                  properties=connect_properties(self.config.session_expiry_s))
+        self.client.loop_start()
+        self._runner.start()
+
+    def stop(self, hand_back: bool = True) -> None:
+        """Stop taking jobs; hand back the ones not started; the running one resumes on restart."""
+        self._stop.set()
+        with self._lock:
+            self._lock.notify_all()
+        self._runner.join(timeout=30)
+        if hand_back and self.connected.is_set():
+            self._hand_back()
+        if self.connected.is_set():
+            self.client.publish(worker_topic(self.config.worker_id), self._presence("offline"), qos=1,
+                                retain=True).wait_for_publish(5)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.file_receiver.close()
+
+    def _hand_back(self) -> None:
+        # Leave the group first: a job handed back while still subscribed could come straight back here.
+        left = threading.Event()
+        self.client.on_unsubscribe = lambda *args: left.set()
+        self.client.unsubscribe(share_topic(self.config.group))
+        if not left.wait(5.0):
+            logger.warning("the broker did not confirm leaving the group; handing back anyway")
+        while True:
+            try:
+                job_id = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            state = self._read_state(job_id)
+            if not state or state["state"] != "queued" or state.get("stages_done"):
+                continue  # begun here: it resumes when this worker starts again
+            job = json.loads((self.jobs_dir / job_id / "job.json").read_text())
+            info = self.client.publish(SUBMIT_TOPIC, json.dumps(job), qos=1)
+            info.wait_for_publish(10)
+            shutil.rmtree(self.jobs_dir / job_id, ignore_errors=True)
+            logger.info("handed job %s back to the group", job_id)
+
+    # ---- MQTT ------------------------------------------------------------------------------
+    def _publish_file(self, topic: str, payload: bytes, properties: Any = None) -> None:
+        self.client.publish(topic, payload, qos=1, properties=properties)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            logger.error("broker refused the connection: %s", reason_code)
+            return
+        logger.info("connected (session present: %s)", flags.session_present)
+        topics = [(share_topic(self.config.group), SubscribeOptions(qos=1))]
+        with self._lock:
+            devices = set(self._devices)
+        for device in devices:
+            topics += [(t, SubscribeOptions(qos=1, noLocal=True)) for t in self._device_topics(device)]
+        client.subscribe(topics)
+        # after the subscription on the same connection: `online` means jobs reach this worker
+        client.publish(worker_topic(self.config.worker_id), self._presence("online"), qos=1, retain=True)
+        self.connected.set()
+        self.file_receiver.on_connect()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        self.connected.clear()
+        self.file_receiver.on_disconnect()  # no chunk is asked again until the link is back
+        if not self._stop.is_set():
+            logger.warning("disconnected from broker (%s); reconnecting with backoff", reason_code)
+
+    def _device_topics(self, device: str) -> list[str]:
+        prefix = f"blockskip/{device}/"
+        return [prefix + "reply/+", prefix + "progress", prefix + "result", *self.file_sender.subscriptions(prefix),
+                *self.file_receiver.subscriptions(prefix)]
+
+    def _watch(self, device: str) -> None:
+        with self._lock:
+            if device in self._devices:
+                return
+            self._devices.add(device)
+        self.client.subscribe([(t, SubscribeOptions(qos=1, noLocal=True)) for t in self._device_topics(device)])
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        """Network thread. What must survive a kill is on disk before this returns (paho then acks)."""
+        try:
+            if msg.topic == SUBMIT_TOPIC:
+                self._accept(msg.payload)
+            elif msg.topic.startswith("blockskip/"):
+                self._device_message(msg)
+        except Exception:  # the callback boundary: log and keep serving
+            logger.exception("error handling a message on %s", msg.topic)
+
+    def _accept(self, payload: bytes) -> None:
+        try:
+            job = parse_job(payload)
+        except JobError as err:
+            job_id = _readable_id(payload)
+            logger.warning("refused a job%s: %s", f" {job_id}" if job_id else "", err)
+            if job_id:
+                self._publish_status(job_id, {"job": job_id, "state": "failed", "error": f"bad job: {err}",
+                                              "worker": self.config.worker_id})
+            return
+        folder = self.jobs_dir / job["id"]
+        if folder.exists():
+            logger.info("job %s is already known here; ignoring the repeat", job["id"])
+            return
+        if job["model"] not in self.config.models:
+            self._publish_status(job["id"], {"job": job["id"], "state": "failed", "device": job["device"],
+                                             "worker": self.config.worker_id,
+                                             "error": f"model {job['model']!r} is not one this worker serves "
+                                                      f"({', '.join(self.config.models)})"})
+            return
+        tmp = self.jobs_dir / f".{job['id']}.new"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _write_json(tmp / "job.json", job)
+        _write_json(tmp / "state.json", {"state": "queued", "stages_done": [], "received": time.time(),
+                                         "commands": {}})
+        os.replace(tmp, folder)
+        logger.info("job %s taken (device %s)", job["id"], job["device"])
+        self._publish_status(job["id"], self._status_body(job, self._read_state(job["id"])))
+        self._queue.put(job["id"])
+
+    def _device_message(self, msg: mqtt.MQTTMessage) -> None:
+        parts = msg.topic.split("/")
+        if len(parts) < 3:
+            return
+        rest = "/".join(parts[2:])
+        if rest.startswith("files/"):
+            if self.file_receiver.handle(msg.topic, msg.payload, msg.properties):
+                return
+            self.file_sender.handle(msg.topic, msg.payload)
+            return
+        try:
+            body = json.loads(msg.payload)
+        except ValueError:
+            return
+        if not isinstance(body, dict):
+            return
+        if rest.startswith("reply/"):
+            kind, key = "reply", body.get("id")
+        elif rest == "progress":
+            kind, key = "event", body.get("job")
+        elif rest == "result":
+            kind, key = "result", body.get("job")
+        else:
+            return
+        if not isinstance(key, str):
+            return
+        with self._lock:
+            for job_id, log in self._logs.items():
+                if key.startswith(job_id + "."):
+                    log.add(kind, body)
+                    self._lock.notify_all()
+                    break
+
+    # ---- job status ------------------------------------------------------------------------
+    def _read_state(self, job_id: str) -> dict | None:
+        try:
+            return json.loads((self.jobs_dir / job_id / "state.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _save_state(self, job_id: str, state: dict) -> None:
+        _write_json(self.jobs_dir / job_id / "state.json", state)
+
+    def _status_body(self, job: dict, state: dict, **extra: Any) -> dict:
+        return {"job": job["id"], "device": job["device"], "model": job["model"], "worker": self.config.worker_id,
+                "state": state["state"], "stage": state.get("stage"), "stages_done": state.get("stages_done", []),
+                "results": state.get("results", []), "error": state.get("error"), "version": __version__,
+                "ts": time.time(), **extra}
+
+    def _publish_status(self, job_id: str, body: dict) -> None:
+        self.client.publish(status_topic(job_id), json.dumps(body, sort_keys=True), qos=1, retain=True)
+
+    def _event(self, job_id: str, event: dict) -> None:
+        event = {"job": job_id, "ts": time.time(), **event}
+        if event.get("type") == "progress":
+            now = time.monotonic()
+            if now - self._last_progress.get(job_id, 0.0) < self.config.progress_interval_s and not event.get("last"):
+                return
+            self._last_progress[job_id] = now
+        self.client.publish(events_topic(job_id), json.dumps(event, sort_keys=True), qos=1)
+
+    # ---- the runner ------------------------------------------------------------------------
+    def _run_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job_id = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if self._stop.is_set():
+                self._queue.put(job_id)  # handed back (or kept) by stop()
+                return
+            try:
+                self._run_job(job_id)
+            except Stopping:
+                logger.info("job %s stops here; it resumes when the worker starts again", job_id)
+                return
+            except Exception:  # the job boundary: a bug ends the job, not the worker
+                logger.exception("job %s crashed", job_id)
+
+    def _run_job(self, job_id: str) -> None:
+        folder = self.jobs_dir / job_id
+        job = json.loads((folder / "job.json").read_text())
+        state = self._read_state(job_id)
+        log = DeviceLog(folder / "device.jsonl")
+        with self._lock:
+            self._logs[job_id] = log
+            self._running = job_id
+        self._watch(job["device"])
+        last = STAGES.index(job.get("stop_after", "generate"))
+        try:
+            state["state"] = "running"
+            for stage in STAGES[: last + 1]:
+                if stage in state["stages_done"]:
+                    continue
+                if self._stop.is_set():
+                    raise Stopping()  # SIGTERM: the next stage runs when this worker starts again
+                state["stage"] = stage
+                self._save_state(job_id, state)
+                self._publish_status(job_id, self._status_body(job, state))
+                self._event(job_id, {"type": "stage", "stage": stage})
+                logger.info("job %s: %s", job_id, stage)
+                self.say(f"job {job_id} ({job['device']}): {stage}")
+                getattr(self, f"_stage_{stage}")(job, state, log)
+                state["stages_done"].append(stage)
+                self._save_state(job_id, state)
+            state.update(state="done", stage=None)
+            self._event(job_id, {"type": "done", "results": len(state.get("results", []))})
+            logger.info("job %s done", job_id)
+            self.say(f"job {job_id} ({job['device']}): done, {len(state.get('results', []))} images")
+        except Stopping:
+            self._save_state(job_id, state)
+            raise
+        except (JobFailed, JobError, TransferError, BlockskipError) as err:
+            state.update(state="failed", error=str(err))
+            self._event(job_id, {"type": "failed", "stage": state.get("stage"), "error": str(err)})
+            logger.error("job %s failed in %s: %s", job_id, state.get("stage"), err)
+            self.say(f"job {job_id} ({job['device']}): failed in {state.get('stage')}: {err}")
+        finally:
+            with self._lock:
+                self._logs.pop(job_id, None)
+                self._running = None
+        self._save_state(job_id, state)
+        self._publish_status(job_id, self._status_body(job, state))
+
+    # ---- talking to the board ----------------------------------------------------------------
+    def _wait(self, what: str, ready: Callable[[], Any], timeout: float, tick: Callable[[], None] | None = None,
+              tick_s: float = 0.0, activity: Callable[[], Any] | None = None) -> Any:
+        """Wait until `ready()` is truthy; `tick` runs every `tick_s` (resends). Gives up after
+        `timeout` seconds without a sign of life: a change of `activity()` (events, chunks) starts
+        the count again. Woken by each message from the board, and twice a second anyway."""
+        deadline = time.monotonic() + timeout
+        next_tick = time.monotonic() + tick_s
+        seen = activity() if activity else None
+        while True:
+            value = ready()
+            if value:
+                return value
+            if self._stop.is_set():
+                raise Stopping()
+            now = time.monotonic()
+            if activity is not None and activity() != seen:
+                seen, deadline = activity(), now + timeout
+            if now >= deadline:
+                raise JobFailed(f"{what}: no sign of life from the board for {timeout:.0f} s")
+            if tick and now >= next_tick:
+                tick()
+                next_tick = now + tick_s
+            with self._lock:
+                self._lock.wait(timeout=min(0.5, max(0.01, deadline - now)))
+
+    def _command(self, job: dict, state: dict, log: DeviceLog, step: str, action: str, args: dict,
+                 fresh: bool = False) -> Any:
+        """Send a command to the job's board and return its reply's result. The id is derived from
+        the job and the step and recorded before sending, so a restarted worker sends the same id
+        and the agent answers it from its journal without running anything again. A board busy
+        with another job is asked again (with a new id) every busy_retry_s; `fresh` takes a new id
+        for a command that is safe to repeat."""
+        attempts = state["commands"].get(step, {"n": 0})
+        if fresh and attempts.get("id"):
+            attempts["n"] += 1
+            attempts.pop("id")
+        while True:
+            command_id = attempts.get("id") or (f"{job['id']}.{step}" + (f"-{attempts['n']}" if attempts["n"] else ""))
+            attempts["id"] = command_id
+            state["commands"][step] = attempts
+            self._save_state(job["id"], state)
+            topic = f"blockskip/{job['device']}/cmd"
+            payload = json.dumps({"id": command_id, "action": action, "args": args})
+
+            def send() -> None:
+                self.client.publish(topic, payload, qos=1)
+
+            send()
+            reply = self._wait(f"{action} on {job['device']}", lambda: log.replies.get(command_id),
+                               self.config.device_timeout_s, send, self.config.command_resend_s)
+            if reply.get("ok"):
+                return reply.get("result")
+            error = reply.get("error") or {}
+            if error.get("code") != "busy":
+                raise JobFailed(f"{action} on {job['device']} refused ({error.get('code')}): {error.get('message')}")
+            self._event(job["id"], {"type": "waiting", "stage": state.get("stage"),
+                                    "message": f"{job['device']} is busy: {error.get('message')}"})
+            deadline = time.monotonic() + self.config.busy_retry_s
+            while time.monotonic() < deadline:
+                if self._stop.wait(0.2):
+                    raise Stopping()
+            attempts = {"n": attempts["n"] + 1}
+
+    def _job_end(self, job: dict, log: DeviceLog, command_id: str, stage: str) -> dict:
+        """Wait for the end event of the board job `command_id`, forwarding its progress."""
+        seen = [0]
+
+        def ended() -> dict | None:
+            events = log.events.get(command_id, [])
+            for event in events[seen[0]:]:
+                if event.get("type") == "progress":
+                    self._event(job["id"], {"type": "progress", "stage": stage, **{
+                        k: event.get(k) for k in ("step", "total", "loss", "eta_s") if k in event},
+                        "last": event.get("step") == event.get("total")})
+            seen[0] = len(events)
+            return next((e for e in events if e.get("type") in ("done", "cancelled", "failed")), None)
+
+        end = self._wait(f"{stage} on {job['device']}", ended, self.config.device_timeout_s,
+                         activity=lambda: len(log.events.get(command_id, [])))
+        if end["type"] != "done":
+            error = end.get("error") or {}
+            raise JobFailed(f"{stage} on {job['device']} ended {end['type']}"
+                            + (f" ({error.get('code')}): {error.get('message')}" if error else ""))
+        return end
+
+    # ---- stages ----------------------------------------------------------------------------
+    def _stage_photos(self, job: dict, state: dict, log: DeviceLog) -> None:
+        photos = self.jobs_dir / job["id"] / "photos"
+        photos.mkdir(exist_ok=True)
+        if "photos_dir" in job:
+            from blockskip.edge.spool import CaptureError, image_format
+            from blockskip.host.cache import list_images
+
+            try:
+                sources = list_images(job["photos_dir"])
+            except BlockskipError as err:
+                raise JobFailed(f"photos_dir: {err}") from err
+            for source in sources:
+                data = source.read_bytes()
+                try:
+                    image_format(data)
+                except CaptureError as err:
+                    raise JobFailed(f"photo {source}: {err.message}") from err
+                shutil.copyfile(source, photos / source.name)
+            self._event(job["id"], {"type": "photos", "count": len(sources), "source": job["photos_dir"]})
+            return
+        selection = job["captures"]
+        listing = self._command(job, state, log, "captures", "captures",
+                                {"limit": 1000, **({"camera_id": selection["camera_id"]}
+                                                   if "camera_id" in selection else {})})
+        chosen = select_captures(listing.get("captures", []), selection)
+        if not chosen:
+            raise JobFailed(f"no capture on {job['device']} matches {json.dumps(selection, sort_keys=True)} "
+                            f"({listing.get('total', 0)} captures in its spool)")
+        offered = self._command(job, state, log, "upload", "upload",
+                                {"captures": [r["sha256"] for r in chosen], "chunk_size": self.config.chunk_size})
+        self._receive_files(job, [(FileOffer.from_dict(f["offer"]), photos / Path(f["path"]).name)
+                                  for f in offered["files"]], "photos")
+
+    def _receive_files(self, job: dict, files: list[tuple[FileOffer, Path]], stage: str) -> None:
+        prefix = f"blockskip/{job['device']}/"
+        total = sum(offer.size for offer, _ in files)
+        done_bytes = {offer.transfer: 0 for offer, _ in files}
+
+        def progress(info: dict) -> None:
+            done_bytes[info["transfer"]] = info["bytes"]
+            self._last_chunk = time.monotonic()
+            self._event(job["id"], {"type": "progress", "stage": stage, "bytes": sum(done_bytes.values()),
+                                    "total_bytes": total, "last": sum(done_bytes.values()) == total})
+
+        for offer, dest in files:
+            if dest.exists():
+                done_bytes[offer.transfer] = offer.size
+                continue
+            self.file_receiver.receive(prefix, offer, dest, on_progress=progress)
+        self._last_chunk = time.monotonic()
+        for offer, dest in files:
+            while not dest.exists():  # no deadline while chunks keep coming (progress reports them)
+                try:
+                    self.file_receiver.wait(offer.transfer, timeout=5.0, should_stop=self._stop.is_set)
+                except TransferError as err:
+                    if self._stop.is_set():
+                        raise Stopping() from err
+                    if err.code != "timeout":
+                        raise
+                    if time.monotonic() - self._last_chunk > self.config.device_timeout_s:
+                        raise JobFailed(f"photos from {job['device']}: no chunk for "
+                                        f"{self.config.device_timeout_s:.0f} s") from err
+        self._event(job["id"], {"type": "photos", "count": len(files), "bytes": total, "source": job["device"]})
+
+    def _model(self, name: str):
+        with _MODEL_LOCK:  # building a model seeds torch's global RNG: one at a time per process
+            return self._load_model(name)
+
+    def _load_model(self, name: str):
+        if name not in self._models:
+            from blockskip.host.profile import resolve_model
+
+            path = self.config.models[name].path
+            if path == "builtin":
+                from blockskip.models.crops import MODEL_DIR
+
+                path = str(MODEL_DIR)
+            self._models[name] = resolve_model(path)
+        return self._models[name]
+
+    def _plan(self, name: str, model) -> dict:
+        settings = self.config.models[name]
+        if settings.plan:
+            return json.loads(Path(settings.plan).read_text())
+        from blockskip.host.patches import PatchSchedule
+        from blockskip.host.plan import (DEFAULT_FEATURE_DTYPE, DEFAULT_SAMPLES, LoraSettings, default_s_max,
+                                         default_s_min, default_text_len, make_plan, skip_budget)
+
+        profile = self._profile(name, model)
+        s_max, _ = default_s_max(model, profile)
+        schedule = PatchSchedule(s_min=default_s_min(s_max, model.granularity), s_max=s_max,
+                                 granularity=model.granularity)
+        return make_plan(profile, model, skip_budget(model.family.num_blocks, settings.skip_ratio), schedule,
+                         LoraSettings(), settings.samples or DEFAULT_SAMPLES, text_len=default_text_len(model)[0],
+                         feature_dtype=DEFAULT_FEATURE_DTYPE)
+
+    def _profile(self, name: str, model) -> dict:
+        """The model's profile: the configured file, or measured once and kept in work_dir/profiles."""
+        settings = self.config.models[name]
+        if settings.profile:
+            return json.loads(Path(settings.profile).read_text())
+        kept = self.work / "profiles" / f"{name}-{model.family.config_hash()}.json"
+        if kept.is_file():
+            return json.loads(kept.read_text())
+        if settings.path == "builtin":  # the built-in model's committed profile, while its weights match
+            from blockskip.demo import cached_profile, profile_key
+            from blockskip.models.crops import MODEL_DIR
+
+            profile = cached_profile(profile_key(MODEL_DIR, int(model.meta.get("image_size", 32))))
+            if profile is not None:
+                return profile
+        from blockskip.host.encoders import EfficientNetLite0
+        from blockskip.host.profile import DEFAULT_PROMPTS, default_profile_size, masking_profile
+
+        size, _ = default_profile_size(model)
+        logger.info("measuring the profile of %s once (kept in %s)", name, kept)
+        profile = masking_profile(model, EfficientNetLite0(), DEFAULT_PROMPTS, [0, 1], 8, size, progress=False)
+        profile.update(kind="blockskip-profile", model=model.describe(), size=size)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(kept, profile)
+        return profile
+
+    def _stage_prepare(self, job: dict, state: dict, log: DeviceLog) -> None:
+        from blockskip.host.basepack import build_subject_bundle
+        from blockskip.host.bundle import build_bundle
+        from blockskip.host.cache import build_cache, list_images
+
+        settings = self.config.models[job["model"]]
+        folder = self.jobs_dir / job["id"]
+        model = self._model(job["model"])
+        plan = self._plan(job["model"], model)
+        photos = list_images(folder / "photos")
+        staging = folder / "staging"
+        samples = settings.samples or int(plan["samples"])
+        watcher = _ShardWatcher(staging / "features", samples, settings.shard_size,
+                                lambda done: self._event(job["id"], {"type": "progress", "stage": "prepare",
+                                                                     "step": done, "total": samples,
+                                                                     "last": done == samples}))
+        watcher.start()
+        try:
+            build_cache(model, plan, photos, [job["subject"]], staging, bank_prompts=job["prompts"],
+                        seed=settings.seed, samples=samples, shard_size=settings.shard_size, progress=False)
+        finally:
+            watcher.stop()
+        metadata = json.loads((staging / "bundle.json").read_text())
+        metadata["job"] = job["id"]
+        key = Path(self.config.signing_key) if self.config.signing_key else None
+        out = folder / job["id"]
+        if settings.base_pack:
+            build_subject_bundle(staging, out, metadata, Path(settings.base_pack), signing_key=key, tar=True,
+                                 overwrite=True)
+        else:
+            build_bundle(staging, out, metadata, signing_key=key, tar=True, overwrite=True)
+        tar = out.with_name(out.name + ".tar")
+        state["bundle"] = str(tar)
+        state["size"] = int(plan["patch_schedule"]["s_max"])
+        self._event(job["id"], {"type": "bundle", "bytes": tar.stat().st_size, "signed": key is not None,
+                                "photos": len(photos), "draws": samples})
+
+    def _send(self, job: dict, state: dict, log: DeviceLog, tar: Path, kind: str, step: str) -> str:
+        """Offer a tar to the board and wait until it has it, verified; returns its path there."""
+        prefix = f"blockskip/{job['device']}/"
+        transfer = f"{job['id']}.{step}"
+        offer = self.file_sender.offer(prefix, tar, transfer, self.config.chunk_size)
+        result = self._command(job, state, log, step, "receive", {"offer": offer.to_dict(), "kind": kind},
+                               fresh=True)  # receive is idempotent by content: a repeat answers `installed`
+        if result.get("state") != "installed":
+            done = self._wait(f"sending {tar.name} to {job['device']}", lambda: self.file_sender.result(transfer),
+                              self.config.device_timeout_s, activity=lambda: self.file_sender.sent(transfer))
+            if not done.get("ok"):
+                error = done.get("error") or {}
+                raise JobFailed(f"{job['device']} refused {tar.name} ({error.get('code')}): {error.get('message')}")
+        self.file_sender.forget(transfer)
+        self._event(job["id"], {"type": "delivered", "kind": kind, "path": result["path"], "bytes": offer.size})
+        return result["path"]
+
+    def _stage_deliver(self, job: dict, state: dict, log: DeviceLog) -> None:
+        settings = self.config.models[job["model"]]
+        if settings.base_pack and self.config.send_base_pack:
+            from blockskip.host.bundle import verify_bundle
+
+            pack = Path(settings.base_pack)
+            content = verify_bundle(pack)["content_sha256"]
+            status = self._command(job, state, log, "status", "status", {}, fresh=True)
+            if content not in status.get("base_packs", []):
+                self._send(job, state, log, _as_tar(pack, self.work / "base-packs"), "base-pack", "basepack")
+        state["board_bundle"] = self._send(job, state, log, Path(state["bundle"]), "bundle", "bundle")
+
+    def _stage_train(self, job: dict, state: dict, log: DeviceLog) -> None:
+        args = {"bundle": state["board_bundle"], "out": f"adapters/{job['id']}", **job.get("train", {})}
+        self._command(job, state, log, "train", "train", args)
+        end = self._job_end(job, log, state["commands"]["train"]["id"], "train")
+        state["adapter"] = f"adapters/{job['id']}"
+        self._event(job["id"], {"type": "trained", "result": end.get("result")})
+
+    def _stage_generate(self, job: dict, state: dict, log: DeviceLog) -> None:
+        settings = self.config.models[job["model"]]
+        side = state.get("size")  # default: the plan's largest training crop, the size the subject was seen at
+        args = {"model": settings.board_model, "prompts": job["prompts"], "adapter": state["adapter"],
+                "bundle": state["board_bundle"], "out": f"generated/{job['id']}",
+                **({"height": side, "width": side} if side else {}), **job.get("generate", {})}
+        self._command(job, state, log, "generate", "generate", args)
+        command_id = state["commands"]["generate"]["id"]
+        self._job_end(job, log, command_id, "generate")
+        state["results"] = [{k: r.get(k) for k in ("path", "sha256", "prompt", "seed", "thumbnail_png_b64")
+                             if r.get(k) is not None} for r in log.results.get(command_id, [])]
+
+
+_MODEL_LOCK = threading.Lock()
+
+
+class _ShardWatcher:
+    """Progress of a running cache: counts its finished shards once a second."""
+
+    def __init__(self, folder: Path, samples: int, shard_size: int, report: Callable[[int], None]):
+        self.folder, self.samples, self.shard_size, self.report = folder, samples, shard_size, report
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cache-progress", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.report(self.samples)
+
+    def _run(self) -> None:
+        last = -1
+        while not self._stop.wait(1.0):
+            shards = len(list(self.folder.glob("shard-*.safetensors"))) if self.folder.is_dir() else 0
+            done = min(self.samples, shards * self.shard_size)
+            if done != last:
+                self.report(done)
+                last = done
+
+
+def _as_tar(pack: Path, where: Path) -> Path:
+    """A base pack as one tar file (its own, or one written from its folder)."""
+    if pack.is_file():
+        return pack
+    from blockskip.host.bundle import MANIFEST, _write_tar
+
+    manifest = json.loads((pack / MANIFEST).read_text())
+    tar = where / f"{pack.name}-{manifest['content_sha256'][:12]}.tar"
+    if not tar.exists():
+        where.mkdir(parents=True, exist_ok=True)
+        _write_tar(pack, tar, sorted(manifest["files"]))  # the signature goes in when the pack has one
+    return tar
+
+
+def _readable_id(payload: bytes) -> str | None:
+    try:
+        value = json.loads(payload).get("id")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return None
+    from blockskip.host.jobs import JOB_ID_PATTERN
+
+    return value if isinstance(value, str) and JOB_ID_PATTERN.match(value) else None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT."""
+    config = load_config(Path(args.config))
+    worker = HostWorker(config, say=lambda line: print(line, flush=True))
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    worker.start()
+    print(f"host worker {config.worker_id}: taking jobs from {share_topic(config.group)} on "
+          f"{config.broker.host}:{config.broker.port}; work folder {worker.work}", flush=True)
+    while not done.wait(timeout=1.0):
+        pass
+    logger.info("shutting down")
+    worker.stop()
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add `blockskip host serve`."""
+    parser = subparsers.add_parser(
+        "host", help="host worker: take personalize jobs over MQTT (photos -> bundle -> board -> images)",
+        description="Host-side programs that run on the GPU machines.")
+    commands = parser.add_subparsers(dest="host_command", metavar="SUBCOMMAND", required=True)
+    serve = commands.add_parser(
+        "serve", help="run a host worker until SIGTERM",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Example config: deploy/host.example.yaml. Topics and payloads: host/SERVE.md.")
+    serve.add_argument("--config", required=True, metavar="YAML",
+                       help="worker configuration (worker_id, work_dir, broker, models, signing_key)")
+    serve.set_defaults(func=run)

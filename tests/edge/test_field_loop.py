@@ -1,0 +1,359 @@
+"""The field loop over MQTT on real mosquitto: a camera's captures in, a personalize job from the
+operator CLI, host workers making and signing the subject bundle, the bundle (and the base pack
+the board lacks) sent in chunks and verified on the board, training and generation there, the
+images back at the operator; then the same with a worker killed mid-job and a broker restart
+mid-transfer; and two workers splitting jobs through the shared subscription."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from blockskip.cli import main
+from blockskip.edge.agent import BrokerConfig
+from blockskip.edge.capture import CaptureConfig, publish_folder
+from blockskip.errors import ConfigError
+from blockskip.host.basepack import build_base_pack
+from blockskip.host.bundle import generate_keypair
+from blockskip.host.cache import build_cache
+from blockskip.host.jobs import SUBMIT_TOPIC, status_topic, worker_topic
+from blockskip.host.patches import PatchSchedule
+from blockskip.host.plan import LoraSettings, make_plan
+from blockskip.host.serve import HostConfig, HostWorker
+from blockskip.models.pipeline import save_model, tiny_model
+
+DEV = "dev-a"
+PROMPTS = ["a photo of sks leaf on soil", "a photo of sks leaf in the rain"]
+
+
+def subject_photos(folder: Path, count: int = 3) -> list[Path]:
+    """A blocky subject seen a few times (distinct bytes), as a field camera would send it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = (np.random.default_rng(1).random((8, 8, 3)) * 255).astype("uint8")
+    paths = []
+    for i in range(count):
+        path = folder / f"{i}.png"
+        Image.fromarray(np.kron(base, np.ones((6, 6, 1), dtype="uint8"))[i:]).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def host_side(tmp_path: Path) -> dict:
+    """What an operator prepares once per model: the host key, a plan and its signed base pack."""
+    generate_keypair(tmp_path / "host.key", tmp_path / "host.pub")
+    model = tiny_model("flux")
+    size = model.family.num_blocks
+    profile = {"model": {"config_hash": model.family.config_hash()},
+               "d_pre": [0.0 if i <= 1 else 9.0 for i in range(size + 1)],
+               "d_suf": [0.0 if i <= 1 else 9.0 for i in range(size + 1)]}
+    plan = make_plan(profile, model, 2, PatchSchedule(s_min=16, s_max=32, granularity=model.granularity),
+                     LoraSettings(rank=4, alpha=8), 8)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    stage = build_cache(model, plan, subject_photos(tmp_path / "any-photos", 1), ["a photo"], tmp_path / "bp-stage",
+                        samples=1, progress=False)
+    build_base_pack(stage, tmp_path / "base-pack", json.loads((stage / "bundle.json").read_text()),
+                    signing_key=tmp_path / "host.key")
+    return {"key": tmp_path / "host.key", "pub": tmp_path / "host.pub", "plan": tmp_path / "plan.json",
+            "base_pack": tmp_path / "base-pack"}
+
+
+def host_config(tmp_path: Path, broker, host_side: dict, index: int, **kw) -> dict:
+    config = dict(worker_id=f"host-{index}", work_dir=str(tmp_path / f"host-{index}"), signing_key=str(host_side["key"]),
+                  broker=dict(host="127.0.0.1", port=broker.port, keepalive=5, reconnect_min_s=0.1,
+                              reconnect_max_s=0.5),
+                  models={"flux": {"path": "tiny-flux", "board_model": "flux-model", "plan": str(host_side["plan"]),
+                                   "base_pack": str(host_side["base_pack"]), "samples": 8, "shard_size": 4}},
+                  device_timeout_s=180, command_resend_s=5, busy_retry_s=0.5, progress_interval_s=0.0,
+                  transfer_retry_s=1.0)
+    config.update(kw)
+    return config
+
+
+def board(start_agent, host_side: dict, **kw):
+    agent = start_agent(trusted_keys=[str(host_side["pub"])], thumbnails=True, transfer_retry_s=1.0, **kw)
+    save_model(tiny_model("flux"), agent.data_dir / "flux-model")
+    return agent
+
+
+def send_captures(broker, folder: Path) -> None:
+    report = publish_folder(CaptureConfig(device_id=DEV, camera_id="cam-01", ack_timeout_s=5, broker=BrokerConfig(
+        host="127.0.0.1", port=broker.port, keepalive=5, reconnect_min_s=0.1, reconnect_max_s=0.5)), folder)
+    assert report.ok, report
+
+
+def operator_config(tmp_path: Path, broker) -> Path:
+    path = tmp_path / "operator.yaml"
+    path.write_text(yaml.safe_dump({"client_id": "operator", "broker": {"host": "127.0.0.1", "port": broker.port}}))
+    return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_captures_to_images_through_two_host_workers(broker, start_agent, probe_factory, host_side, tmp_path,
+                                                      wait_until, capsys):
+    agent = board(start_agent, host_side)
+    workers = [HostWorker(HostConfig(**host_config(tmp_path, broker, host_side, i))) for i in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        wait_until(lambda: all(w.connected.is_set() for w in workers))
+        photos = subject_photos(tmp_path / "camera")
+        send_captures(broker, tmp_path / "camera")
+        operator = operator_config(tmp_path, broker)
+
+        code = main(["fleet", "--config", str(operator), "submit", "--device", DEV, "--model", "flux",
+                     "--subject", "a photo of sks leaf", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+                     "--camera", "cam-01", "--steps", "6", "--gen-steps", "2", "--backend", "torch", "--job-id", "leaf-1", "--follow",
+                     "--timeout", "300"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        for stage in ("photos", "prepare", "deliver", "train", "generate"):
+            assert f"stage {stage}" in out
+        assert "job leaf-1 done on dev-a: 2 images" in out
+
+        # one worker ran it; the photos it trained on are the camera's, byte for byte
+        ran = [w for w in workers if (w.jobs_dir / "leaf-1").is_dir()]
+        assert len(ran) == 1
+        job_dir = ran[0].jobs_dir / "leaf-1"
+        assert sorted(sha256(p) for p in (job_dir / "photos").iterdir()) == sorted(sha256(p) for p in photos)
+        # the base pack the board lacked went first; both arrived intact and verified, nothing partial left
+        data = agent.data_dir
+        assert sha256(data / "bundles" / "leaf-1.tar") == sha256(job_dir / "leaf-1.tar")
+        assert (data / "bundles" / "leaf-1" / "manifest.sig").is_file()
+        assert len(agent._installed_base_packs()) == 1
+        assert not list((data / "transfers" / "receive").glob("*.part"))
+        assert (data / "adapters" / "leaf-1" / "pytorch_lora_weights.safetensors").is_file()
+
+        fetched = tmp_path / "fetched"
+        assert main(["fleet", "--config", str(operator), "fetch", "leaf-1", "--out", str(fetched)]) == 0
+        images = sorted(p for p in fetched.iterdir() if p.suffix == ".png")
+        assert len(images) == 2 and (fetched / "index.html").is_file()
+        state = json.loads((job_dir / "state.json").read_text())
+        assert sorted(sha256(p) for p in images) == sorted(r["sha256"] for r in state["results"])
+        assert all(r.get("thumbnail_png_b64") for r in state["results"])
+        assert (fetched / "index.html").read_text().count("data:image/png;base64,") == 2
+        thumbs = tmp_path / "thumbs"
+        assert main(["fleet", "--config", str(operator), "fetch", "leaf-1", "--out", str(thumbs),
+                     "--thumbnails-only"]) == 0
+        assert len(list(thumbs.glob("thumb-*.png"))) == 2 and (thumbs / "index.html").is_file()
+
+        assert main(["fleet", "--config", str(operator), "jobs", "--wait", "0.5"]) == 0
+        listing = capsys.readouterr().out
+        assert "leaf-1" in listing and "done" in listing
+        assert main(["fleet", "--config", str(operator), "devices", "--wait", "0.5"]) == 0
+        assert DEV in capsys.readouterr().out
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+def start_worker_process(tmp_path: Path, config: dict) -> subprocess.Popen:
+    path = tmp_path / f"{config['worker_id']}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = open(tmp_path / f"{config['worker_id']}.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "blockskip", "-v", "host", "serve", "--config", str(path)],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_a_killed_worker_and_a_broker_restart_mid_transfer_still_end_the_job_once(
+        broker, start_agent, probe_factory, host_side, tmp_path, wait_until):
+    """Two workers; the broker restarts while the board receives the base pack in 1 KiB chunks,
+    the worker running the job is SIGKILLed while the board trains; restarted, it finishes the
+    job: one training, one generation, the bundle intact, every capture that was acked still
+    there, and the other worker never ran it."""
+    agent = board(start_agent, host_side)
+    watch = probe_factory(broker.port, [f"blockskip/{DEV}/progress", status_topic("leaf-2"), worker_topic("host-0")],
+                          "watcher")
+    photos = subject_photos(tmp_path / "camera", 4)
+    send_captures(broker, tmp_path / "camera")
+    config = host_config(tmp_path, broker, host_side, 0, chunk_size=1024)
+    worker = start_worker_process(tmp_path, config)
+    try:
+        wait_until(lambda: [s for s in watch.on(worker_topic("host-0")) if s["state"] == "online"], 60)
+        watch.send(SUBMIT_TOPIC, {"id": "leaf-2", "device": DEV, "model": "flux", "subject": "a photo of sks leaf",
+                                  "prompts": PROMPTS, "captures": {"camera_id": "cam-01"},
+                                  "train": {"steps": 40, "checkpoint_every": 10},
+                                  "generate": {"steps": 2, "backend": "torch"}})
+        wait_until(lambda: watch.on(status_topic("leaf-2")), 60)  # host-0 has it; now the second worker joins
+        other = HostWorker(HostConfig(**host_config(tmp_path, broker, host_side, 1)))
+        other.start()
+        receiving = agent.data_dir / "transfers" / "receive"
+        wait_until(lambda: list(receiving.glob("*.part")), 120, interval=0.005)  # the base pack is on its way
+        broker.restart(down_s=1.0)
+        started = wait_until(lambda: [e for e in watch.on("/progress") if e.get("job") == "leaf-2.train"
+                                      and e.get("type") == "progress"], 120)
+        worker.send_signal(signal.SIGKILL)  # mid-training: the board goes on, the worker is gone
+        worker.wait(10)
+        assert started
+        worker = start_worker_process(tmp_path, config)
+        status = wait_until(lambda: [s for s in watch.on(status_topic("leaf-2")) if s["state"] in ("done", "failed")],
+                            180)
+        assert status[-1]["state"] == "done", status[-1]
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+        if "other" in locals():
+            other.stop()
+    assert not (other.jobs_dir / "leaf-2").exists()
+    events = watch.on("/progress")
+    for command in ("leaf-2.train", "leaf-2.generate"):  # each ran once and ended once
+        assert [e["type"] for e in events if e.get("job") == command and e["type"] in ("done", "cancelled", "failed")] \
+            == ["done"], command
+    assert len([e for e in events if e.get("job") == "leaf-2.train" and e["type"] == "start"]) == 1
+    data = agent.data_dir
+    job_dir = tmp_path / "host-0" / "jobs" / "leaf-2"
+    assert sha256(data / "bundles" / "leaf-2.tar") == sha256(job_dir / "leaf-2.tar")
+    assert not list((data / "transfers" / "receive").glob("*.part"))
+    assert sorted(sha256(p) for p in (job_dir / "photos").iterdir()) == sorted(sha256(p) for p in photos)
+    assert agent.spool.count() == len(photos)
+    results = status[-1]["results"]
+    assert len(results) == 2 and all(sha256(data / r["path"]) == r["sha256"] for r in results)
+    log = (tmp_path / "host-0.log").read_text()
+    assert "resumes" in log
+
+
+def test_two_workers_split_the_jobs_and_run_each_once(broker, probe_factory, host_side, tmp_path, wait_until):
+    """Eight host-only jobs (photos from a folder, ending after the bundle) through the shared
+    subscription: each ends once, and each worker takes about half."""
+    photos = tmp_path / "photos"
+    subject_photos(photos)
+    workers = [HostWorker(HostConfig(**host_config(tmp_path, broker, host_side, i))) for i in range(2)]
+    for worker in workers:
+        worker.start()
+    watch = probe_factory(broker.port, ["blockskip-jobs/+/status"], "watcher")
+    try:
+        wait_until(lambda: all(w.connected.is_set() for w in workers))
+        ids = [f"job-{i}" for i in range(8)]
+        for job_id in ids:
+            watch.send(SUBMIT_TOPIC, {"id": job_id, "device": DEV, "model": "flux", "subject": "a photo of sks leaf",
+                                      "prompts": PROMPTS[:1], "photos_dir": str(photos), "stop_after": "prepare"})
+
+        def ended() -> dict:
+            final = {}
+            for status in watch.on("/status"):
+                if status["state"] in ("done", "failed"):
+                    final.setdefault(status["job"], []).append(status)
+            return final if len(final) == len(ids) else {}
+
+        final = wait_until(ended, 300)
+    finally:
+        for worker in workers:
+            worker.stop()
+    assert all(len(v) == 1 and v[0]["state"] == "done" for v in final.values()), final
+    taken = [sorted(p.name for p in w.jobs_dir.iterdir()) for w in workers]
+    assert sorted(taken[0] + taken[1]) == ids  # each job ran on exactly one worker
+    assert all(2 <= len(t) <= 6 for t in taken), taken
+    assert {final[j][0]["worker"] for j in taken[0]} == {"host-0"}
+
+
+def test_bad_jobs_end_with_a_reason_and_the_worker_keeps_serving(broker, start_agent, probe_factory, host_side,
+                                                                  tmp_path, wait_until):
+    board(start_agent, host_side)
+    worker = HostWorker(HostConfig(**host_config(tmp_path, broker, host_side, 0)))
+    worker.start()
+    watch = probe_factory(broker.port, ["blockskip-jobs/+/status"], "watcher")
+    good = {"device": DEV, "model": "flux", "subject": "a photo of sks leaf", "prompts": PROMPTS[:1],
+            "photos_dir": str(tmp_path / "photos"), "stop_after": "prepare"}
+    subject_photos(tmp_path / "photos")
+    try:
+        wait_until(worker.connected.is_set)
+        watch.send(SUBMIT_TOPIC, b"\xff not json")
+        watch.send(SUBMIT_TOPIC, {"id": "../x", **good})
+        cases = {
+            "no-prompts": {**good, "prompts": []},
+            "two-sources": {**good, "captures": {"camera_id": "cam-01"}},
+            "bad-time": {**{k: v for k, v in good.items() if k != "photos_dir"}, "captures": {"since": "yesterday"}},
+            "bad-key": {**good, "priority": 1},
+            "other-model": {**good, "model": "sdxl"},
+            "no-folder": {**good, "photos_dir": str(tmp_path / "missing")},
+            "no-match": {**{k: v for k, v in good.items() if k != "photos_dir"}, "captures": {"camera_id": "cam-9"}},
+        }
+        for job_id, job in cases.items():
+            watch.send(SUBMIT_TOPIC, {"id": job_id, **job})
+        watch.send(SUBMIT_TOPIC, {"id": "fine", **good})
+
+        def final(job_id: str) -> dict | None:
+            ended = [s for s in watch.on(status_topic(job_id)) if s["state"] in ("done", "failed")]
+            return ended[-1] if ended else None
+
+        wait_until(lambda: final("fine"), 120)
+        errors = {job_id: wait_until(lambda: final(job_id), 60)["error"] for job_id in cases}
+    finally:
+        worker.stop()
+    assert final("fine")["state"] == "done"
+    assert "prompts" in errors["no-prompts"] and "exactly one of `captures`" in errors["two-sources"]
+    assert "ISO 8601" in errors["bad-time"] and "priority" in errors["bad-key"]
+    assert "'sdxl' is not one this worker serves" in errors["other-model"]
+    assert "does not exist" in errors["no-folder"]
+    assert "no capture on dev-a matches" in errors["no-match"] and "0 captures in its spool" in errors["no-match"]
+
+
+def test_the_example_host_and_operator_configs_load(tmp_path, host_side):
+    from blockskip.host import fleet, serve
+
+    deploy = Path(__file__).resolve().parents[2] / "deploy"
+    text = (deploy / "host.example.yaml").read_text()
+    for old, new in (("/etc/blockskip/host.key", host_side["key"]), ("/var/lib/blockskip-host/flux-50.plan.json",
+                     host_side["plan"]), ("/var/lib/blockskip-host/flux-50.base", host_side["base_pack"])):
+        assert old in text
+        text = text.replace(old, str(new))
+    (tmp_path / "host.yaml").write_text(text)
+    config = serve.load_config(tmp_path / "host.yaml")
+    assert config.worker_id == config.broker.username and set(config.models) == {"flux", "crop"}
+    assert config.models["flux"].base_pack and config.models["crop"].path == "builtin"
+    operator = fleet.load_config(deploy / "operator.example.yaml")
+    assert operator.client_id == operator.broker.username == "operator"
+    (tmp_path / "bad.yaml").write_text(text.replace("username: host-01", "username: host-02"))
+    with pytest.raises(ConfigError, match="must equal worker_id"):
+        serve.load_config(tmp_path / "bad.yaml")
+
+
+def test_a_stopping_worker_hands_back_the_jobs_it_has_not_begun(broker, probe_factory, host_side, tmp_path,
+                                                                 wait_until):
+    """Worker A took three jobs; SIGTERM (stop) while it runs the first: the two it had not begun go
+    back to the group and worker B runs them; A keeps no trace of them."""
+    photos = tmp_path / "photos"
+    subject_photos(photos)
+    watch = probe_factory(broker.port, ["blockskip-jobs/+/status"], "watcher")
+    a = HostWorker(HostConfig(**host_config(tmp_path, broker, host_side, 0)))
+    a.start()
+    b = None
+    try:
+        wait_until(a.connected.is_set)
+        ids = ["first", "second", "third"]
+        for job_id in ids:
+            watch.send(SUBMIT_TOPIC, {"id": job_id, "device": DEV, "model": "flux", "subject": "a photo of sks leaf",
+                                      "prompts": PROMPTS[:1], "photos_dir": str(photos), "stop_after": "prepare"})
+        wait_until(lambda: all(watch.on(status_topic(j)) for j in ids), 30)  # all three taken by A
+        b = HostWorker(HostConfig(**host_config(tmp_path, broker, host_side, 1)))
+        b.start()
+        wait_until(b.connected.is_set)
+        a.stop()
+
+        def final(job_id: str) -> dict | None:
+            ended = [s for s in watch.on(status_topic(job_id)) if s["state"] in ("done", "failed")]
+            return ended[-1] if ended else None
+
+        wait_until(lambda: all(final(j) for j in ids), 120)
+    finally:
+        for worker in (a, b):
+            if worker is not None and worker.connected.is_set():
+                worker.stop()
+    assert all(final(j)["state"] == "done" for j in ids)
+    assert final("first")["worker"] == "host-0"
+    assert final("second")["worker"] == final("third")["worker"] == "host-1"
+    assert sorted(p.name for p in a.jobs_dir.iterdir()) == ["first"]
