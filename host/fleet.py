@@ -288,6 +288,8 @@ def _describe(event: dict) -> str | None:
         result = event.get("result") or {}
         loss = result.get("final_loss")
         return f"  trained: {result.get('steps')} steps" + (f", final loss {loss:.4f}" if isinstance(loss, float) else "")
+    if kind == "plan":
+        return f"  plan: {event.get('why') or 'kept blocks ' + str(event.get('kept'))}"
     if kind == "waiting":
         return f"  waiting: {event.get('message')}"
     return "  " + ", ".join(f"{k} {v}" for k, v in event.items() if k not in ("job", "ts"))

@@ -701,6 +701,7 @@ class HostWorker:
         folder = self.jobs_dir / job["id"]
         model = self._model(job["model"])
         plan = self._plan(job["model"], model)
+        self._event(job["id"], {"type": "plan", "kept": plan["plan"].get("kept"), "why": plan["plan"].get("why")})
         photos = list_images(folder / "photos")
         staging = folder / "staging"
         samples = settings.samples or int(plan["samples"])
