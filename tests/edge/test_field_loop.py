@@ -357,3 +357,22 @@ def test_a_stopping_worker_hands_back_the_jobs_it_has_not_begun(broker, probe_fa
     assert final("first")["worker"] == "host-0"
     assert final("second")["worker"] == final("third")["worker"] == "host-1"
     assert sorted(p.name for p in a.jobs_dir.iterdir()) == ["first"]
+
+
+def test_fleet_says_when_no_worker_took_a_job_and_follow_exits_1_on_a_failed_one(broker, host_side, tmp_path,
+                                                                                  wait_until, capsys):
+    operator = operator_config(tmp_path, broker)
+    submit = ["fleet", "--config", str(operator), "submit", "--device", DEV, "--model", "flux", "--subject",
+              "a photo of sks leaf", "--prompt", PROMPTS[0], "--photos-dir", str(tmp_path)]
+    assert main(submit + ["--job-id", "lonely", "--taken-wait", "1"]) == 3  # no worker in the group yet
+    assert "no host worker took job lonely within 1 s" in capsys.readouterr().err
+    worker = HostWorker(HostConfig(**host_config(tmp_path, broker, host_side, 0)))
+    worker.start()
+    try:
+        wait_until(worker.connected.is_set)
+        assert main(submit[:7] + ["sdxl"] + submit[8:] + ["--job-id", "wrong-model"]) == 1
+        assert "'sdxl' is not one this worker serves" in capsys.readouterr().err
+        assert main(["fleet", "--config", str(operator), "follow", "wrong-model", "--timeout", "10"]) == 1
+        assert "job wrong-model failed" in capsys.readouterr().out
+    finally:
+        worker.stop()
