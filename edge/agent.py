@@ -38,7 +38,8 @@ from blockskip.edge.spool import CaptureError, Spool, capture_meta
 from blockskip.edge.journal import Journal
 from blockskip.errors import BlockskipError, BundleError, ConfigError, InputError, NotAvailableError
 from blockskip.host.bundle import TrustPolicy
-from blockskip.transfer import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, FileOffer, FileReceiver, FileSender, TransferError
+from blockskip.transfer import (DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, FileOffer, FileReceiver, FileSender, TransferError,
+                                file_sha256)
 
 logger = logging.getLogger(__name__)
 
@@ -555,7 +556,7 @@ class Agent:
         dest = root / offer.name
         rel = os.path.relpath(dest, self.data_dir)
         if dest.exists():
-            if dest.is_file() and _sha256_file(dest) == offer.sha256:
+            if dest.is_file() and file_sha256(dest) == offer.sha256:
                 return {"transfer": offer.transfer, "state": "installed", "path": rel}
             raise CommandError("exists", f"{rel} exists and holds another file; send it under another name")
         self.file_receiver.receive(self.prefix, offer, dest, on_complete=self._install_check(dest))
@@ -748,16 +749,6 @@ def _prune_offers(folder: Path, max_age_s: float) -> None:
                 logger.info("forgot the stale upload offer %s", state.stem)
         except OSError:
             continue
-
-
-def _sha256_file(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _jsonable(value: Any) -> Any:
