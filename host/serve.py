@@ -34,7 +34,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
@@ -42,10 +42,10 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from blockskip import __version__
 from blockskip.edge.agent import BrokerConfig, connect_properties, load_yaml, make_client
-from blockskip.edge.messages import ID_PATTERN
+from blockskip.edge.messages import ID_PATTERN, JOB_ACTIONS
 from blockskip.errors import BlockskipError, ConfigError
-from blockskip.host.jobs import (DEFAULT_GROUP, STAGES, SUBMIT_TOPIC, JobError, events_topic, parse_job,
-                                 select_captures, share_topic, status_topic, worker_topic)
+from blockskip.host.jobs import (DEFAULT_GROUP, SHA256_PATTERN, STAGES, SUBMIT_TOPIC, JobError, events_topic,
+                                 parse_job, select_captures, share_topic, status_topic, worker_topic)
 from blockskip.transfer import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, FileOffer, FileReceiver, FileSender, TransferError
 
 logger = logging.getLogger(__name__)
@@ -160,8 +160,10 @@ class DeviceLog:
     """What a board said about one job (replies, events, results), kept in memory and appended to
     the job's device.jsonl before the broker's message is acknowledged."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, device: str, issued: dict[str, dict] | None = None):
         self.path = path
+        self.device = device  # the board the job was submitted for: only its topics speak for the job
+        self.issued = dict(issued or {})  # command id -> its state record ({"action", "out"}), for this job
         self.replies: dict[str, dict] = {}
         self.events: dict[str, list[dict]] = {}
         self.results: dict[str, list[dict]] = {}
@@ -181,6 +183,25 @@ class DeviceLog:
             self.events.setdefault(body["job"], []).append(body)
         elif kind == "result":
             self.results.setdefault(body["job"], []).append(body)
+
+    def accepts(self, device: str, kind: str, body: dict) -> str | None:
+        """Why a board's message cannot be about this job (None: it can). A message speaks for the
+        job only from the job's own device, about a command the worker issued for it; an image
+        record only from the generate command, for a file inside the folder it was told to write."""
+        if device != self.device:
+            return f"it came from {device}, the job runs on {self.device}"
+        key = body.get("id") if kind == "reply" else body.get("job")
+        command = self.issued.get(key) if isinstance(key, str) else None
+        if command is None:
+            return f"{str(key)[:80]!r} is not a command this worker issued for the job"
+        action = command["action"]
+        if kind == "event" and action not in JOB_ACTIONS:
+            return f"{action} is not a job with events"
+        if kind == "result":
+            if action != "generate":
+                return f"an image record must come from generate, not {action}"
+            return _image_record_problem(body, command.get("out"))
+        return None
 
     def add(self, kind: str, body: dict) -> None:
         record = {"kind": kind, "body": body}
@@ -213,6 +234,7 @@ class HostWorker:
         self._running: str | None = None
         self._last_progress: dict[str, float] = {}
         self._last_chunk = 0.0  # when the last photo chunk arrived
+        self._dropped: set[tuple[str, str, str]] = set()  # (device, job, kind) of refused messages, logged once
         self._models: dict[str, Any] = {}
         self._runner = threading.Thread(target=self._run_loop, name="host-runner", daemon=True)
         self.client.will_set(worker_topic(config.worker_id), self._presence("offline"), qos=1, retain=True)
@@ -385,12 +407,25 @@ class HostWorker:
             return
         if not isinstance(key, str):
             return
+        device = parts[1]
         with self._lock:
             for job_id, log in self._logs.items():
                 if key.startswith(job_id + "."):
+                    problem = log.accepts(device, kind, body)
+                    if problem is not None:
+                        self._drop_once(device, job_id, kind, problem)
+                        return
                     log.add(kind, body)
                     self._lock.notify_all()
                     break
+
+    def _drop_once(self, device: str, job_id: str, kind: str, problem: str) -> None:
+        """Log a refused board message once per (device, job, kind); a flood adds no more lines."""
+        if (device, job_id, kind) in self._dropped:
+            return
+        self._dropped.add((device, job_id, kind))
+        logger.warning("dropped a %s about job %s from %s: %s (further ones are dropped silently)", kind, job_id,
+                       device, problem)
 
     # ---- job status ------------------------------------------------------------------------
     def _read_state(self, job_id: str) -> dict | None:
@@ -442,7 +477,7 @@ class HostWorker:
         folder = self.jobs_dir / job_id
         job = json.loads((folder / "job.json").read_text())
         state = self._read_state(job_id)
-        log = DeviceLog(folder / "device.jsonl")
+        log = DeviceLog(folder / "device.jsonl", job["device"], _issued(state["commands"], f"generated/{job_id}"))
         with self._lock:
             self._logs[job_id] = log
             self._running = job_id
@@ -522,9 +557,13 @@ class HostWorker:
             attempts.pop("id")
         while True:
             command_id = attempts.get("id") or (f"{job['id']}.{step}" + (f"-{attempts['n']}" if attempts["n"] else ""))
-            attempts["id"] = command_id
+            attempts["id"], attempts["action"] = command_id, action
+            if action == "generate":
+                attempts["out"] = args.get("out")
             state["commands"][step] = attempts
             self._save_state(job["id"], state)
+            with self._lock:  # recorded before it is sent: its reply can only come after
+                log.issued.update(_issued({step: attempts}))
             topic = f"blockskip/{job['device']}/cmd"
             payload = json.dumps({"id": command_id, "action": action, "args": args})
 
@@ -820,6 +859,31 @@ def _as_tar(pack: Path, where: Path) -> Path:
         where.mkdir(parents=True, exist_ok=True)
         _write_tar(pack, tar, sorted(manifest["files"]))  # the signature goes in when the pack has one
     return tar
+
+
+def _issued(commands: dict, default_out: str | None = None) -> dict[str, dict]:
+    """command id -> {"action", "out"} of the commands recorded in a job's state (`default_out`: the
+    generate folder of a state written before `out` was recorded)."""
+    issued = {}
+    for step, record in commands.items():
+        if isinstance(record, dict) and isinstance(record.get("id"), str):
+            # a state written before `action` was recorded: the step names the action
+            issued[record["id"]] = {"action": record.get("action", step), "out": record.get("out", default_out)}
+    return issued
+
+
+def _image_record_problem(body: dict, out: str | None) -> str | None:
+    """Why a generate result is not an image record of the job's own output folder (None: it is)."""
+    path, digest = body.get("path"), body.get("sha256")
+    if not isinstance(digest, str) or not SHA256_PATTERN.match(digest):
+        return "its sha256 is not 64 lowercase hex digits"
+    if not isinstance(path, str) or not out or len(path) > 4096:
+        return "it names no file"
+    parts, want = PurePosixPath(path).parts, PurePosixPath(out).parts
+    if ".." in parts or len(parts) <= len(want) or not any(
+            parts[i:i + len(want)] == want and i + len(want) == len(parts) - 1 for i in range(len(parts))):
+        return f"{path[:200]!r} is not a file in {out}/ (where the job told the board to write)"
+    return None
 
 
 def _readable_id(payload: bytes) -> str | None:

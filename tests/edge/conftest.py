@@ -204,6 +204,49 @@ def mosquitto_passwd(path: Path, users: dict[str, str]) -> None:
     os.chmod(path, 0o600)
 
 
+# ---- the broker as deployed: TLS, passwords, the shipped ACL --------------------------------------
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto"
+PASSWORDS = {"dev-a": "pa55-dev-a", "dev-b": "pa55-dev-b", "operator": "pa55-operator", "host-01": "pa55-host-01",
+             "dev-a-cam-01": "pa55-cam-01", "dev-a-cam-02": "pa55-cam-02"}
+# dev-a's two cameras, added to the shipped ACL as deploy/mosquitto/README.md says ("Adding a device").
+CAMERA_ACL = "".join(f"\nuser dev-a-cam-{n}\ntopic write blockskip/dev-a/capture/cam-{n}\n"
+                     f"topic read blockskip/dev-a/capture/ack\n" for n in ("01", "02"))
+
+
+@pytest.fixture
+def secure_broker(tmp_path, pki):
+    """mosquitto running deploy/mosquitto/mosquitto.conf and acl.example, paths moved into tmp."""
+    work = tmp_path / "secure"
+    work.mkdir()
+    (work / "blockskip.acl").write_text((DEPLOY / "acl.example").read_text() + CAMERA_ACL)
+    mosquitto_passwd(work / "passwd", PASSWORDS)
+    port = free_port()
+    conf = (DEPLOY / "mosquitto.conf").read_text()
+    for old, new in [("/etc/mosquitto/certs/", f"{pki}/"), ("/etc/mosquitto/", f"{work}/"),
+                     ("/var/lib/mosquitto/", f"{work}/"), ("listener 8883", f"listener {port} 127.0.0.1"),
+                     ("log_dest stderr", f"log_dest file {work}/log")]:
+        assert old in conf, f"deploy/mosquitto/mosquitto.conf no longer has {old!r}"
+        conf = conf.replace(old, new)
+    broker = Broker(work, conf + f"\nuser {getpass.getuser()}\n", port=port)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def settings(broker, pki: Path, user: str | None, password: str | None = None, tls: bool = True, **kw) -> BrokerConfig:
+    return BrokerConfig(host="127.0.0.1", port=broker.port, keepalive=5, reconnect_min_s=0.2, reconnect_max_s=1,
+                        ca_file=str(pki / "ca.crt") if tls else None, username=user,
+                        password_env="TEST_MQTT_PASSWORD" if password else None, **kw)
+
+
+def login(broker, pki: Path, user: str) -> BrokerConfig:
+    """Settings for `user` with its own password (from a file next to the PKI, as on a device)."""
+    password_file = pki / f"{user}.password"
+    password_file.write_text(PASSWORDS[user] + "\n")
+    return settings(broker, pki, user, None, password_file=str(password_file))
+
+
 @pytest.fixture(name="wait_until")
 def wait_until_fixture():
     """`wait_until(predicate, timeout)` for the tests (tests/edge is not a package)."""
@@ -216,7 +259,8 @@ def mq():
     import types
 
     return types.SimpleNamespace(Broker=Broker, Probe=Probe, free_port=free_port, wait_until=wait_until,
-                                 mosquitto_passwd=mosquitto_passwd)
+                                 mosquitto_passwd=mosquitto_passwd, PASSWORDS=PASSWORDS, settings=settings,
+                                 login=login)
 
 
 # ---- the agent under test ------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
 import json
 import logging
 import threading
@@ -13,47 +12,6 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from blockskip.edge.agent import Agent, AgentConfig, BrokerConfig, connect_properties, make_client
-
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto"
-PASSWORDS = {"dev-a": "pa55-dev-a", "dev-b": "pa55-dev-b", "operator": "pa55-operator", "host-01": "pa55-host-01",
-             "dev-a-cam-01": "pa55-cam-01", "dev-a-cam-02": "pa55-cam-02"}
-# dev-a's two cameras, added to the shipped ACL as deploy/mosquitto/README.md says ("Adding a device").
-CAMERA_ACL = "".join(f"\nuser dev-a-cam-{n}\ntopic write blockskip/dev-a/capture/cam-{n}\n"
-                     f"topic read blockskip/dev-a/capture/ack\n" for n in ("01", "02"))
-
-
-@pytest.fixture
-def secure_broker(tmp_path, pki, mq):
-    """mosquitto running deploy/mosquitto/mosquitto.conf and acl.example, paths moved into tmp."""
-    work = tmp_path / "secure"
-    work.mkdir()
-    (work / "blockskip.acl").write_text((DEPLOY / "acl.example").read_text() + CAMERA_ACL)
-    mq.mosquitto_passwd(work / "passwd", PASSWORDS)
-    port = mq.free_port()
-    conf = (DEPLOY / "mosquitto.conf").read_text()
-    for old, new in [("/etc/mosquitto/certs/", f"{pki}/"), ("/etc/mosquitto/", f"{work}/"),
-                     ("/var/lib/mosquitto/", f"{work}/"), ("listener 8883", f"listener {port} 127.0.0.1"),
-                     ("log_dest stderr", f"log_dest file {work}/log")]:
-        assert old in conf, f"deploy/mosquitto/mosquitto.conf no longer has {old!r}"
-        conf = conf.replace(old, new)
-    broker = mq.Broker(work, conf + f"\nuser {getpass.getuser()}\n", port=port)
-    broker.start()
-    yield broker
-    broker.stop()
-
-
-def settings(broker, pki: Path, user: str | None, password: str | None = None, tls: bool = True, **kw) -> BrokerConfig:
-    return BrokerConfig(host="127.0.0.1", port=broker.port, keepalive=5, reconnect_min_s=0.2, reconnect_max_s=1,
-                        ca_file=str(pki / "ca.crt") if tls else None, username=user,
-                        password_env="TEST_MQTT_PASSWORD" if password else None, **kw)
-
-
-def login(broker, pki: Path, user: str) -> BrokerConfig:
-    """Settings for `user` with its own password (from a file next to the PKI, as on a device)."""
-    password_file = pki / f"{user}.password"
-    password_file.write_text(PASSWORDS[user] + "\n")
-    return settings(broker, pki, user, None, password_file=str(password_file))
-
 
 class Client:
     """A test client built with the agent's own make_client; records the CONNACK, SUBACK and messages."""
@@ -97,26 +55,26 @@ def clients():
         c.close()
 
 
-def test_wrong_password_and_plain_tcp_cannot_connect(secure_broker, pki, clients, monkeypatch):
+def test_wrong_password_and_plain_tcp_cannot_connect(secure_broker, pki, clients, monkeypatch, mq):
     monkeypatch.setenv("TEST_MQTT_PASSWORD", "not-the-password")
-    wrong = clients(settings(secure_broker, pki, "dev-a", "x"), "wrong")
+    wrong = clients(mq.settings(secure_broker, pki, "dev-a", "x"), "wrong")
     assert not wrong.connected() and wrong.connack and wrong.connack[0].is_failure
-    monkeypatch.setenv("TEST_MQTT_PASSWORD", PASSWORDS["dev-a"])
-    plain = clients(settings(secure_broker, pki, "dev-a", "x", tls=False), "plain")
+    monkeypatch.setenv("TEST_MQTT_PASSWORD", mq.PASSWORDS["dev-a"])
+    plain = clients(mq.settings(secure_broker, pki, "dev-a", "x", tls=False), "plain")
     assert not plain.connected(2.0)
-    anonymous = clients(settings(secure_broker, pki, None), "anon")
+    anonymous = clients(mq.settings(secure_broker, pki, None), "anon")
     assert not anonymous.connected()
-    good = clients(settings(secure_broker, pki, "dev-a", "x"), "good")
+    good = clients(mq.settings(secure_broker, pki, "dev-a", "x"), "good")
     assert good.connected()
 
 
 def test_device_credentials_are_confined_to_their_own_prefix(secure_broker, pki, clients, monkeypatch, mq):
-    monkeypatch.setenv("TEST_MQTT_PASSWORD", PASSWORDS["dev-b"])
-    dev_b = clients(settings(secure_broker, pki, "dev-b", "x"), "dev-b")
+    monkeypatch.setenv("TEST_MQTT_PASSWORD", mq.PASSWORDS["dev-b"])
+    dev_b = clients(mq.settings(secure_broker, pki, "dev-b", "x"), "dev-b")
     assert dev_b.connected()
     dev_b.client.subscribe("blockskip/dev-b/#", qos=1)
-    monkeypatch.setenv("TEST_MQTT_PASSWORD", PASSWORDS["dev-a"])
-    dev_a = clients(settings(secure_broker, pki, "dev-a", "x"), "dev-a")
+    monkeypatch.setenv("TEST_MQTT_PASSWORD", mq.PASSWORDS["dev-a"])
+    dev_a = clients(mq.settings(secure_broker, pki, "dev-a", "x"), "dev-a")
     assert dev_a.connected()
     dev_a.client.subscribe([("blockskip/dev-b/#", 1), ("blockskip/dev-a/#", 1)])
     mq.wait_until(lambda: len(dev_a.suback) == 2 and dev_b.suback)
@@ -133,8 +91,8 @@ def test_device_credentials_are_confined_to_their_own_prefix(secure_broker, pki,
 def test_agent_serves_over_tls_with_a_password_it_never_logs(secure_broker, pki, clients, tmp_path, monkeypatch, mq,
                                                              caplog):
     password_file = tmp_path / "mqtt-password"
-    password_file.write_text(PASSWORDS["dev-a"] + "\n")
-    broker_config = settings(secure_broker, pki, "dev-a", None, cert_file=str(pki / "client.crt"),
+    password_file.write_text(mq.PASSWORDS["dev-a"] + "\n")
+    broker_config = mq.settings(secure_broker, pki, "dev-a", None, cert_file=str(pki / "client.crt"),
                              key_file=str(pki / "client.key"))
     broker_config.password_file = str(password_file)
     caplog.set_level(logging.DEBUG)
@@ -143,8 +101,8 @@ def test_agent_serves_over_tls_with_a_password_it_never_logs(secure_broker, pki,
     agent.start()
     try:
         mq.wait_until(agent.connected.is_set)
-        monkeypatch.setenv("TEST_MQTT_PASSWORD", PASSWORDS["operator"])
-        op = clients(settings(secure_broker, pki, "operator", "x"), "operator")
+        monkeypatch.setenv("TEST_MQTT_PASSWORD", mq.PASSWORDS["operator"])
+        op = clients(mq.settings(secure_broker, pki, "operator", "x"), "operator")
         assert op.connected()
         op.client.subscribe("blockskip/dev-a/#", qos=1)
         mq.wait_until(lambda: op.suback)
@@ -153,7 +111,7 @@ def test_agent_serves_over_tls_with_a_password_it_never_logs(secure_broker, pki,
         assert reply[0]["ok"] and reply[0]["result"]["state"] == "online"
     finally:
         agent.stop(flush_timeout_s=1)
-    assert caplog.records and PASSWORDS["dev-a"] not in caplog.text
+    assert caplog.records and mq.PASSWORDS["dev-a"] not in caplog.text
 
 
 # ---- client ids are bound to logins -------------------------------------------------------------
@@ -161,9 +119,9 @@ def test_agent_serves_over_tls_with_a_password_it_never_logs(secure_broker, pki,
 # (use_username_as_clientid), it gets its own id instead, so the owner is neither kicked off nor has
 # its persistent session (what is queued for it while it is offline) replaced.
 
-def secure_agent(broker, pki: Path, tmp_path: Path) -> Agent:
+def secure_agent(broker, pki: Path, tmp_path: Path, mq) -> Agent:
     """The agent of dev-a (client id dev-a), logged in as dev-a over TLS; started."""
-    config = AgentConfig(device_id="dev-a", data_dir=str(tmp_path / "data"), broker=login(broker, pki, "dev-a"))
+    config = AgentConfig(device_id="dev-a", data_dir=str(tmp_path / "data"), broker=mq.login(broker, pki, "dev-a"))
     agent = Agent(config)
     agent.start()
     return agent
@@ -185,18 +143,18 @@ def within(seconds: float, predicate) -> bool:
 
 @pytest.mark.parametrize("intruder", ["dev-b", "dev-a-cam-01"])
 def test_another_login_cannot_kick_the_running_agent(intruder, secure_broker, pki, clients, tmp_path, mq):
-    agent = secure_agent(secure_broker, pki, tmp_path)
+    agent = secure_agent(secure_broker, pki, tmp_path, mq)
     try:
         mq.wait_until(agent.connected.is_set)
         drops = []
         on_disconnect = agent.client.on_disconnect
         agent.client.on_disconnect = lambda *a: (drops.append(a[3]), on_disconnect(*a))
-        op = clients(login(secure_broker, pki, "operator"), "operator")
+        op = clients(mq.login(secure_broker, pki, "operator"), "operator")
         assert op.connected()
         op.client.subscribe("blockskip/dev-a/reply/+", qos=1)
         mq.wait_until(lambda: op.suback)
         # The intruder asks for client id dev-a; its paho loop reconnects whenever it is dropped.
-        intruding = clients(login(secure_broker, pki, intruder), "dev-a")
+        intruding = clients(mq.login(secure_broker, pki, intruder), "dev-a")
         assert intruding.connected()
         sent = {f"c{i}" for i in range(30)}
         for command_id in sorted(sent):
@@ -213,19 +171,19 @@ def test_another_login_cannot_kick_the_running_agent(intruder, secure_broker, pk
 @pytest.mark.parametrize("intruder", ["dev-b", "dev-a-cam-01"])
 def test_another_login_cannot_wipe_the_commands_queued_for_the_offline_agent(intruder, secure_broker, pki, clients,
                                                                              tmp_path, mq):
-    agent = secure_agent(secure_broker, pki, tmp_path)
+    agent = secure_agent(secure_broker, pki, tmp_path, mq)
     mq.wait_until(agent.connected.is_set)
     agent.stop(flush_timeout_s=1)  # offline; its persistent session (subscribed to cmd) stays on the broker
-    op = clients(login(secure_broker, pki, "operator"), "operator")
+    op = clients(mq.login(secure_broker, pki, "operator"), "operator")
     assert op.connected()
     op.client.subscribe("blockskip/dev-a/reply/+", qos=1)
     mq.wait_until(lambda: op.suback)
     queued = json.dumps({"id": "queued", "action": "status"})
     op.client.publish("blockskip/dev-a/cmd", queued, qos=1).wait_for_publish(5)
-    wiping = clients(login(secure_broker, pki, intruder), "dev-a", clean_start=True)  # a fresh session for "dev-a"
+    wiping = clients(mq.login(secure_broker, pki, intruder), "dev-a", clean_start=True)  # a fresh session for "dev-a"
     assert wiping.connected()
     wiping.close()
-    agent = secure_agent(secure_broker, pki, tmp_path)  # back online: the queued command is delivered
+    agent = secure_agent(secure_broker, pki, tmp_path, mq)  # back online: the queued command is delivered
     try:
         mq.wait_until(lambda: "queued" in replies(op), 10)
     finally:
@@ -234,8 +192,8 @@ def test_another_login_cannot_wipe_the_commands_queued_for_the_offline_agent(int
 
 @pytest.mark.parametrize("intruder", ["dev-a-cam-02", "dev-b"])
 def test_another_login_cannot_take_over_a_cameras_session(intruder, secure_broker, pki, clients, mq):
-    camera_login = login(secure_broker, pki, "dev-a-cam-01")
-    op = clients(login(secure_broker, pki, "operator"), "operator")
+    camera_login = mq.login(secure_broker, pki, "dev-a-cam-01")
+    op = clients(mq.login(secure_broker, pki, "operator"), "operator")
     assert op.connected()
     camera = clients(camera_login, "dev-a-cam-01", clean_start=False, session_expiry_s=3600)
     assert camera.connected()
@@ -243,7 +201,7 @@ def test_another_login_cannot_take_over_a_cameras_session(intruder, secure_broke
     mq.wait_until(lambda: camera.suback)
 
     # Online: another login asking for the camera's client id does not drop the camera.
-    intruding = clients(login(secure_broker, pki, intruder), "dev-a-cam-01")
+    intruding = clients(mq.login(secure_broker, pki, intruder), "dev-a-cam-01")
     assert intruding.connected()
     time.sleep(1.0)  # time for the intruder's paho loop to come back if it gets dropped
     op.client.publish("blockskip/dev-a/capture/ack", b"ack-1", qos=1).wait_for_publish(5)
@@ -255,7 +213,7 @@ def test_another_login_cannot_take_over_a_cameras_session(intruder, secure_broke
     # Offline: an ack queued for the camera survives another login's clean start with the camera's id.
     camera.close()
     op.client.publish("blockskip/dev-a/capture/ack", b"ack-2", qos=1).wait_for_publish(5)
-    wiping = clients(login(secure_broker, pki, intruder), "dev-a-cam-01", clean_start=True)
+    wiping = clients(mq.login(secure_broker, pki, intruder), "dev-a-cam-01", clean_start=True)
     assert wiping.connected()
     wiping.close()
     camera = clients(camera_login, "dev-a-cam-01", clean_start=False, session_expiry_s=3600)
@@ -269,10 +227,10 @@ def test_the_field_loop_logins_from_the_shipped_acl(secure_broker, pki, clients,
     and a camera's cannot either."""
     from blockskip.host.jobs import SUBMIT_TOPIC, share_topic, status_topic
 
-    worker = clients(login(secure_broker, pki, "host-01"), "host-01")
-    operator = clients(login(secure_broker, pki, "operator"), "operator")
-    device = clients(login(secure_broker, pki, "dev-a"), "dev-a")
-    camera = clients(login(secure_broker, pki, "dev-a-cam-01"), "dev-a-cam-01")
+    worker = clients(mq.login(secure_broker, pki, "host-01"), "host-01")
+    operator = clients(mq.login(secure_broker, pki, "operator"), "operator")
+    device = clients(mq.login(secure_broker, pki, "dev-a"), "dev-a")
+    camera = clients(mq.login(secure_broker, pki, "dev-a-cam-01"), "dev-a-cam-01")
     assert all(c.connected() for c in (worker, operator, device, camera))
     worker.client.subscribe(share_topic("blockskip-host"), qos=1)
     operator.client.subscribe(status_topic("+"), qos=1)

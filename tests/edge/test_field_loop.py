@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ import yaml
 from PIL import Image
 
 from blockskip.cli import main
-from blockskip.edge.agent import BrokerConfig
+from blockskip.edge.agent import BrokerConfig, make_client
 from blockskip.edge.capture import CaptureConfig, publish_folder
 from blockskip.errors import ConfigError
 from blockskip.host.basepack import build_base_pack
@@ -376,3 +376,92 @@ def test_fleet_says_when_no_worker_took_a_job_and_follow_exits_1_on_a_failed_one
         assert "job wrong-model failed" in capsys.readouterr().out
     finally:
         worker.stop()
+
+
+# ---- trust: a second board login attacks another board's job ----------------------------------------
+
+def _forge(client, job: str, stop) -> None:
+    """What dev-b publishes, on its own topics only, about dev-a's job: ok replies to every step,
+    `done` and `failed` ends for train and generate, and image records of files it made up."""
+    steps = ("captures", "upload", "status", "basepack", "bundle", "train", "generate")
+    while not stop.is_set():
+        for step in steps:
+            client.publish(f"blockskip/dev-b/reply/{job}.{step}", json.dumps(
+                {"id": f"{job}.{step}", "ok": True, "result": {"files": [], "state": "installed",
+                                                              "path": "bundles/forged.tar", "base_packs": []}}), qos=1)
+        for step, end in (("train", "failed"), ("generate", "done")):
+            client.publish("blockskip/dev-b/progress", json.dumps(
+                {"type": end, "job": f"{job}.{step}", "error": {"code": "forged", "message": "by dev-b"}}), qos=1)
+        client.publish("blockskip/dev-b/result", json.dumps(
+            {"job": f"{job}.generate", "path": "/FORGED/by-dev-b.png", "sha256": "f" * 64, "prompt": "x",
+             "seed": 0}), qos=1)
+        stop.wait(0.1)
+
+
+def test_a_second_board_cannot_finish_fail_or_fill_another_boards_job(secure_broker, pki, tmp_path, host_side, mq,
+                                                                      caplog):
+    """The broker as shipped (TLS, passwords, acl.example); dev-b holds a valid login of its own and
+    publishes forged replies, ends and image records about dev-a's job on its own topics, all the
+    while the job runs. The job ends `done` with dev-a's own images; the worker logs each kind of
+    forgery once and keeps serving."""
+    import threading
+
+    from blockskip.edge.agent import Agent, AgentConfig
+
+    caplog.set_level(logging.WARNING, logger="blockskip.host.serve")
+    agent = Agent(AgentConfig(device_id=DEV, data_dir=str(tmp_path / "data"), progress_interval_s=0.0,
+                              broker=mq.login(secure_broker, pki, DEV), trusted_keys=[str(host_side["pub"])],
+                              thumbnails=True, transfer_retry_s=1.0))
+    save_model(tiny_model("flux"), agent.data_dir / "flux-model")
+    worker = HostWorker(HostConfig(**{**host_config(tmp_path, secure_broker, host_side, 1), "worker_id": "host-01",
+                                      "broker": mq.login(secure_broker, pki, "host-01")}))
+    watcher = make_client(mq.login(secure_broker, pki, "operator"), "operator")
+    statuses: dict[str, dict] = {}
+    watcher.on_message = lambda c, u, m: statuses.__setitem__(m.topic.split("/")[1], json.loads(m.payload))
+    watcher.on_connect = lambda c, u, f, rc, p: c.subscribe("blockskip-jobs/+/status", qos=1)
+    forger = make_client(mq.login(secure_broker, pki, "dev-b"), "dev-b")
+    stop = threading.Event()
+    for client in (watcher, forger):
+        client.connect("127.0.0.1", secure_broker.port, 5)
+        client.loop_start()
+    agent.start()
+    worker.start()
+    forging = threading.Thread(target=_forge, args=(forger, "leaf-1", stop), daemon=True)
+    try:
+        mq.wait_until(lambda: agent.connected.is_set() and worker.connected.is_set(), 20)
+        send_captures_as(mq.login(secure_broker, pki, "dev-a-cam-01"), tmp_path / "camera")
+        job = {"model": "flux", "subject": "a photo of sks leaf", "prompts": PROMPTS,
+               "train": {"steps": 4}, "generate": {"steps": 2, "backend": "torch"}}
+        # dev-b's own job first: the worker then listens on dev-b's topics too
+        (tmp_path / "empty").mkdir()
+        watcher.publish(SUBMIT_TOPIC, json.dumps({"id": "b-1", "device": "dev-b", "photos_dir": str(tmp_path / "empty"),
+                                                  **job}), qos=1).wait_for_publish(5)
+        mq.wait_until(lambda: statuses.get("b-1", {}).get("state") == "failed", 60)
+        forging.start()
+        watcher.publish(SUBMIT_TOPIC, json.dumps({"id": "leaf-1", "device": DEV, "captures": {"camera_id": "cam-01"},
+                                                  **job}), qos=1).wait_for_publish(5)
+        final = mq.wait_until(lambda: statuses.get("leaf-1", {}).get("state") in ("done", "failed")
+                              and statuses["leaf-1"], 240)
+    finally:
+        stop.set()
+        worker.stop()
+        agent.stop(flush_timeout_s=1)
+        for client in (watcher, forger):
+            client.disconnect()
+            client.loop_stop()
+    assert final["state"] == "done", final.get("error")
+    assert len(final["results"]) == len(PROMPTS)
+    for record in final["results"]:
+        path = Path(record["path"])
+        assert path.parent == agent.data_dir / "generated" / "leaf-1"
+        assert record["sha256"] == sha256(path)
+    assert "FORGED" not in json.dumps(final)
+    dropped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dropped a")]
+    assert sorted(m.split(" about ")[0] for m in dropped) == ["dropped a event", "dropped a reply", "dropped a result"]
+    assert all("from dev-b" in m and "job leaf-1" in m for m in dropped)
+
+
+def send_captures_as(login, folder: Path) -> None:
+    subject_photos(folder)
+    report = publish_folder(CaptureConfig(device_id=DEV, camera_id="cam-01", ack_timeout_s=5, broker=login), folder)
+    assert report.ok, report
