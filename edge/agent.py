@@ -569,7 +569,7 @@ class Agent:
             from blockskip.host.bundle import open_bundle
 
             try:
-                open_bundle(path, self.trust)
+                open_bundle(path, self.trust, max_bytes=self.config.max_receive_bytes)
             except (BundleError, InputError) as err:
                 raise TransferError("bad_bundle", f"{dest.name} was received intact but refused: {err}") from err
             logger.info("received and verified %s", path)

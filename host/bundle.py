@@ -495,7 +495,7 @@ def verify_bundle(path: Path, public_key: Path | list[Path] | None = None, requi
 
     if path.is_file() and tarfile.is_tarfile(path):
         with tempfile.TemporaryDirectory(prefix="blockskip-verify-") as tmp:
-            return _verify_dir(unpack_bundle(path, Path(tmp) / "bundle", verify=False), check)
+            return _verify_dir(unpack_bundle(path, Path(tmp) / "bundle", verify=False, check_signature=check), check)
     return _verify_dir(path, check)
 
 
@@ -547,12 +547,85 @@ def _verify_dir(root: Path, check_signature, only: tuple[str, ...] | None = None
 
 # ---------------------------------------------------------------- unpack
 
+DISK_MARGIN = 256 << 20  # an unpacked bundle leaves at least this much of its file system free
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest (or its signature) larger than this is not read
+EXTRACTABLE = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE)
+
+
+def _member_bytes(archive: tarfile.TarFile, member: tarfile.TarInfo | None, tar_path: Path) -> bytes | None:
+    if member is None:
+        return None
+    if member.size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{tar_path}: {member.name} is {_human(member.size)}, over the "
+                          f"{_human(MAX_MANIFEST_BYTES)} a manifest may have")
+    handle = archive.extractfile(member)
+    return handle.read() if handle else None
+
+
+def _check_members(archive: tarfile.TarFile, members: list[tarfile.TarInfo], tar_path: Path, dest: Path,
+                   check_signature, max_bytes: int | None) -> None:
+    """Everything a tar must pass before its first byte is written: only regular files and folders
+    (no links, devices or sparse members, which expand on extraction), safe names, the manifest's
+    signature under the caller's policy, every file listed in the manifest at its listed size, and
+    the sum of the declared sizes within `max_bytes` and the free space."""
+    base = dest.resolve()
+    seen: dict[str, tarfile.TarInfo] = {}
+    total = 0
+    for member in members:
+        name = member.name
+        if name.startswith("/") or PurePosixPath(name).is_absolute():
+            raise BundleError(f"{tar_path}: member {name!r} has an absolute path")
+        if ".." in name.split("/") or "\\" in name:
+            raise BundleError(f"{tar_path}: member {name!r} has a '..' component")
+        if member.type not in EXTRACTABLE or member.issparse():
+            kind = ("a symlink" if member.issym() else "a hardlink" if member.islnk()
+                    else "a sparse file" if member.issparse() else "not a regular file")
+            raise BundleError(f"{tar_path}: member {name!r} is {kind}; bundles hold regular files only")
+        target = (base / name).resolve()
+        if target != base and base not in target.parents:
+            raise BundleError(f"{tar_path}: member {name!r} resolves outside {dest}")
+        rel = target.relative_to(base).as_posix()
+        if member.isreg():
+            if rel in seen:
+                raise BundleError(f"{tar_path}: member {name!r} appears twice")
+            seen[rel] = member
+            total += member.size
+    manifest_bytes = _member_bytes(archive, seen.get(MANIFEST), tar_path)
+    if manifest_bytes is None:
+        raise BundleError(f"{tar_path}: no {MANIFEST}; this is not a bundle (or an incomplete one)")
+    if check_signature is not None:  # the policy looks at the manifest before anything is unpacked
+        with tempfile.TemporaryDirectory(prefix="blockskip-sig-") as peek:
+            signature = _member_bytes(archive, seen.get(SIGNATURE), tar_path)
+            if signature is not None:
+                (Path(peek) / SIGNATURE).write_bytes(signature)
+            check_signature(manifest_bytes, Path(peek))
+    listed = _parse_manifest(manifest_bytes)["files"]
+    for rel, member in seen.items():
+        if rel in RESERVED:
+            continue
+        if rel not in listed:
+            raise BundleError(f"{tar_path}: member {rel!r} is not listed in the manifest")
+        if member.size != listed[rel]["size"]:
+            raise BundleError(f"{tar_path}: member {rel!r} declares {member.size} bytes; the manifest lists "
+                              f"{listed[rel]['size']}")
+    if max_bytes is not None and total > max_bytes:
+        raise BundleError(f"{tar_path} unpacks to {_human(total)}, over the limit of {_human(max_bytes)}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(dest.parent).free
+    if total + DISK_MARGIN > free:
+        raise BundleError(f"{tar_path} unpacks to {_human(total)}; {dest.parent} has {_human(free)} free and keeps "
+                          f"{_human(DISK_MARGIN)} spare: free some space first")
+
+
 def unpack_bundle(tar_path: Path, dest: Path, verify: bool = True, public_key: Path | None = None,
-                  require_signature: bool = False) -> Path:
+                  require_signature: bool = False, check_signature=None, max_bytes: int | None = None) -> Path:
     """Extract a bundle tar into dest (which must not exist or be empty), then verify it.
 
-    Every member is checked before anything is written: absolute paths, '..' components, links,
-    devices and anything resolving outside dest are rejected with a BundleError naming the member.
+    Every member is checked before anything is written (`_check_members`): absolute paths, '..'
+    components, links, devices, sparse members and anything resolving outside dest are rejected
+    with a BundleError naming the member; so is a member the manifest does not list at its size,
+    and a sum of sizes over `max_bytes` or the free space. `check_signature(manifest_bytes, root)`,
+    when given, judges the manifest and its signature first (open_bundle passes the trust policy).
     """
     tar_path, dest = Path(tar_path), Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
@@ -564,26 +637,9 @@ def unpack_bundle(tar_path: Path, dest: Path, verify: bool = True, public_key: P
     with archive:
         try:
             members = archive.getmembers()
+            _check_members(archive, members, tar_path, dest, check_signature, max_bytes)
         except tarfile.TarError as err:
             raise BundleError(f"{tar_path} is corrupt ({err})") from err
-        base = dest.resolve()
-        seen = set()
-        for member in members:
-            name = member.name
-            if name.startswith("/") or PurePosixPath(name).is_absolute():
-                raise BundleError(f"{tar_path}: member {name!r} has an absolute path")
-            if ".." in name.split("/") or "\\" in name:
-                raise BundleError(f"{tar_path}: member {name!r} has a '..' component")
-            if not (member.isreg() or member.isdir()):
-                kind = "a symlink" if member.issym() else "a hardlink" if member.islnk() else "not a regular file"
-                raise BundleError(f"{tar_path}: member {name!r} is {kind}; bundles hold regular files only")
-            target = (base / name).resolve()
-            if target != base and base not in target.parents:
-                raise BundleError(f"{tar_path}: member {name!r} resolves outside {dest}")
-            if member.isreg() and target in seen:
-                raise BundleError(f"{tar_path}: member {name!r} appears twice")
-            seen.add(target)
-        dest.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
         try:
             for member in members:
@@ -627,7 +683,7 @@ def _file_or_none(path: Path) -> bytes | None:
 
 
 def open_bundle(path: Path, trust: TrustPolicy, cache_dir: Path | None = None,
-                only: tuple[str, ...] | None = None) -> Path:
+                only: tuple[str, ...] | None = None, max_bytes: int | None = None) -> Path:
     """The bundle folder to use, from a folder or a .tar, after the board's trust policy and the
     checksums passed. Every code path that uses a bundle comes through here.
 
@@ -635,7 +691,8 @@ def open_bundle(path: Path, trust: TrustPolicy, cache_dir: Path | None = None,
     that folder already exists it is used only when its manifest.json and manifest.sig are the
     tar's own bytes, and it is then checked like any folder, so what is used is what the tar
     holds. With `only`, just those files are hashed (a generator that reads only the prompt bank);
-    the manifest, its signature and those files are checked all the same.
+    the manifest, its signature and those files are checked all the same. The trust policy judges
+    a tar's manifest before anything is unpacked; `max_bytes` bounds what it may unpack to.
     """
     if not isinstance(trust, TrustPolicy):
         raise TypeError("open_bundle needs a TrustPolicy (which keys the board trusts)")
@@ -658,7 +715,7 @@ def open_bundle(path: Path, trust: TrustPolicy, cache_dir: Path | None = None,
                               f"differs); remove it or pass another cache folder")
         _verify_dir(dest, trust.check, only)
         return dest
-    unpack_bundle(path, dest, verify=False)
+    unpack_bundle(path, dest, verify=False, check_signature=trust.check, max_bytes=max_bytes)
     try:
         _verify_dir(dest, trust.check, only)
     except BundleError:

@@ -184,3 +184,62 @@ def test_a_receive_cut_off_by_an_agent_restart_resumes(broker, start_agent, host
     assert hashlib.sha256((data / "bundles" / "leaf.tar").read_bytes()).hexdigest() == offer.sha256
     # it went on from the chunks it had: at most the window's chunks in flight at the stop were sent twice
     assert h.sender.sent("t-resume") - offer.chunks <= 2 < sent_before
+
+
+def sparse_tar(path: Path, bundle: Path, name: str, real_size: int) -> Path:
+    """A tar holding a real bundle's signed manifest and one old-GNU sparse ('S') member of one
+    512-byte block that declares `real_size` bytes: tarfile extracts it as that many bytes."""
+    import tarfile
+
+    def header(member: str, size: int, kind: bytes, extra: dict[int, bytes]) -> bytes:
+        block = bytearray(512)
+        fields = {0: member.encode(), 100: b"0000644\0", 108: b"0000000\0", 116: b"0000000\0",
+                  124: b"%011o\0" % size, 136: b"%011o\0" % 0, 156: kind, 257: b"ustar  \0", **extra}
+        for offset, value in fields.items():
+            block[offset:offset + len(value)] = value
+        block[148:156] = b" " * 8
+        block[148:156] = b"%06o\0 " % sum(block)
+        return bytes(block)
+
+    data = bytearray()
+    for member in ("manifest.json", "manifest.sig"):
+        body = (bundle / member).read_bytes()
+        info = tarfile.TarInfo(member)
+        info.size = len(body)
+        data += info.tobuf(tarfile.GNU_FORMAT) + body + b"\0" * (-len(body) % 512)
+    sparse_map = {386: b"%011o\0" % 0, 398: b"%011o\0" % 512, 482: b"\0", 483: b"%011o\0" % real_size}
+    data += header(name, 512, b"S", sparse_map) + b"\1" * 512 + b"\0" * 1024
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_sparse_tar_writes_nothing_on_any_path(broker, start_agent, host, bundles, tmp_path, wait_until, capsys):
+    """A 3.5 KB tar whose sparse member would expand to 256 MiB is refused by `blockskip verify`,
+    `blockskip train` and the agent's receive before a byte of it is written."""
+    from blockskip.cli import main
+
+    listed = sorted(json.loads((bundles / "by-host" / "manifest.json").read_text())["files"])[0]
+    tar = sparse_tar(tmp_path / "sparse.tar", bundles / "by-host", listed, 256 << 20)
+    assert tar.stat().st_size < 8192
+
+    def written(root: Path) -> int:
+        return sum(p.stat().st_blocks * 512 for p in root.rglob("*") if p.is_file() and p != tar)
+
+    assert main(["verify", str(tar), "--key", str(bundles / "host.pub")]) != 0
+    assert "is a sparse file; bundles hold regular files only" in capsys.readouterr().err
+    assert main(["train", str(tar), "--out", str(tmp_path / "adapter"), "--key", str(bundles / "host.pub")]) != 0
+    assert "is a sparse file" in capsys.readouterr().err
+    assert written(tmp_path) < 1 << 20 and not (tmp_path / "sparse").exists()
+
+    agent = start_agent(trusted_keys=[str(bundles / "host.pub")], transfer_retry_s=0.5)
+    h = host()
+    offer = h.sender.offer(PREFIX, tar, "t-sparse", 4096)
+    reply = h.request(wait_until, {"id": "r1", "action": "receive",
+                                   "args": {"offer": {**offer.to_dict(), "name": "leaf.tar"}, "kind": "bundle"}})
+    assert reply["ok"], reply
+    with pytest.raises(TransferError) as refused:
+        h.sender.wait("t-sparse", timeout=60)
+    assert refused.value.code == "bad_bundle" and "sparse file" in str(refused.value)
+    assert written(agent.data_dir) < 1 << 20
+    assert not (agent.data_dir / "bundles" / "leaf").exists() and not (agent.data_dir / "bundles" / "leaf.tar").exists()
+    assert h.request(wait_until, {"id": "s", "action": "status"})["ok"]
