@@ -38,8 +38,8 @@ from blockskip.edge.spool import CaptureError, Spool, capture_meta
 from blockskip.edge.journal import Journal
 from blockskip.errors import BlockskipError, BundleError, ConfigError, InputError, NotAvailableError
 from blockskip.host.bundle import TrustPolicy
-from blockskip.transfer import (DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, FileOffer, FileReceiver, FileSender, TransferError,
-                                file_sha256)
+from blockskip.transfer import (DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, FileOffer, FileReceiver, FileSender, ReceivePolicy,
+                                TransferError, file_sha256)
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,12 @@ class AgentConfig:
     memory_budget_gib: float | None = None  # or the GiB jobs may use (wins over the board's usable memory)
     transfer_window: int = DEFAULT_WINDOW  # file chunks asked for at a time when receiving (blockskip.transfer)
     transfer_retry_s: float = 5.0  # a chunk missing this long is asked for again
-    max_receive_bytes: int = 32 * 1024**3  # largest file `receive` accepts (a bundle or a base pack)
+    max_receive_bytes: int = 32 * 1024**3  # largest file `receive` accepts (a bundle or a base pack): too_large
+    max_pending_receive_bytes: int = 64 * 1024**3  # unfinished receives together: pending_limit
+    receive_disk_margin_bytes: int = 1024**3  # free space receives must leave in data_dir once complete: no_space
+    transfer_idle_timeout_s: float = 600.0  # a receive with no chunk this long (while connected) ends: idle_timeout
+    transfer_deadline_s: float = 86_400.0  # a receive not complete this long after it began ends: deadline / expired
+    receive_maximum: int = 16  # MQTT v5 Receive Maximum: unacknowledged messages the broker sends (and redelivers)
 
     def __post_init__(self) -> None:
         if not isinstance(self.device_id, str) or not messages.ID_PATTERN.match(self.device_id):
@@ -121,11 +126,15 @@ class AgentConfig:
         if self.backend not in ("auto", "tensorrt", "onnxruntime", "torch"):
             raise ConfigError(f"backend must be auto, tensorrt, onnxruntime or torch, got {self.backend!r}")
         for name in ("max_command_bytes", "max_capture_bytes", "outbox_max_messages", "outbox_max_bytes",
-                     "max_capture_pixels", "transfer_window", "max_receive_bytes"):
+                     "max_capture_pixels", "transfer_window", "max_receive_bytes", "max_pending_receive_bytes",
+                     "transfer_idle_timeout_s", "transfer_deadline_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
         if not self.transfer_retry_s > 0:
             raise ConfigError("transfer_retry_s must be > 0")
+        if self.receive_disk_margin_bytes < 0:
+            raise ConfigError("receive_disk_margin_bytes must be >= 0")
+        check_receive_maximum(self.receive_maximum)
         if not self.command_id_window_s > 0:
             raise ConfigError("command_id_window_s must be > 0")
         if not isinstance(self.trusted_keys, list) or not all(isinstance(k, str) and k for k in self.trusted_keys):
@@ -146,6 +155,11 @@ class AgentConfig:
             return TrustPolicy(tuple(Path(k) for k in self.trusted_keys), self.allow_unsigned_bundles)
         except InputError as err:
             raise ConfigError(f"trusted_keys: {err}") from err
+
+    def receive_policy(self) -> ReceivePolicy:
+        """What `receive` accepts (blockskip.transfer.ReceivePolicy), from the config's limits."""
+        return ReceivePolicy(self.max_receive_bytes, self.max_pending_receive_bytes, self.receive_disk_margin_bytes,
+                             self.transfer_idle_timeout_s, self.transfer_deadline_s)
 
     def base_packs(self) -> Path:
         """The folder of installed base packs (base_packs_dir, relative to data_dir)."""
@@ -196,9 +210,19 @@ def make_client(broker: BrokerConfig, client_id: str, manual_ack: bool = False) 
     return client
 
 
-def connect_properties(session_expiry_s: int) -> Properties:
+def check_receive_maximum(value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+        raise ConfigError(f"receive_maximum must be an integer in 1..65535, got {value!r}")
+
+
+def connect_properties(session_expiry_s: int, receive_maximum: int | None = None) -> Properties:
+    """CONNECT properties: how long the broker keeps the session, and (Receive Maximum) how many
+    unacknowledged QoS 1 messages it may send at once, which is also the most it redelivers after
+    a broker or client restart."""
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = session_expiry_s
+    if receive_maximum is not None:
+        props.ReceiveMaximum = receive_maximum
     return props
 
 
@@ -308,7 +332,7 @@ class Agent:
         _prune_offers(transfers / "send", config.command_id_window_s)
         self.file_sender = FileSender(self._publish_file, transfers / "send")
         self.file_receiver = FileReceiver(self._publish_file, transfers / "receive", window=config.transfer_window,
-                                          retry_s=config.transfer_retry_s, max_bytes=config.max_receive_bytes)
+                                          retry_s=config.transfer_retry_s, policy=config.receive_policy())
         # Commands and captures are handled on two threads, so decoding a large capture never
         # holds up a command (or a cancel).
         self._inbox: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue()
@@ -341,12 +365,15 @@ class Agent:
         self._file_worker.start()
         for _prefix, offer, dest in self.file_receiver.pending():  # receives cut off by a restart go on
             logger.info("resuming the receive of %s (%s)", dest, offer.transfer)
-            self.file_receiver.receive(self.prefix, offer, dest, on_complete=self._install_check(dest))
+            try:
+                self.file_receiver.receive(self.prefix, offer, dest, on_complete=self._install_check(dest))
+            except TransferError as err:  # the policy changed, or its state is unusable: its sender asks again
+                logger.warning("cannot resume the receive of %s (%s): %s", dest, err.code, err.message)
         broker = self.config.broker
         logger.info("agent %s connecting to %s:%d", self.config.device_id, broker.host, broker.port)
         self.client.connect_async(
             broker.host, broker.port, broker.keepalive, clean_start=False,
-            properties=connect_properties(self.config.session_expiry_s),
+            properties=connect_properties(self.config.session_expiry_s, self.config.receive_maximum),
         )
         self.client.loop_start()
 
@@ -559,7 +586,10 @@ class Agent:
             if dest.is_file() and file_sha256(dest) == offer.sha256:
                 return {"transfer": offer.transfer, "state": "installed", "path": rel}
             raise CommandError("exists", f"{rel} exists and holds another file; send it under another name")
-        self.file_receiver.receive(self.prefix, offer, dest, on_complete=self._install_check(dest))
+        try:
+            self.file_receiver.receive(self.prefix, offer, dest, on_complete=self._install_check(dest))
+        except TransferError as err:  # refused by the receive policy: its own code
+            raise CommandError(err.code if err.code in messages.ERROR_CODES else "bad_args", err.message) from err
         return {"transfer": offer.transfer, "state": "receiving", "path": rel}
 
     def _install_check(self, dest: Path) -> Callable[[Path], None]:

@@ -25,7 +25,7 @@ TAR_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,123}\.tar$")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 ERROR_CODES = {
-    "too_large": "the payload is over the size limit",
+    "too_large": "the payload (or the file a `receive` is offered) is over the size limit",
     "bad_json": "the payload is not a JSON object (or not UTF-8)",
     "bad_request": "the command lacks `id`/`action` or has extra top-level keys",
     "unknown_action": "the action is not one the agent knows",
@@ -38,6 +38,9 @@ ERROR_CODES = {
     "job_failed": "the job raised an error",
     "bad_bundle": "the job's bundle failed verification or is not signed by a key the board trusts",
     "exists": "the file a `receive` would write exists and holds other bytes",
+    "pending_limit": "a `receive` with the receives under way would pass max_pending_receive_bytes",
+    "no_space": "a `receive` with the receives under way would leave less than receive_disk_margin_bytes free",
+    "expired": "a `receive` of a transfer the agent dropped as past transfer_deadline_s",
     "interrupted": "the agent stopped (killed, power loss) while the job ran; reported when it restarts",
     "internal": "an unexpected error in the agent (logged); the agent keeps serving",
 }

@@ -41,12 +41,13 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from blockskip import __version__
-from blockskip.edge.agent import BrokerConfig, connect_properties, load_yaml, make_client
+from blockskip.edge.agent import BrokerConfig, check_receive_maximum, connect_properties, load_yaml, make_client
 from blockskip.edge.messages import ID_PATTERN, JOB_ACTIONS
 from blockskip.errors import BlockskipError, ConfigError
 from blockskip.host.jobs import (DEFAULT_GROUP, SHA256_PATTERN, STAGES, SUBMIT_TOPIC, JobError, events_topic,
                                  parse_job, select_captures, share_topic, status_topic, worker_topic)
-from blockskip.transfer import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, FileOffer, FileReceiver, FileSender, TransferError
+from blockskip.transfer import (DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, FileOffer, FileReceiver, FileSender, ReceivePolicy,
+                                TransferError)
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,13 @@ class HostConfig:
     transfer_window: int = DEFAULT_WINDOW  # chunks asked for at a time when receiving photos
     transfer_retry_s: float = 5.0
     progress_interval_s: float = 2.0  # at most one progress event per job per interval
+    max_photo_bytes: int = 64 * 1024**2  # a photo offered larger than this is refused (too_large)
+    max_pending_photo_bytes: int = 2 * 1024**3  # photos under way together (pending_limit)
+    max_photo_pixels: int = 64_000_000  # a received photo with more pixels (read from its header): too_many_pixels
+    receive_disk_margin_bytes: int = 1024**3  # free space photo receives must leave in work_dir (no_space)
+    transfer_idle_timeout_s: float = 600.0  # a photo with no chunk this long (while connected) fails the job
+    transfer_deadline_s: float = 6 * 3600.0  # a photo not complete this long after it began fails the job
+    receive_maximum: int = 16  # MQTT v5 Receive Maximum: unacknowledged messages the broker sends (and redelivers)
     send_base_pack: bool = True  # send the model's base pack to a board that does not have it
 
     def __post_init__(self) -> None:
@@ -137,6 +145,13 @@ class HostConfig:
                 raise ConfigError(f"{name} must be > 0")
         if self.chunk_size < 1024 or self.transfer_window < 1:
             raise ConfigError("chunk_size must be >= 1024 and transfer_window >= 1")
+        for name in ("max_photo_bytes", "max_pending_photo_bytes", "max_photo_pixels", "transfer_idle_timeout_s",
+                     "transfer_deadline_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0")
+        if self.receive_disk_margin_bytes < 0:
+            raise ConfigError("receive_disk_margin_bytes must be >= 0")
+        check_receive_maximum(self.receive_maximum)
 
 
 def load_config(path: Path) -> HostConfig:
@@ -224,7 +239,11 @@ class HostWorker:
         self.client = make_client(config.broker, client_id=config.worker_id)
         self.file_sender = FileSender(self._publish_file, self.work / "transfers" / "send")
         self.file_receiver = FileReceiver(self._publish_file, self.work / "transfers" / "receive",
-                                          window=config.transfer_window, retry_s=config.transfer_retry_s)
+                                          window=config.transfer_window, retry_s=config.transfer_retry_s,
+                                          policy=ReceivePolicy(config.max_photo_bytes, config.max_pending_photo_bytes,
+                                                               config.receive_disk_margin_bytes,
+                                                               config.transfer_idle_timeout_s,
+                                                               config.transfer_deadline_s))
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._queue: queue.Queue[str] = queue.Queue()
@@ -262,7 +281,8 @@ class HostWorker:
         logger.info("host worker %s connecting to %s:%d (group %s)", self.config.worker_id, broker.host, broker.port,
                     self.config.group)
         self.client.connect_async(broker.host, broker.port, broker.keepalive, clean_start=False,
-                                  properties=connect_properties(self.config.session_expiry_s))
+                                  properties=connect_properties(self.config.session_expiry_s,
+                                                                self.config.receive_maximum))
         self.client.loop_start()
         self._runner.start()
 
@@ -515,6 +535,9 @@ class HostWorker:
             with self._lock:
                 self._logs.pop(job_id, None)
                 self._running = None
+        for transfer in self.file_receiver.active():  # a failed job's photos still coming: stop them, drop the parts
+            if transfer.startswith(job_id + "."):
+                self.file_receiver.abort(transfer, "cancelled", f"job {job_id} ended {state['state']}")
         self._save_state(job_id, state)
         self._publish_status(job_id, self._status_body(job, state))
 
@@ -623,7 +646,7 @@ class HostWorker:
             for source in sources:
                 data = source.read_bytes()
                 try:
-                    image_format(data)
+                    image_format(data, self.config.max_photo_pixels)
                 except CaptureError as err:
                     raise JobFailed(f"photo {source}: {err.message}") from err
                 shutil.copyfile(source, photos / source.name)
@@ -657,7 +680,7 @@ class HostWorker:
             if dest.exists():
                 done_bytes[offer.transfer] = offer.size
                 continue
-            self.file_receiver.receive(prefix, offer, dest, on_progress=progress)
+            self.file_receiver.receive(prefix, offer, dest, on_progress=progress, on_complete=self._check_photo)
         self._last_chunk = time.monotonic()
         for offer, dest in files:
             while not dest.exists():  # no deadline while chunks keep coming (progress reports them)
@@ -672,6 +695,17 @@ class HostWorker:
                         raise JobFailed(f"photos from {job['device']}: no chunk for "
                                         f"{self.config.device_timeout_s:.0f} s") from err
         self._event(job["id"], {"type": "photos", "count": len(files), "bytes": total, "source": job["device"]})
+
+    def _check_photo(self, path: Path) -> None:
+        """A received photo must be a JPEG or PNG within max_photo_pixels (from its header, before
+        any pixel is decoded); the transfer fails with the refusal's code otherwise."""
+        from blockskip.edge.spool import CaptureError, image_format
+
+        try:
+            image_format(path.read_bytes(), self.config.max_photo_pixels)
+        except CaptureError as err:
+            code = "too_many_pixels" if err.code == "too_large" else "bad_image"
+            raise TransferError(code, f"photo {path.name}: {err.message}") from err
 
     def _model(self, name: str):
         with _MODEL_LOCK:  # building a model seeds torch's global RNG: one at a time per process

@@ -68,8 +68,15 @@ Publish = Callable[[str, bytes, "Properties | None"], None]  # the owner publish
 ERROR_CODES = {
     "bad_offer": "an offer field is missing, of the wrong type or out of range, or the transfer id is in use",
     "bad_prefix": "a topic prefix is not '<...>/' without wildcards",
-    "too_large": "the offered file is larger than the receiver's max_bytes",
-    "no_space": "the receiver's state_dir lacks the free space for the file",
+    "too_large": "the offered file is larger than the receiver's max_file_bytes",
+    "pending_limit": "the file with the receives already under way is over the receiver's max_pending_bytes",
+    "no_space": "the file with the receives already under way would leave less than disk_margin_bytes free",
+    "idle_timeout": "no chunk arrived for idle_timeout_s while connected; the partial file was removed",
+    "deadline": "the transfer ran past deadline_s; the partial file was removed",
+    "expired": "an unfinished receive found at start was older than deadline_s; it was dropped",
+    "too_many_pixels": "a received image has more pixels than the receiver's limit (read from its header)",
+    "bad_image": "a received file that must be an image does not decode as JPEG or PNG",
+    "cancelled": "the receiver's owner gave the transfer up (its job ended); the partial file was removed",
     "not_found": "the file to send cannot be read",
     "source_changed": "the file being sent changed size or time since it was offered",
     "sha_mismatch": "the received file's sha256 differs from the offer's",
@@ -79,6 +86,26 @@ ERROR_CODES = {
     "stopped": "waiting was stopped by the caller",
     "failed": "the receiver reported a failure without a usable code",
 }
+
+
+@dataclass(frozen=True)
+class ReceivePolicy:
+    """What a receiver accepts: one policy for the board's agent and the host worker (their
+    configs set it; SECURITY.md lists the defaults). Each refusal has its own code."""
+
+    max_file_bytes: int = 32 * 1024**3  # one offer larger than this: too_large
+    max_pending_bytes: int = 64 * 1024**3  # unfinished receives together, with the new one: pending_limit
+    disk_margin_bytes: int = 1024**3  # free space every receive under way must leave when complete: no_space
+    idle_timeout_s: float = 600.0  # no chunk for this long while connected: idle_timeout
+    deadline_s: float = 86_400.0  # the whole transfer, across restarts: deadline (expired when found at start)
+
+    def __post_init__(self) -> None:
+        for name in ("max_file_bytes", "max_pending_bytes", "disk_margin_bytes"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        for name in ("idle_timeout_s", "deadline_s"):
+            if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
 
 
 class TransferError(BlockskipError):
@@ -499,6 +526,8 @@ class _Incoming:
     asked: dict[int, float] = field(default_factory=dict)  # index -> monotonic time last asked
     on_progress: Callable[[dict], None] | None = None
     on_complete: Callable[[Path], None] | None = None  # the owner's check of the complete file (raises TransferError)
+    started: float = 0.0  # wall-clock time of the offer's first receive (kept in the state json, across restarts)
+    last_chunk: float = field(default_factory=time.monotonic)  # the last durable chunk (or start or reconnect)
     hasher: Any = field(default_factory=hashlib.sha256)  # over chunks [0, hashed)
     hashed: int = 0
     scan: int = 0  # no missing chunk below this index
@@ -509,7 +538,7 @@ class FileReceiver:
     """Receives offered files into `dest` through a partial file and a state json in state_dir."""
 
     def __init__(self, publish: Publish, state_dir: Path, window: int = DEFAULT_WINDOW, retry_s: float = 5.0,
-                 max_bytes: int | None = None):
+                 policy: ReceivePolicy | None = None):
         if not _is_int(window) or window < 1:
             raise ValueError(f"window must be an integer >= 1, got {window!r}")
         if not retry_s > 0:
@@ -519,7 +548,7 @@ class FileReceiver:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.window = window  # chunks asked for and not yet received, at most
         self.retry_s = retry_s  # a chunk missing this long (while connected) is asked for again
-        self.max_bytes = max_bytes  # larger offers are refused (too_large)
+        self.policy = policy or ReceivePolicy()
         self._lock = threading.Lock()
         self._active: dict[str, _Incoming] = {}
         self._ended: dict[str, Path | TransferError] = {}
@@ -546,8 +575,6 @@ class FileReceiver:
             offer = FileOffer.from_dict(offer)
         dest = Path(dest)
         transfer = offer.transfer
-        if self.max_bytes is not None and offer.size > self.max_bytes:
-            raise TransferError("too_large", f"{offer.name} is {offer.size} bytes; the limit is {self.max_bytes}")
         with self._lock:
             t = self._active.get(transfer)
             if t is not None:
@@ -596,7 +623,7 @@ class FileReceiver:
         """The transfer's state: resumed from state_dir when it holds this offer, else fresh."""
         state = self.state_dir / f"{offer.transfer}.json"
         part = self.state_dir / f"{offer.transfer}.part"
-        record = {"transfer": offer.transfer, "prefix": prefix, "offer": offer.to_dict(), "dest": str(dest)}
+        started = time.time()
         received: set[int] | None = None
         if state.exists():
             try:
@@ -604,6 +631,7 @@ class FileReceiver:
                 same = (FileOffer.from_dict(old["offer"]), old["prefix"], old["dest"]) == (offer, prefix, str(dest))
                 if same:
                     received = _from_ranges(old["received"], offer.chunks)
+                    started = float(old.get("started", started))
                     if part.stat().st_size != offer.size:
                         raise ValueError(f"{part.name} is not {offer.size} bytes")
             except (OSError, ValueError, KeyError, TypeError, TransferError) as err:
@@ -612,11 +640,16 @@ class FileReceiver:
             if not same:
                 raise TransferError("bad_offer", f"{state} holds transfer {offer.transfer} for another file or "
                                                  f"destination; forget it first or use a new id")
+            if received is not None and time.time() - started > self.policy.deadline_s:
+                part.unlink(missing_ok=True)
+                state.unlink(missing_ok=True)
+                raise TransferError("expired", f"the receive of {offer.name} began {time.time() - started:.0f} s "
+                                               f"ago, past the {self.policy.deadline_s:.0f} s deadline; offer it again")
+        record = {"transfer": offer.transfer, "prefix": prefix, "offer": offer.to_dict(), "dest": str(dest),
+                  "started": started}
         try:
             if received is None:
-                if shutil.disk_usage(self.state_dir).free < offer.size:
-                    raise TransferError("no_space", f"{self.state_dir} has less than the {offer.size} bytes of "
-                                                    f"{offer.name} free")
+                self._admit(offer)
                 fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
                 os.ftruncate(fd, offer.size)
                 os.fsync(fd)
@@ -625,10 +658,32 @@ class FileReceiver:
                 fd = os.open(part, os.O_RDWR)
         except OSError as err:
             raise TransferError("io_error", f"cannot create the partial file of {offer.transfer}: {err}") from err
-        t = _Incoming(prefix, offer, dest, part, state, fd, received or set())
+        t = _Incoming(prefix, offer, dest, part, state, fd, received or set(), started=started)
         self._advance_hash(t, None, -1)  # resuming: hash the chunks already here, in order
         self._advance_scan(t)
         return t, received is not None
+
+    def _admit(self, offer: FileOffer) -> None:
+        """Refuse a new offer the policy does not allow: the file alone, all receives under way
+        together, and the free space they would leave once complete."""
+        policy = self.policy
+        if offer.size > policy.max_file_bytes:
+            raise TransferError("too_large", f"{offer.name} is {offer.size} bytes; the limit is "
+                                             f"{policy.max_file_bytes} (max_file_bytes)")
+        with self._lock:
+            under_way = list(self._active.values())
+            pending = sum(t.offer.size for t in under_way)
+            remaining = sum(t.offer.size - self._progress_of(t)["bytes"] for t in under_way)
+        if pending + offer.size > policy.max_pending_bytes:
+            raise TransferError("pending_limit", f"{offer.name} ({offer.size} bytes) with the {len(under_way)} "
+                                                 f"receives under way ({pending} bytes) is over the limit of "
+                                                 f"{policy.max_pending_bytes} (max_pending_bytes); try again later")
+        free = shutil.disk_usage(self.state_dir).free
+        if remaining + offer.size + policy.disk_margin_bytes > free:
+            raise TransferError("no_space", f"{offer.name} ({offer.size} bytes) with the {remaining} bytes still to "
+                                            f"come for the receives under way would leave less than "
+                                            f"{policy.disk_margin_bytes} bytes of the {free} free in "
+                                            f"{self.state_dir} (disk_margin_bytes)")
 
     # ---- chunks --------------------------------------------------------------------------------
     def handle(self, topic: str, payload: bytes, properties: Any) -> bool:
@@ -675,13 +730,15 @@ class FileReceiver:
                 os.fdatasync(t.fd)  # the bytes are durable before the state records them
                 t.received.add(index)
                 _write_json(t.state, {"transfer": t.offer.transfer, "prefix": t.prefix, "offer": t.offer.to_dict(),
-                                      "dest": str(t.dest), "received": _ranges(t.received)}, sync_dir=False)
+                                      "dest": str(t.dest), "started": t.started, "received": _ranges(t.received)},
+                            sync_dir=False)
             except OSError as err:
                 t.received.discard(index)
                 error = TransferError("io_error", f"cannot write chunk {index} of {t.offer.transfer}: {err}")
                 failed = True
             else:
                 failed = False
+                t.last_chunk = time.monotonic()
                 t.asked.pop(index, None)
                 self._advance_hash(t, data, index)
                 self._advance_scan(t)
@@ -813,6 +870,7 @@ class FileReceiver:
             now = time.monotonic()
             for t in self._active.values():
                 t.asked = {i: now for i in t.asked}
+                t.last_chunk = now  # time without a link is not the sender's idleness
 
     def on_disconnect(self) -> None:
         """Optional: call on a disconnect; no chunk is asked for again until on_connect."""
@@ -822,14 +880,25 @@ class FileReceiver:
     def _retry_loop(self) -> None:
         tick = min(0.5, self.retry_s / 4)
         while not self._closed.wait(tick):
-            asks = []
+            asks, ended = [], []
             with self._lock:
-                now = time.monotonic()
+                now, wall = time.monotonic(), time.time()
+                for t in self._active.values():
+                    if wall - t.started > self.policy.deadline_s:
+                        ended.append((t, TransferError("deadline", f"{t.offer.name}: not complete "
+                                                                   f"{self.policy.deadline_s:.0f} s after it began "
+                                                                   f"(deadline_s)")))
+                    elif self._connected and now - t.last_chunk > self.policy.idle_timeout_s:
+                        ended.append((t, TransferError("idle_timeout", f"{t.offer.name}: no chunk for "
+                                                                       f"{self.policy.idle_timeout_s:.0f} s "
+                                                                       f"(idle_timeout_s)")))
                 for t in self._active.values() if self._connected else ():
                     late = [i for i, at in t.asked.items() if now - at >= self.retry_s]
                     t.asked.update((i, now) for i in late)
                     if late:
                         asks.append((t, late))
+            for t, error in ended:
+                self._fail(t, error)
             for t, late in asks:
                 logger.info("transfer %s: asking again for chunks %s", t.offer.transfer, late[:8])
                 self._ask(t, late)
@@ -849,15 +918,41 @@ class FileReceiver:
         return outcome
 
     def pending(self) -> list[tuple[str, FileOffer, Path]]:
-        """Unfinished transfers found in state_dir, as (prefix, offer, dest): `receive` resumes them."""
+        """Unfinished transfers found in state_dir, as (prefix, offer, dest): `receive` resumes them.
+        One past the policy's deadline is dropped here (partial file and state), and its sender is
+        told (`done` with code `expired`), so an old offer is not asked for at every start."""
         found = []
         for state in sorted(self.state_dir.glob("*.json")):
             try:
                 d = json.loads(state.read_text())
-                found.append((_check_prefix(d["prefix"]), FileOffer.from_dict(d["offer"]), Path(d["dest"])))
+                prefix, offer = _check_prefix(d["prefix"]), FileOffer.from_dict(d["offer"])
+                found.append((prefix, offer, Path(d["dest"])))
+                age = time.time() - float(d.get("started", time.time()))
             except (OSError, ValueError, KeyError, TypeError, TransferError) as err:
                 logger.warning("ignoring unreadable transfer state %s: %s", state, err)
+                continue
+            if age > self.policy.deadline_s:
+                found.pop()
+                self.forget(offer.transfer)
+                logger.warning("dropped the receive of %s (transfer %s): it began %.0f s ago, past deadline_s",
+                               offer.name, offer.transfer, age)
+                _publish(self.publish, topics(prefix, offer.transfer)["done"], json.dumps(
+                    {"ok": False, "error": {"code": "expired", "message": f"the receive began {age:.0f} s ago, past "
+                                                                          f"the receiver's deadline"}}).encode(), None)
         return found
+
+    def active(self) -> list[str]:
+        """The transfers under way."""
+        with self._lock:
+            return list(self._active)
+
+    def abort(self, transfer: str, code: str, message: str) -> None:
+        """Give a transfer up and say so to its sender (`done` with `code`); its partial file and
+        state go. Nothing happens for a transfer that is not under way."""
+        with self._lock:
+            t = self._active.get(transfer)
+        if t is not None:
+            self._fail(t, TransferError(code, message))
 
     def forget(self, transfer: str) -> None:
         """Give up a transfer: drop its partial file and state (a later `receive` starts over)."""

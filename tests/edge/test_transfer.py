@@ -15,7 +15,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from blockskip.transfer import FileOffer, FileReceiver, FileSender, TransferError, offer_for, topics
+from blockskip.transfer import FileOffer, FileReceiver, FileSender, ReceivePolicy, TransferError, offer_for, topics
 
 PREFIX = "blockskip/dev-a/"
 
@@ -323,7 +323,7 @@ def test_bad_offers_are_refused(change):
 
 
 def test_receiver_refuses_too_large_and_conflicting_offers(tmp_path):
-    receiver = FileReceiver(lambda *a: None, tmp_path / "recv", max_bytes=1000)
+    receiver = FileReceiver(lambda *a: None, tmp_path / "recv", policy=ReceivePolicy(max_file_bytes=1000))
     try:
         big = FileOffer("t", "f.bin", 1001, "0" * 64, 1024)
         with pytest.raises(TransferError) as err:
