@@ -29,7 +29,8 @@ SUBMIT_TOPIC = f"{JOBS_ROOT}/submit"
 DEFAULT_GROUP = "blockskip-host"
 # A job id leaves room for the suffixes of its device commands and transfers (`<job>.generate`,
 # `<job>.cap.123`) inside the 64 characters of a command id.
-JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,40}$")
+# It starts with a letter, digit or `_`: `.` and `..` would name the jobs folder or its parent.
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,39}$")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 STAGES = ("photos", "prepare", "deliver", "train", "generate")
 MAX_JOB_BYTES = 256 * 1024
@@ -92,7 +93,9 @@ def parse_job(payload: bytes | dict) -> dict:
             raise JobError(f"job is {len(payload)} bytes; the limit is {MAX_JOB_BYTES}")
         try:
             job = json.loads(bytes(payload).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        except RecursionError as err:
+            raise JobError("job is nested too deeply to read (a job is a flat JSON object)") from err
+        except (UnicodeDecodeError, ValueError) as err:
             raise JobError(f"job is not UTF-8 JSON: {err}") from err
     else:
         job = payload
@@ -104,7 +107,7 @@ def parse_job(payload: bytes | dict) -> dict:
     if unknown:
         raise JobError(f"unknown job keys: {', '.join(sorted(map(str, unknown)))[:200]}")
     if not isinstance(job.get("id"), str) or not JOB_ID_PATTERN.match(job["id"]):
-        raise JobError("`id` must be 1-40 characters of [A-Za-z0-9_.:-]")
+        raise JobError("`id` must be 1-40 characters of [A-Za-z0-9_.:-], the first a letter, digit or _")
     if not isinstance(job.get("device"), str) or not ID_PATTERN.match(job["device"]):
         raise JobError("`device` must be a device id (1-64 characters of [A-Za-z0-9_.:-])")
     if not isinstance(job.get("model"), str) or not job["model"]:

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import signal
 import threading
@@ -680,7 +681,10 @@ class HostWorker:
             if dest.exists():
                 done_bytes[offer.transfer] = offer.size
                 continue
-            self.file_receiver.receive(prefix, offer, dest, on_progress=progress, on_complete=self._check_photo)
+            try:
+                self.file_receiver.receive(prefix, offer, dest, on_progress=progress, on_complete=self._check_photo)
+            except TransferError as err:
+                raise JobFailed(f"{stage} from {job['device']}: refused ({err.code}): {err.message}") from err
         self._last_chunk = time.monotonic()
         for offer, dest in files:
             while not dest.exists():  # no deadline while chunks keep coming (progress reports them)
@@ -690,7 +694,8 @@ class HostWorker:
                     if self._stop.is_set():
                         raise Stopping() from err
                     if err.code != "timeout":
-                        raise
+                        raise JobFailed(f"{stage} from {job['device']}: {offer.name} failed ({err.code}): "
+                                        f"{err.message}") from err
                     if time.monotonic() - self._last_chunk > self.config.device_timeout_s:
                         raise JobFailed(f"photos from {job['device']}: no chunk for "
                                         f"{self.config.device_timeout_s:.0f} s") from err
@@ -920,14 +925,26 @@ def _image_record_problem(body: dict, out: str | None) -> str | None:
     return None
 
 
+_LEADING_ID = re.compile(rb'^\s*\{\s*"id"\s*:\s*"([^"\\]{1,64})"')
+
+
 def _readable_id(payload: bytes) -> str | None:
+    """The id a refused job names, to publish its refusal under: any string that is one plain MQTT
+    topic level (an id parse_job refuses, such as `..`, still hears why). From a payload too deeply
+    nested to parse, the id only when it is the first key."""
+    from blockskip.host.jobs import MAX_JOB_BYTES
+
     try:
+        if len(payload) > MAX_JOB_BYTES:  # not parsed whole: the leading id, if any
+            raise RecursionError
         value = json.loads(payload).get("id")
+    except RecursionError:
+        match = _LEADING_ID.match(payload)
+        value = match.group(1).decode("utf-8", "replace") if match else None
     except (ValueError, AttributeError, UnicodeDecodeError):
         return None
-    from blockskip.host.jobs import JOB_ID_PATTERN
-
-    return value if isinstance(value, str) and JOB_ID_PATTERN.match(value) else None
+    ok = isinstance(value, str) and 0 < len(value) <= 64 and not any(c in value for c in "/+#\0")
+    return value if ok and value.isprintable() else None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -243,3 +243,51 @@ def test_a_sparse_tar_writes_nothing_on_any_path(broker, start_agent, host, bund
     assert written(agent.data_dir) < 1 << 20
     assert not (agent.data_dir / "bundles" / "leaf").exists() and not (agent.data_dir / "bundles" / "leaf.tar").exists()
     assert h.request(wait_until, {"id": "s", "action": "status"})["ok"]
+
+
+def test_receive_offers_are_bounded_in_sum_against_free_disk_and_expire(broker, start_agent, probe_factory, tmp_path,
+                                                                        wait_until):
+    """Offers that each fit but not together: the one past max_pending_receive_bytes is refused
+    (pending_limit), the one that would eat the disk margin (no_space), the one over the file
+    limit (too_large), each with its code; an unfinished receive past its deadline is dropped at
+    the next start, its sender told `expired`, and never asked for again."""
+    import shutil
+
+    (tmp_path / "data").mkdir()
+    free = shutil.disk_usage(tmp_path / "data").free
+    size = free // 3
+    probe = probe_factory(broker.port, [PREFIX + "reply/+", PREFIX + "files/+/want", PREFIX + "files/+/done"])
+
+    def offer(transfer: str, nbytes: int) -> dict:
+        return {"transfer": transfer, "name": f"{transfer}.tar", "size": nbytes, "sha256": "0" * 64,
+                "chunk_size": 16 * 1024 * 1024}
+
+    def receive(command_id: str, transfer: str, nbytes: int) -> dict:
+        return probe.request(DEV, {"id": command_id, "action": "receive",
+                                   "args": {"offer": offer(transfer, nbytes), "kind": "bundle"}}, timeout=20)
+
+    limits = dict(max_receive_bytes=2 * size, max_pending_receive_bytes=2 * size + size // 2,
+                  receive_disk_margin_bytes=free // 10)
+    agent = start_agent(**limits)
+    assert receive("big", "t-big", 3 * size)["error"]["code"] == "too_large"
+    assert receive("r1", "t-1", size)["result"]["state"] == "receiving"
+    assert receive("r2", "t-2", size)["result"]["state"] == "receiving"
+    third = receive("r3", "t-3", size)
+    assert third["error"]["code"] == "pending_limit", third
+    agent.stop(flush_timeout_s=1)
+
+    agent = start_agent(**{**limits, "max_pending_receive_bytes": 100 * free})  # the two resume
+    third = receive("r3b", "t-3", size)
+    assert third["error"]["code"] == "no_space" and "disk_margin_bytes" in third["error"]["message"], third
+    parts = agent.data_dir / "transfers" / "receive"
+    assert sorted(p.name for p in parts.glob("*.part")) == ["t-1.part", "t-2.part"]
+    agent.stop(flush_timeout_s=1)
+
+    time.sleep(1.5)
+    wants_before = len(probe.on("/want"))
+    start_agent(**limits, transfer_deadline_s=1.0)
+    expired = wait_until(lambda: [d for d in probe.on("/done") if d.get("error", {}).get("code") == "expired"], 10)
+    assert len(expired) == 2
+    assert not list(parts.glob("*"))
+    time.sleep(1.0)
+    assert len(probe.on("/want")) == wants_before  # nothing asked for again

@@ -273,6 +273,9 @@ def test_bad_jobs_end_with_a_reason_and_the_worker_keeps_serving(broker, start_a
         wait_until(worker.connected.is_set)
         watch.send(SUBMIT_TOPIC, b"\xff not json")
         watch.send(SUBMIT_TOPIC, {"id": "../x", **good})
+        for dots in (".", ".."):  # ids a folder name would misread: refused with a status, like any bad id
+            watch.send(SUBMIT_TOPIC, {"id": dots, **good})
+        watch.send(SUBMIT_TOPIC, b'{"id": "deep", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
         cases = {
             "no-prompts": {**good, "prompts": []},
             "two-sources": {**good, "captures": {"camera_id": "cam-01"}},
@@ -300,6 +303,10 @@ def test_bad_jobs_end_with_a_reason_and_the_worker_keeps_serving(broker, start_a
     assert "'sdxl' is not one this worker serves" in errors["other-model"]
     assert "does not exist" in errors["no-folder"]
     assert "no capture on dev-a matches" in errors["no-match"] and "0 captures in its spool" in errors["no-match"]
+    for dots in (".", ".."):
+        assert "the first a letter, digit or _" in wait_until(lambda: final(dots), 10)["error"]
+    assert "nested too deeply" in wait_until(lambda: final("deep"), 10)["error"]
+    assert not (worker.jobs_dir.parent / "job.json").exists()
 
 
 def test_the_example_host_and_operator_configs_load(tmp_path, host_side):
@@ -465,3 +472,123 @@ def send_captures_as(login, folder: Path) -> None:
     subject_photos(folder)
     report = publish_folder(CaptureConfig(device_id=DEV, camera_id="cam-01", ack_timeout_s=5, broker=login), folder)
     assert report.ok, report
+
+
+class HostileBoard:
+    """dev-a's login in an attacker's hands: answers the worker's `captures` and `upload` with
+    offers of its choosing and serves (or starves) them with a real FileSender."""
+
+    def __init__(self, port: int, tmp: Path, offers: list[tuple[Path | None, int]], serve: bool = True):
+        import threading
+
+        from blockskip.transfer import FileOffer, FileSender
+
+        self.client = mqtt_client(port, DEV)
+        self.sender = FileSender(lambda t, p, props=None: self.client.publish(t, p, qos=1, properties=props),
+                                 tmp / "send")
+        self.offers, self.serve, self.FileOffer = offers, serve, FileOffer
+        self.wants: list[str] = []
+        self.done: list[dict] = []
+        self.lock = threading.Lock()
+        self.client.on_message = self._message
+        self.client.subscribe([(f"blockskip/{DEV}/cmd", 1), (f"blockskip/{DEV}/files/+/want", 1),
+                               (f"blockskip/{DEV}/files/+/done", 1)])
+
+    def _message(self, client, userdata, msg) -> None:
+        if "/files/" in msg.topic:
+            with self.lock:
+                (self.wants if msg.topic.endswith("/want") else self.done).append(msg.topic)
+            if msg.topic.endswith("/done"):
+                self.done[-1] = json.loads(msg.payload)
+            if self.serve:
+                self.sender.handle(msg.topic, msg.payload)
+            return
+        cmd = json.loads(msg.payload)
+        if cmd["action"] == "captures":
+            result = {"total": len(self.offers), "captures": [
+                {"sha256": f"{i:064x}", "camera_id": "cam-01", "received": i, "file": f"{i}.png"}
+                for i in range(len(self.offers))]}
+        elif cmd["action"] == "upload":
+            files = []
+            for i, (path, size) in enumerate(self.offers):
+                transfer = f"{cmd['id'][:54]}.{i}"
+                if path is not None:
+                    offer = self.sender.offer(f"blockskip/{DEV}/", path, transfer, 64 * 1024)
+                else:  # a file it does not have: only the offer
+                    offer = self.FileOffer(transfer, f"{i}.png", size, "0" * 64, 16 * 1024 * 1024)
+                files.append({"path": f"spool/{i}.png", "offer": offer.to_dict()})
+            result = {"files": files}
+        else:
+            result = {}
+        client.publish(f"blockskip/{DEV}/reply/{cmd['id']}", json.dumps({"id": cmd["id"], "ok": True,
+                                                                          "result": result}), qos=1)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def mqtt_client(port: int, client_id: str):
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    return client
+
+
+def bomb_png(path: Path, side: int = 12000) -> Path:
+    """A PNG of side x side black pixels: a few hundred KB on disk, side*side*3 bytes decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = zlib.compress(b"\0" * ((side * 3 + 1) * side), 9)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("case", ["huge-offers", "pixel-bomb", "trickle"])
+def test_a_hostile_board_cannot_fill_the_workers_disk_or_memory(case, broker, host_side, tmp_path, wait_until):
+    """Five 40 GiB photo offers are refused before a byte (too_large); three 12000 x 12000 PNGs of a
+    few hundred KB are refused from their header (too_many_pixels); a photo that stops coming ends
+    at the idle timeout. Each time the job fails saying why, no partial file stays, and the worker
+    goes on to run the next job."""
+    offers = {"huge-offers": [(None, 40 * 1024**3)] * 5,
+              "pixel-bomb": [(bomb_png(tmp_path / f"bomb-{i}.png"), 0) for i in range(3)],
+              "trickle": [(subject_photos(tmp_path / "real", 1)[0], 0)]}[case]
+    hostile = HostileBoard(broker.port, tmp_path / "hostile", offers, serve=case != "trickle")
+    worker = HostWorker(HostConfig(**host_config(tmp_path, broker, host_side, 0, transfer_idle_timeout_s=2.0)))
+    worker.start()
+    watch = mqtt_client(broker.port, "watcher")
+    statuses: dict[str, dict] = {}
+    watch.on_message = lambda c, u, m: statuses.__setitem__(m.topic.split("/")[1], json.loads(m.payload))
+    watch.subscribe("blockskip-jobs/+/status", qos=1)
+    try:
+        wait_until(worker.connected.is_set)
+        job = {"device": DEV, "model": "flux", "subject": "a photo of sks leaf", "prompts": PROMPTS[:1]}
+        watch.publish(SUBMIT_TOPIC, json.dumps({"id": "attack", "captures": {"camera_id": "cam-01"}, **job}), qos=1)
+        failed = wait_until(lambda: statuses.get("attack", {}).get("state") == "failed" and statuses["attack"], 60)
+        subject_photos(tmp_path / "photos")
+        watch.publish(SUBMIT_TOPIC, json.dumps({"id": "next", "photos_dir": str(tmp_path / "photos"),
+                                                "stop_after": "photos", **job}), qos=1)
+        assert wait_until(lambda: statuses.get("next", {}).get("state") in ("done", "failed")
+                          and statuses["next"], 60)["state"] == "done"
+    finally:
+        worker.stop()
+        hostile.close()
+        watch.disconnect()
+        watch.loop_stop()
+    code = {"huge-offers": "too_large", "pixel-bomb": "too_many_pixels", "trickle": "idle_timeout"}[case]
+    assert f"({code})" in failed["error"], failed["error"]
+    leftovers = [p for p in worker.work.rglob("*") if p.is_file() and (p.suffix == ".part" or p.stat().st_size > 1e6)]
+    assert leftovers == []
+    assert not list((worker.jobs_dir / "attack" / "photos").iterdir())
+    if case == "huge-offers":
+        assert hostile.wants == []  # not one chunk was asked for
+    if case == "trickle":  # the board heard that the worker gave up
+        wait_until(lambda: any(d.get("error", {}).get("code") in ("idle_timeout", "cancelled") for d in hostile.done), 10)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -356,3 +357,33 @@ def test_empty_file_and_a_finished_transfer_offered_again(tmp_path):
         assert [t for t, _ in published] == [topics(PREFIX, "e1")["done"]] * 2
     finally:
         receiver.close()
+
+
+@pytest.mark.parametrize("limit", ["idle_timeout", "deadline"])
+def test_a_receive_that_stalls_or_runs_late_ends_with_its_code_and_leaves_nothing(tmp_path, limit):
+    """A sender that stops sending (idle_timeout) or trickles past the deadline: the receive ends
+    with its code, the partial file and state go, and the sender is told in a `done`."""
+    sent: list[tuple[str, bytes]] = []
+    policy = ReceivePolicy(idle_timeout_s=0.5 if limit == "idle_timeout" else 60,
+                           deadline_s=0.8 if limit == "deadline" else 60)
+    receiver = FileReceiver(lambda t, p, props=None: sent.append((t, p)), tmp_path / "recv", retry_s=0.2,
+                            policy=policy)
+    data = os.urandom(5000)
+    offer = FileOffer("t", "f.bin", len(data), hashlib.sha256(data).hexdigest(), 1024)
+    try:
+        receiver.receive(PREFIX, offer, tmp_path / "f.bin")
+        if limit == "deadline":  # a chunk now and then keeps it from being idle, never complete
+            for index in range(3):
+                chunk = data[index * 1024:(index + 1) * 1024]
+                props = Properties(PacketTypes.PUBLISH)
+                props.UserProperty = [("index", str(index)), ("sha256", hashlib.sha256(chunk).hexdigest())]
+                receiver.handle(topics(PREFIX, "t")["chunk"], chunk, props)
+                time.sleep(0.3)
+        with pytest.raises(TransferError) as err:
+            receiver.wait("t", timeout=10)
+        assert err.value.code == limit
+    finally:
+        receiver.close()
+    assert not list((tmp_path / "recv").iterdir()) and not (tmp_path / "f.bin").exists()
+    done = [json.loads(p) for t, p in sent if t.endswith("/done")]
+    assert done == [{"ok": False, "error": {"code": limit, "message": err.value.message}}]
