@@ -934,15 +934,17 @@ def _readable_id(payload: bytes) -> str | None:
     nested to parse, the id only when it is the first key."""
     from blockskip.host.jobs import MAX_JOB_BYTES
 
+    value: Any = None
     try:
-        if len(payload) > MAX_JOB_BYTES:  # not parsed whole: the leading id, if any
-            raise RecursionError
-        value = json.loads(payload).get("id")
-    except RecursionError:
-        match = _LEADING_ID.match(payload)
-        value = match.group(1).decode("utf-8", "replace") if match else None
+        if len(payload) <= MAX_JOB_BYTES:
+            value = json.loads(payload).get("id")
     except (ValueError, AttributeError, UnicodeDecodeError):
         return None
+    except RecursionError:
+        pass
+    if value is None:  # too deep or too large to parse whole: the leading id, if any
+        match = _LEADING_ID.match(payload)
+        value = match.group(1).decode("utf-8", "replace") if match else None
     ok = isinstance(value, str) and 0 < len(value) <= 64 and not any(c in value for c in "/+#\0")
     return value if ok and value.isprintable() else None
 

@@ -250,3 +250,60 @@ def test_the_agents_login_must_be_its_device_id(tmp_path):
     with pytest.raises(ConfigError, match="must equal device_id"):
         AgentConfig(device_id=DEV, data_dir=str(tmp_path), broker=BrokerConfig(username="dev-b"))
     assert AgentConfig(device_id=DEV, data_dir=str(tmp_path), broker=BrokerConfig(username=DEV))
+
+
+@pytest.mark.parametrize("receive_maximum", [4, 16])
+def test_a_broker_restart_under_load_redelivers_at_most_receive_maximum_and_loses_nothing(
+        receive_maximum, broker, start_agent, wait_until):
+    """1000 commands at ~400/s to an agent that handles ~200/s, the broker restarted halfway: every
+    command is answered, and the agent sees at most `receive_maximum` deliveries again (the
+    messages it held unacknowledged when the broker went; without the limit, all of its backlog),
+    plus the one the sender may resend (it has one in flight)."""
+    import collections
+
+    import paho.mqtt.client as mqtt
+
+    agent = start_agent(receive_maximum=receive_maximum)
+    seen: collections.Counter[str] = collections.Counter()
+    handler = agent.client.on_message
+
+    def count(client, userdata, msg):
+        if msg.topic.endswith("/cmd"):
+            seen[json.loads(msg.payload)["id"]] += 1
+        handler(client, userdata, msg)
+
+    agent.client.on_message = count
+    handle_command = agent._handle_command
+
+    def slow(payload: bytes) -> None:  # a board whose disk is slow: a backlog builds up behind it
+        time.sleep(0.005)
+        handle_command(payload)
+
+    agent._handle_command = slow
+    replies: set[str] = set()
+    sender = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="load",
+                         protocol=mqtt.MQTTv5)
+    sender.max_inflight_messages_set(1)
+    sender.reconnect_delay_set(0.05, 0.2)
+    sender.on_message = lambda c, u, m: replies.add(m.topic.rsplit("/", 1)[1])
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    sender.on_connect = lambda c, u, f, rc, p: c.subscribe("blockskip/dev-a/reply/+", qos=1)
+    sender.connect("127.0.0.1", broker.port, 5, clean_start=False, properties=props)
+    sender.loop_start()
+    try:
+        wait_until(sender.is_connected)
+        time.sleep(0.2)
+        start = time.monotonic()
+        for i in range(1000):
+            sender.publish("blockskip/dev-a/cmd", json.dumps({"id": f"load-{i}", "action": "status"}), qos=1)
+            if i == 500:
+                broker.restart(down_s=0.3)
+            time.sleep(max(0.0, start + (i + 1) / 400 - time.monotonic()))
+        wait_until(lambda: len(replies) == 1000, 180, interval=0.2)
+    finally:
+        sender.disconnect()
+        sender.loop_stop()
+    assert set(seen) == {f"load-{i}" for i in range(1000)}
+    duplicates = sum(n - 1 for n in seen.values())
+    assert duplicates <= receive_maximum + 1, (duplicates, receive_maximum)
