@@ -349,6 +349,12 @@ class Agent:
         self._job_thread: threading.Thread | None = None
         self._job_stop = threading.Event()
         self._last_progress = 0.0
+        # Messages handed to the dispatcher threads and not yet acknowledged: at most receive_maximum.
+        # The broker is asked for that limit (Receive Maximum); the agent also holds to it itself,
+        # because mosquitto 2.0.11 (Debian 12) sends past it once the first window is acknowledged.
+        self._unacked = 0
+        self._unacked_cond = threading.Condition()
+        self._stopping = threading.Event()
         self.connected = threading.Event()
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -379,6 +385,7 @@ class Agent:
 
     def stop(self, flush_timeout_s: float = 5.0) -> None:
         """Clean shutdown: stop (checkpoint) the job, publish `offline`, flush the outbox, disconnect."""
+        self._stopping.set()
         thread = self._job_thread
         if thread is not None and thread.is_alive():
             logger.info("stopping job %s before shutdown", (self._job or {}).get("id"))
@@ -423,6 +430,11 @@ class Agent:
         logger.warning("disconnected from broker (%s); reconnecting with backoff", reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.qos > 0:  # hold the network thread (and so the socket) while receive_maximum are unacknowledged
+            with self._unacked_cond:
+                while self._unacked >= self.config.receive_maximum and not self._stopping.is_set():
+                    self._unacked_cond.wait(0.5)
+                self._unacked += 1
         if msg.topic.startswith(self.prefix + "capture/"):
             self._captures.put(msg)
         elif msg.topic.startswith(self.prefix + "files/"):
@@ -446,6 +458,9 @@ class Agent:
             finally:
                 if msg.qos > 0:
                     self.client.ack(msg.mid, msg.qos)  # only now: the capture is on disk
+                    with self._unacked_cond:
+                        self._unacked -= 1
+                        self._unacked_cond.notify()
 
     def _handle(self, msg: mqtt.MQTTMessage) -> None:
         rest = msg.topic[len(self.prefix):]
