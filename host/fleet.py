@@ -99,15 +99,10 @@ class Session:
             self.lock.notify_all()
 
     def json_on(self, predicate) -> list[dict]:
+        """The JSON objects received on the topics `predicate` accepts (anything else is skipped)."""
         with self.lock:
-            out = []
-            for msg in self.messages:
-                if predicate(msg.topic):
-                    try:
-                        out.append(json.loads(msg.payload))
-                    except ValueError:
-                        pass
-            return out
+            return [body for msg in self.messages if predicate(msg.topic)
+                    if isinstance(body := _json_object(msg.payload), dict)]
 
     def wait_for(self, ready, timeout: float) -> Any:
         deadline = time.monotonic() + timeout
@@ -138,6 +133,21 @@ class Session:
         self.client.loop_stop()
 
 
+def _json_object(payload: bytes) -> dict | None:
+    """A payload as a JSON object, or None (not JSON, not an object, nested too deep)."""
+    try:
+        body = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _mib(value: Any, unit: int = 2**20, digits: int = 1) -> str:
+    """A byte count in MiB (or another unit) for a line a person reads; '?' when it is no number."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return f"{value / unit:.{digits}f}" if number else "?"
+
+
 def _age(ts: Any) -> str:
     if not isinstance(ts, (int, float)):
         return "?"
@@ -157,9 +167,8 @@ def run_devices(args: argparse.Namespace) -> int:
     session.close()
     rows = []
     for msg in session.messages:
-        try:
-            status = json.loads(msg.payload)
-        except ValueError:
+        status = _json_object(msg.payload)  # a board writes its own status: anything may be there
+        if status is None:
             continue
         job = status.get("job") or {}
         rows.append([msg.topic.split("/")[1], status.get("state", "?"), job.get("id", "") if isinstance(job, dict)
@@ -191,10 +200,9 @@ def _job_statuses(session: Session) -> dict[str, dict]:
     for msg in list(session.messages):
         parts = msg.topic.split("/")
         if len(parts) == 3 and parts[0] == JOBS_ROOT and parts[2] == "status":
-            try:
-                statuses[parts[1]] = json.loads(msg.payload)
-            except ValueError:
-                continue
+            status = _json_object(msg.payload)
+            if status is not None:
+                statuses[parts[1]] = status
     return statuses
 
 
@@ -271,21 +279,21 @@ def _describe(event: dict) -> str | None:
         return f"stage {event.get('stage')}"
     if kind == "progress":
         if "total_bytes" in event:
-            return f"  {event.get('stage')}: {event.get('bytes', 0) / 2**20:.1f} / {event['total_bytes'] / 2**20:.1f} MiB"
+            return f"  {event.get('stage')}: {_mib(event.get('bytes', 0))} / {_mib(event['total_bytes'])} MiB"
         loss = f", loss {event['loss']:.4f}" if isinstance(event.get("loss"), (int, float)) else ""
         return f"  {event.get('stage')}: {event.get('step')} / {event.get('total')}{loss}"
     if kind in ("done", "failed"):
         return None  # the final status says it
     if kind == "photos":
-        size = f" ({event['bytes'] / 1024:.0f} KiB)" if "bytes" in event else ""
+        size = f" ({_mib(event['bytes'], 1024, 0)} KiB)" if "bytes" in event else ""
         return f"  photos: {event.get('count')} from {event.get('source')}{size}"
     if kind == "bundle":
-        return (f"  bundle: {event.get('bytes', 0) / 2**20:.1f} MiB, {event.get('draws')} draws from "
+        return (f"  bundle: {_mib(event.get('bytes', 0))} MiB, {event.get('draws')} draws from "
                 f"{event.get('photos')} photos, {'signed' if event.get('signed') else 'NOT signed'}")
     if kind == "delivered":
-        return f"  delivered {event.get('kind')} to {event.get('path')} ({event.get('bytes', 0) / 2**20:.1f} MiB, verified there)"
+        return f"  delivered {event.get('kind')} to {event.get('path')} ({_mib(event.get('bytes', 0))} MiB, verified there)"
     if kind == "trained":
-        result = event.get("result") or {}
+        result = event.get("result") if isinstance(event.get("result"), dict) else {}
         loss = result.get("final_loss")
         return f"  trained: {result.get('steps')} steps" + (f", final loss {loss:.4f}" if isinstance(loss, float) else "")
     if kind == "plan":
@@ -311,7 +319,8 @@ def _follow(session: Session, job_id: str, timeout: float) -> int:
                 if status["state"] == "failed":
                     print(f"job {job_id} failed in {status.get('stage') or 'submit'}: {status.get('error')}")
                     return 1
-                results = status.get("results") or []
+                results = [r for r in status.get("results") or [] if isinstance(r, dict)] \
+                    if isinstance(status.get("results"), list) else []
                 print(f"job {job_id} done on {status.get('device')}: {len(results)} images "
                       f"(`blockskip fleet fetch {job_id} --out DIR` copies them)")
                 for result in results:
