@@ -527,7 +527,10 @@ class HostWorker:
         except Stopping:
             self._save_state(job_id, state)
             raise
-        except (JobFailed, JobError, TransferError, BlockskipError) as err:
+        except Exception as err:  # the job boundary: it ends `failed`, saying why, and the worker goes on
+            if not isinstance(err, (JobFailed, JobError, TransferError, BlockskipError)):
+                logger.exception("job %s crashed", job_id)
+                err = JobFailed(f"internal error: {type(err).__name__}: {err}")
             state.update(state="failed", error=str(err))
             self._event(job_id, {"type": "failed", "stage": state.get("stage"), "error": str(err)})
             logger.error("job %s failed in %s: %s", job_id, state.get("stage"), err)
@@ -597,8 +600,9 @@ class HostWorker:
             send()
             reply = self._wait(f"{action} on {job['device']}", lambda: log.replies.get(command_id),
                                self.config.device_timeout_s, send, self.config.command_resend_s)
-            if reply.get("ok"):
-                return reply.get("result")
+            if reply.get("ok") is True:
+                result = reply.get("result")
+                return result if isinstance(result, dict) else {}
             error = reply.get("error") or {}
             if error.get("code") != "busy":
                 raise JobFailed(f"{action} on {job['device']} refused ({error.get('code')}): {error.get('message')}")
@@ -657,14 +661,15 @@ class HostWorker:
         listing = self._command(job, state, log, "captures", "captures",
                                 {"limit": 1000, **({"camera_id": selection["camera_id"]}
                                                    if "camera_id" in selection else {})})
-        chosen = select_captures(listing.get("captures", []), selection)
+        records = listing.get("captures")
+        chosen = select_captures([r for r in records if isinstance(r, dict)] if isinstance(records, list) else [],
+                                 selection)
         if not chosen:
             raise JobFailed(f"no capture on {job['device']} matches {json.dumps(selection, sort_keys=True)} "
                             f"({listing.get('total', 0)} captures in its spool)")
         offered = self._command(job, state, log, "upload", "upload",
                                 {"captures": [r["sha256"] for r in chosen], "chunk_size": self.config.chunk_size})
-        self._receive_files(job, [(FileOffer.from_dict(f["offer"]), photos / Path(f["path"]).name)
-                                  for f in offered["files"]], "photos")
+        self._receive_files(job, _upload_offers(offered, photos, job["device"]), "photos")
 
     def _receive_files(self, job: dict, files: list[tuple[FileOffer, Path]], stage: str) -> None:
         prefix = f"blockskip/{job['device']}/"
@@ -815,6 +820,8 @@ class HostWorker:
         offer = self.file_sender.offer(prefix, tar, transfer, self.config.chunk_size)
         result = self._command(job, state, log, step, "receive", {"offer": offer.to_dict(), "kind": kind},
                                fresh=True)  # receive is idempotent by content: a repeat answers `installed`
+        if not isinstance(result.get("path"), str):
+            raise JobFailed(f"{job['device']} answered receive without the path of {tar.name}")
         if result.get("state") != "installed":
             done = self._wait(f"sending {tar.name} to {job['device']}", lambda: self.file_sender.result(transfer),
                               self.config.device_timeout_s, activity=lambda: self.file_sender.sent(transfer))
@@ -833,7 +840,7 @@ class HostWorker:
             pack = Path(settings.base_pack)
             content = verify_bundle(pack)["content_sha256"]
             status = self._command(job, state, log, "status", "status", {}, fresh=True)
-            if content not in status.get("base_packs", []):
+            if not isinstance(status.get("base_packs"), list) or content not in status["base_packs"]:
                 self._send(job, state, log, _as_tar(pack, self.work / "base-packs"), "base-pack", "basepack")
         state["board_bundle"] = self._send(job, state, log, Path(state["bundle"]), "bundle", "bundle")
 
@@ -898,6 +905,23 @@ def _as_tar(pack: Path, where: Path) -> Path:
         where.mkdir(parents=True, exist_ok=True)
         _write_tar(pack, tar, sorted(manifest["files"]))  # the signature goes in when the pack has one
     return tar
+
+
+def _upload_offers(offered: dict, photos: Path, device: str) -> list[tuple[FileOffer, Path]]:
+    """The files a board's `upload` reply offers, each to a photo in `photos` (its own base name)."""
+    files = offered.get("files")
+    if not isinstance(files, list) or not files:
+        raise JobFailed(f"{device} answered upload without a list of offered files")
+    out = []
+    for entry in files:
+        try:
+            offer = FileOffer.from_dict(entry.get("offer") if isinstance(entry, dict) else None)
+        except TransferError as err:
+            raise JobFailed(f"{device} offered a photo that is not a valid offer: {err.message}") from err
+        out.append((offer, photos / offer.name))  # a base name FileOffer checked (no slashes, not . or ..)
+    if len({dest for _, dest in out}) != len(out):
+        raise JobFailed(f"{device} offered two photos under one name")
+    return out
 
 
 def _issued(commands: dict, default_out: str | None = None) -> dict[str, dict]:

@@ -478,7 +478,8 @@ class HostileBoard:
     """dev-a's login in an attacker's hands: answers the worker's `captures` and `upload` with
     offers of its choosing and serves (or starves) them with a real FileSender."""
 
-    def __init__(self, port: int, tmp: Path, offers: list[tuple[Path | None, int]], serve: bool = True):
+    def __init__(self, port: int, tmp: Path, offers: list[tuple[Path | None, int]], serve: bool = True,
+                 garbage: bool = False):
         import threading
 
         from blockskip.transfer import FileOffer, FileSender
@@ -486,7 +487,7 @@ class HostileBoard:
         self.client = mqtt_client(port, DEV)
         self.sender = FileSender(lambda t, p, props=None: self.client.publish(t, p, qos=1, properties=props),
                                  tmp / "send")
-        self.offers, self.serve, self.FileOffer = offers, serve, FileOffer
+        self.offers, self.serve, self.garbage, self.FileOffer = offers, serve, garbage, FileOffer
         self.wants: list[str] = []
         self.done: list[dict] = []
         self.lock = threading.Lock()
@@ -504,7 +505,10 @@ class HostileBoard:
                 self.sender.handle(msg.topic, msg.payload)
             return
         cmd = json.loads(msg.payload)
-        if cmd["action"] == "captures":
+        if self.garbage:  # replies of the right ids in shapes no agent sends
+            result = {"captures": {"total": 1, "captures": [1, "x", {"sha256": "0" * 64, "camera_id": "cam-01"}]},
+                      "upload": {"files": [{"path": "../..", "offer": {"transfer": "x"}}, 7]}}.get(cmd["action"], [])
+        elif cmd["action"] == "captures":
             result = {"total": len(self.offers), "captures": [
                 {"sha256": f"{i:064x}", "camera_id": "cam-01", "received": i, "file": f"{i}.png"}
                 for i in range(len(self.offers))]}
@@ -552,16 +556,17 @@ def bomb_png(path: Path, side: int = 12000) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["huge-offers", "pixel-bomb", "trickle"])
+@pytest.mark.parametrize("case", ["huge-offers", "pixel-bomb", "trickle", "garbage"])
 def test_a_hostile_board_cannot_fill_the_workers_disk_or_memory(case, broker, host_side, tmp_path, wait_until):
     """Five 40 GiB photo offers are refused before a byte (too_large); three 12000 x 12000 PNGs of a
     few hundred KB are refused from their header (too_many_pixels); a photo that stops coming ends
-    at the idle timeout. Each time the job fails saying why, no partial file stays, and the worker
-    goes on to run the next job."""
+    at the idle timeout; replies in shapes no agent sends are refused. Each time the job fails
+    saying why, no partial file stays, and the worker goes on to run the next job."""
     offers = {"huge-offers": [(None, 40 * 1024**3)] * 5,
               "pixel-bomb": [(bomb_png(tmp_path / f"bomb-{i}.png"), 0) for i in range(3)],
-              "trickle": [(subject_photos(tmp_path / "real", 1)[0], 0)]}[case]
-    hostile = HostileBoard(broker.port, tmp_path / "hostile", offers, serve=case != "trickle")
+              "trickle": [(subject_photos(tmp_path / "real", 1)[0], 0)], "garbage": []}[case]
+    hostile = HostileBoard(broker.port, tmp_path / "hostile", offers, serve=case != "trickle",
+                           garbage=case == "garbage")
     worker = HostWorker(HostConfig(**host_config(tmp_path, broker, host_side, 0, transfer_idle_timeout_s=2.0)))
     worker.start()
     watch = mqtt_client(broker.port, "watcher")
@@ -583,8 +588,9 @@ def test_a_hostile_board_cannot_fill_the_workers_disk_or_memory(case, broker, ho
         hostile.close()
         watch.disconnect()
         watch.loop_stop()
-    code = {"huge-offers": "too_large", "pixel-bomb": "too_many_pixels", "trickle": "idle_timeout"}[case]
-    assert f"({code})" in failed["error"], failed["error"]
+    reason = {"huge-offers": "(too_large)", "pixel-bomb": "(too_many_pixels)", "trickle": "(idle_timeout)",
+              "garbage": "is not a valid offer"}[case]
+    assert reason in failed["error"], failed["error"]
     leftovers = [p for p in worker.work.rglob("*") if p.is_file() and (p.suffix == ".part" or p.stat().st_size > 1e6)]
     assert leftovers == []
     assert not list((worker.jobs_dir / "attack" / "photos").iterdir())
