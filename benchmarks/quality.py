@@ -80,7 +80,7 @@ import json, sys
 from pathlib import Path
 import torch
 from blockskip.edge.train import TrainConfig, train
-from blockskip.host.bundle import TrustPolicy
+from blockskip.bundle import TrustPolicy
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
 trust = TrustPolicy(allow_unsigned=True)  # bundles this script built a moment ago, on this machine

@@ -18,7 +18,6 @@ import logging
 import os
 import queue
 import signal
-import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
@@ -36,50 +34,17 @@ from blockskip.edge.messages import Command, CommandError
 from blockskip.edge.outbox import Outbox, OutboxSender
 from blockskip.edge.spool import CaptureError, Spool, capture_meta
 from blockskip.edge.journal import Journal
+from blockskip.files import sha256_file
 from blockskip.errors import BlockskipError, BundleError, ConfigError, InputError, NotAvailableError
-from blockskip.host.bundle import TrustPolicy
+from blockskip.basepack import installed_base_packs
+from blockskip.bundle import TrustPolicy, open_bundle, trust_policy_from
+from blockskip.config import load_yaml
+from blockskip.mqtt import (BrokerConfig, check_receive_maximum, connect_properties, device_prefix, login_for,
+                            make_client)
 from blockskip.transfer import (DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, FileOffer, FileReceiver, FileSender, ReceivePolicy,
-                                TransferError, file_sha256)
+                                TransferError)
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class BrokerConfig:
-    """How to reach the broker (shared with `blockskip capture`)."""
-
-    host: str = "localhost"  # broker host name or address
-    port: int = 8883  # 8883 for TLS, 1883 for plain TCP
-    keepalive: int = 30  # seconds; the will fires after ~1.5x this without traffic
-    ca_file: str | None = None  # CA certificate (PEM): enables TLS
-    cert_file: str | None = None  # optional client certificate (PEM)
-    key_file: str | None = None  # its private key (PEM)
-    username: str | None = None  # the agent's: its device id (client id and ACL prefix are the login)
-    password_file: str | None = None  # file holding the password (first line)
-    password_env: str | None = None  # or: the environment variable holding it
-    reconnect_min_s: float = 1.0  # first reconnect delay; doubled per failure ...
-    reconnect_max_s: float = 60.0  # ... up to this cap
-
-    def __post_init__(self) -> None:
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"broker.port must be 1-65535, got {self.port}")
-        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
-            raise ConfigError("broker.reconnect_min_s must be > 0 and <= broker.reconnect_max_s")
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ConfigError("broker.cert_file and broker.key_file go together")
-
-    def password(self) -> str | None:
-        """The password from its file or environment variable (never logged)."""
-        if self.password_file:
-            try:
-                return Path(self.password_file).read_text().splitlines()[0]
-            except (OSError, IndexError) as err:
-                raise ConfigError(f"broker.password_file {self.password_file} cannot be read") from err
-        if self.password_env:
-            if self.password_env not in os.environ:
-                raise ConfigError(f"broker.password_env: ${self.password_env} is not set")
-            return os.environ[self.password_env]
-        return None
 
 
 @dataclass
@@ -116,13 +81,7 @@ class AgentConfig:
     receive_maximum: int = 16  # MQTT v5 Receive Maximum: unacknowledged messages the broker sends (and redelivers)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.device_id, str) or not messages.ID_PATTERN.match(self.device_id):
-            raise ConfigError("device_id must be 1-64 characters of [A-Za-z0-9_.:-]")
-        if isinstance(self.broker, dict):
-            self.broker = BrokerConfig(**self.broker)
-        if self.broker.username is not None and self.broker.username != self.device_id:
-            raise ConfigError(f"broker.username {self.broker.username!r} must equal device_id {self.device_id!r}: the "
-                              f"broker makes the login the client id and allows it only blockskip/<login>/...")
+        self.broker = login_for("device_id", self.device_id, self.broker)
         if self.backend not in ("auto", "tensorrt", "onnxruntime", "torch"):
             raise ConfigError(f"backend must be auto, tensorrt, onnxruntime or torch, got {self.backend!r}")
         for name in ("max_command_bytes", "max_capture_bytes", "outbox_max_messages", "outbox_max_bytes",
@@ -137,10 +96,6 @@ class AgentConfig:
         check_receive_maximum(self.receive_maximum)
         if not self.command_id_window_s > 0:
             raise ConfigError("command_id_window_s must be > 0")
-        if not isinstance(self.trusted_keys, list) or not all(isinstance(k, str) and k for k in self.trusted_keys):
-            raise ConfigError("trusted_keys must be a list of public key file paths")
-        if not isinstance(self.allow_unsigned_bundles, bool):
-            raise ConfigError("allow_unsigned_bundles must be true or false")
         if not isinstance(self.base_packs_dir, str) or not self.base_packs_dir:
             raise ConfigError("base_packs_dir must be a folder path (relative to data_dir, or absolute)")
         if self.board is not None or self.memory_budget_gib is not None:
@@ -151,10 +106,7 @@ class AgentConfig:
 
     def trust_policy(self) -> TrustPolicy:
         """The board's bundle trust policy, applied to every bundle a command names."""
-        try:
-            return TrustPolicy(tuple(Path(k) for k in self.trusted_keys), self.allow_unsigned_bundles)
-        except InputError as err:
-            raise ConfigError(f"trusted_keys: {err}") from err
+        return trust_policy_from(self.trusted_keys, self.allow_unsigned_bundles)
 
     def receive_policy(self) -> ReceivePolicy:
         """What `receive` accepts (blockskip.transfer.ReceivePolicy), from the config's limits."""
@@ -167,20 +119,7 @@ class AgentConfig:
 
     @property
     def prefix(self) -> str:
-        return f"blockskip/{self.device_id}/"
-
-
-def load_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML mapping or raise ConfigError."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read config {path}: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {path} must be a mapping")
-    return data
+        return device_prefix(self.device_id)
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -189,41 +128,6 @@ def load_config(path: Path) -> AgentConfig:
         return AgentConfig(**load_yaml(path))
     except TypeError as err:
         raise ConfigError(f"config {path}: {err}") from err
-
-
-def make_client(broker: BrokerConfig, client_id: str, manual_ack: bool = False) -> mqtt.Client:
-    """A paho v2 MQTT v5 client with TLS, credentials and capped exponential reconnect backoff."""
-    client = mqtt.Client(
-        callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=mqtt.MQTTv5,
-        manual_ack=manual_ack,
-    )
-    if broker.ca_file:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=broker.ca_file)
-        if broker.cert_file:
-            context.load_cert_chain(broker.cert_file, broker.key_file)
-        client.tls_set_context(context)
-    if broker.username:
-        client.username_pw_set(broker.username, broker.password())
-    client.reconnect_delay_set(broker.reconnect_min_s, broker.reconnect_max_s)
-    return client
-
-
-def check_receive_maximum(value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
-        raise ConfigError(f"receive_maximum must be an integer in 1..65535, got {value!r}")
-
-
-def connect_properties(session_expiry_s: int, receive_maximum: int | None = None) -> Properties:
-    """CONNECT properties: how long the broker keeps the session, and (Receive Maximum) how many
-    unacknowledged QoS 1 messages it may send at once, which is also the most it redelivers after
-    a broker or client restart."""
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = session_expiry_s
-    if receive_maximum is not None:
-        props.ReceiveMaximum = receive_maximum
-    return props
 
 
 JobFn = Callable[["JobContext"], Any]
@@ -549,13 +453,7 @@ class Agent:
 
     def _installed_base_packs(self) -> list[str]:
         """Content hashes the installed base packs claim (checked in full when a job uses one)."""
-        from blockskip.host.basepack import _claimed, _is_pack
-
-        where = self.config.base_packs()
-        if not where.is_dir():
-            return []
-        claimed = (_claimed(p) for p in sorted(where.iterdir()) if _is_pack(p))
-        return sorted({c["content_sha256"] for c in claimed if c and isinstance(c.get("content_sha256"), str)})
+        return installed_base_packs(self.config.base_packs())
 
     # ---- files over MQTT ----------------------------------------------------------------------
     def _publish_file(self, topic: str, payload: bytes, properties: Properties | None = None) -> None:
@@ -598,7 +496,7 @@ class Agent:
         dest = root / offer.name
         rel = os.path.relpath(dest, self.data_dir)
         if dest.exists():
-            if dest.is_file() and file_sha256(dest) == offer.sha256:
+            if dest.is_file() and sha256_file(dest) == offer.sha256:
                 return {"transfer": offer.transfer, "state": "installed", "path": rel}
             raise CommandError("exists", f"{rel} exists and holds another file; send it under another name")
         try:
@@ -611,8 +509,6 @@ class Agent:
         """What a received tar must pass before its `done` says ok: the board's trust policy and
         every checksum (open_bundle unpacks it beside itself, where train and generate find it)."""
         def check(path: Path) -> None:
-            from blockskip.host.bundle import open_bundle
-
             try:
                 open_bundle(path, self.trust, max_bytes=self.config.max_receive_bytes)
             except (BundleError, InputError) as err:

@@ -26,7 +26,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from blockskip.edge import messages
-from blockskip.edge.agent import BrokerConfig, connect_properties, load_yaml, make_client
+from blockskip.config import load_yaml
+from blockskip.mqtt import BrokerConfig, connect_properties, device_prefix, make_client
 from blockskip.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def publish_folder(config: CaptureConfig, folder: Path) -> CaptureReport:
     """Send every image of `folder`, resending unacked ones; return what was stored/refused/unacked."""
     files = list_images(folder)
     acks = _Acks(config.camera_id)
-    prefix = f"blockskip/{config.device_id}/"
+    prefix = device_prefix(config.device_id)
     connected = threading.Event()
     client = make_client(config.broker, client_id=f"{config.device_id}-cam-{config.camera_id}")
 

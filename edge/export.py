@@ -22,7 +22,7 @@ from pathlib import Path
 from blockskip.edge.generate import DEFAULT_CACHE
 from blockskip.edge.onnx_export import Shapes, cached_onnx, read_sidecar
 from blockskip.errors import ConfigError
-from blockskip.host.bundle import TrustPolicy, add_trust_arguments, trust_from_args
+from blockskip.bundle import TrustPolicy, add_trust_arguments, trust_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def text_length(model_dir: str, bundle: str | None, trust: TrustPolicy | None = 
     """Text tokens of this model's conditioning: from the bundle's prompt bank (opened under the
     board's trust policy), else from its text encoder."""
     if bundle:
-        from blockskip.edge.prompt_bank import load_prompt_bank, open_bank
+        from blockskip.prompt_bank import load_prompt_bank, open_bank
 
         bank = load_prompt_bank(open_bank(bundle, trust or TrustPolicy()))
         lengths = {t["encoder_hidden_states"].shape[1] for t in bank.values()}

@@ -27,7 +27,7 @@ import torch
 
 from blockskip.boards import add_budget_arguments
 from blockskip.errors import ConfigError, InputError
-from blockskip.host.bundle import TrustPolicy, add_trust_arguments, trust_from_args
+from blockskip.bundle import TrustPolicy, add_trust_arguments, trust_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class GenerateConfig:
 def resolve_texts(config: GenerateConfig) -> tuple[list[tuple[str, dict]], object | None]:
     """[(prompt, text conditioning)] and the model loaded with its text encoder (or None when
     the bank covered every prompt)."""
-    from blockskip.edge.prompt_bank import load_prompt_bank
+    from blockskip.prompt_bank import load_prompt_bank
     from blockskip.models.pipeline import load_model
 
     bank = load_prompt_bank(config.bundle) if config.bundle else {}
@@ -136,7 +136,7 @@ def sampling_model(model_dir: str, loaded=None):
 def negative_text(config: GenerateConfig, model, loaded) -> dict | None:
     """The empty prompt's conditioning for classifier-free guidance (families that use it):
     from the bank, else from the text encoder; None (no CFG, logged) without either."""
-    from blockskip.edge.prompt_bank import load_negative
+    from blockskip.prompt_bank import load_negative
 
     if model.family.cfg_scale == 1.0 and config.guidance_scale in (None, 1.0):
         return None
@@ -209,7 +209,7 @@ def generate(config: GenerateConfig, on_event: Callable[[dict], None] | None = N
     from blockskip.edge.backends import pick_backend
     from blockskip.edge.lora import adapter_hash
     from blockskip.edge.onnx_export import Shapes
-    from blockskip.edge.prompt_bank import open_bank
+    from blockskip.prompt_bank import open_bank
     from blockskip.models.pipeline import load_model, sample
 
     if config.bundle:
@@ -315,7 +315,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     trust = trust_from_args(args) if args.bundle else None
     if args.list_prompts:
-        from blockskip.edge.prompt_bank import load_prompt_bank, open_bank
+        from blockskip.prompt_bank import load_prompt_bank, open_bank
 
         if not args.bundle:
             raise ConfigError("--list-prompts needs --bundle")

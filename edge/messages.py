@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blockskip.mqtt import ID_PATTERN, JOB_ACTIONS  # noqa: F401 (part of the schema here too)
+
 # Largest command payload accepted, in bytes (a command is a small JSON object).
 MAX_COMMAND_BYTES = 64 * 1024
 
 # A file `receive` installs: a bundle or base pack tar with a plain name.
 TAR_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,123}\.tar$")
 
-# Command ids become part of a topic (`reply/<id>`): no wildcards, no separators.
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# Command ids become part of a topic (`reply/<id>`): no wildcards, no separators (blockskip.mqtt).
 
 ERROR_CODES = {
     "too_large": "the payload (or the file a `receive` is offered) is over the size limit",
@@ -111,7 +112,6 @@ ACTIONS: dict[str, dict[str, Arg]] = {
 
 # Arguments that name files and must stay inside the data directory.
 PATH_ARGS = ("bundle", "out", "model", "adapter")
-JOB_ACTIONS = ("train", "generate")
 
 
 @dataclass

@@ -11,32 +11,18 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import io
 import json
 import math
-import os
 import re
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from blockskip.files import write_atomic
+from blockskip.images import FORMATS, CaptureError, image_format  # noqa: F401 (the spool's own names too)
 
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
-FORMATS = {"JPEG": "jpg", "PNG": "png"}
-
-
-class CaptureError(Exception):
-    """A capture that is refused; `code` goes into the ack's error."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 @dataclass(frozen=True)
 class Stored:
     """Outcome of a successful store."""
@@ -44,23 +30,6 @@ class Stored:
     sha256: str
     path: Path
     duplicate: bool  # the same bytes were already in the spool (stored once, acked again)
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically: temporary file, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def capture_meta(camera_id: str, capture_time: str | None, gps: str | None) -> dict[str, Any]:
@@ -88,28 +57,6 @@ def capture_meta(camera_id: str, capture_time: str | None, gps: str | None) -> d
     return {"camera_id": camera_id, "capture_time": capture_time, "gps": gps}
 
 
-def image_format(data: bytes, max_pixels: int | None = None) -> str:
-    """Return "JPEG" or "PNG" if `data` decodes as such an image, else raise CaptureError(not_image).
-    With `max_pixels`, an image with more pixels is refused (`too_large`) from its header, before
-    any pixel is decoded: a small compressed file can hold a huge image."""
-    try:
-        with warnings.catch_warnings():  # the pixel limit below is ours; PIL's bomb warning is noise here
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-        with img:
-            fmt = img.format
-            width, height = img.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise CaptureError("too_large", f"image is {width} x {height} = {width * height} pixels; "
-                                                f"the limit is {max_pixels} (max_capture_pixels)")
-            img.load()  # decode the pixels: a truncated or corrupt file fails here
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise CaptureError("not_image", f"payload does not decode as an image: {err}") from err
-    if fmt not in FORMATS:
-        raise CaptureError("not_image", f"image format {fmt} is not accepted (JPEG or PNG)")
-    return fmt
-
-
 class Spool:
     """The spool directory. Stores are serialized by the caller (the agent's capture thread)."""
 
@@ -131,9 +78,9 @@ class Spool:
         meta_path = self.root / f"{digest}.json"
         if meta_path.exists() and path.exists():
             return Stored(digest, path, duplicate=True)
-        _fsync_write(path, data)
+        write_atomic(path, data)
         record = dict(meta, sha256=digest, size=len(data), format=fmt, file=path.name, received=time.time())
-        _fsync_write(meta_path, json.dumps(record, sort_keys=True).encode())
+        write_atomic(meta_path, json.dumps(record, sort_keys=True).encode())
         return Stored(digest, path, duplicate=False)
 
     def list(self, limit: int = 100, camera_id: str | None = None) -> tuple[int, list[dict[str, Any]]]:

@@ -31,7 +31,7 @@ import torch
 
 from blockskip.boards import GIB, RUNTIME_BYTES, add_budget_arguments, budget_from, gib
 from blockskip.errors import ConfigError, InputError
-from blockskip.host.bundle import TrustPolicy, add_trust_arguments, open_bundle, trust_from_args
+from blockskip.bundle import TrustPolicy, add_trust_arguments, open_bundle, trust_from_args
 from blockskip.memory import TensorMemory
 
 logger = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
     from blockskip.edge.lora import save_adapter
     from blockskip.edge.reduced import build_reduced, materialized_bytes
     from blockskip.features import FeatureReader
-    from blockskip.host.basepack import weights_for
+    from blockskip.basepack import weights_for
     from blockskip.models.skip import reduced_forward
 
     emit = on_event or (lambda event: None)

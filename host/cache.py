@@ -40,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from blockskip.files import write_atomic
 from blockskip.errors import InputError
 from blockskip.features import (FEATURE_DTYPES, FP8_SCALE, PROMPTS_FILE, SHARD_PATTERN, WEIGHTS_FILE, _batched,
                                  draw_tensors, read_prompt_cond, storage_dtype, store_draw)
@@ -88,12 +89,6 @@ def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> Non
     save_file(tensors, str(tmp), metadata=metadata)
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -259,7 +254,7 @@ def build_cache(model, plan_doc: dict, image_paths: list[Path], prompts: list[st
     if job_file.exists() and json.loads(job_file.read_text()) != job:
         raise InputError(f"{out} holds a cache made with other settings; use a new --out folder")
     if rank == 0:
-        _atomic_write_text(job_file, json.dumps(job, indent=2))
+        write_atomic(job_file, json.dumps(job, indent=2).encode())
     images = [(p.name, load_image(p, min_side=schedule.s_min)) for p in image_paths]
     texts = [model.encode_text(p) for p in prompts]  # once per prompt
     weights = out / WEIGHTS_FILE
@@ -321,7 +316,7 @@ def _write_shared(out: Path, model, plan_doc: dict, prompts: list[str], bank_pro
                   feature_dtype: str, quant: str) -> None:
     """The prompt bank and bundle.json (rank 0, once every shard is complete)."""
     if bank_prompts:
-        from blockskip.edge.prompt_bank import write_prompt_bank
+        from blockskip.prompt_bank import write_prompt_bank
 
         write_prompt_bank(out, model, list(bank_prompts))
     metadata = {

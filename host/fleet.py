@@ -31,8 +31,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from blockskip.edge.agent import BrokerConfig, load_yaml, make_client
-from blockskip.edge.messages import ID_PATTERN
+from blockskip.config import load_yaml
+from blockskip.mqtt import BrokerConfig, device_prefix, login_for, make_client
 from blockskip.errors import ConfigError, InputError
 from blockskip.host.jobs import (JOBS_ROOT, SUBMIT_TOPIC, WORKERS_ROOT, JobError, events_topic, parse_job,
                                  status_topic)
@@ -46,12 +46,7 @@ class OperatorConfig:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.client_id, str) or not ID_PATTERN.match(self.client_id):
-            raise ConfigError("client_id must be 1-64 characters of [A-Za-z0-9_.:-]")
-        if isinstance(self.broker, dict):
-            self.broker = BrokerConfig(**self.broker)
-        if self.broker.username is not None and self.broker.username != self.client_id:
-            raise ConfigError(f"broker.username {self.broker.username!r} must equal client_id {self.client_id!r}")
+        self.broker = login_for("client_id", self.client_id, self.broker)
 
 
 def load_config(path: Path) -> OperatorConfig:
@@ -384,7 +379,7 @@ def run_fetch(args: argparse.Namespace) -> int:
                              f"fetch the images without --thumbnails-only")
         print(f"{len(entries)} thumbnails of job {args.job} in {out} (index: {_write_index(out, args.job, device, entries)})")
         return 0
-    prefix = f"blockskip/{device}/"
+    prefix = device_prefix(device)
     receiver = FileReceiver(lambda t, p, props=None: session.client.publish(t, p, qos=1, properties=props),
                             out / ".transfers")
     session.handlers.append(lambda msg: receiver.handle(msg.topic, msg.payload, msg.properties))

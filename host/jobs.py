@@ -22,7 +22,7 @@ import json
 import re
 from typing import Any
 
-from blockskip.edge.messages import ID_PATTERN
+from blockskip.mqtt import ID_PATTERN
 
 JOBS_ROOT = "blockskip-jobs"
 SUBMIT_TOPIC = f"{JOBS_ROOT}/submit"

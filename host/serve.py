@@ -42,9 +42,12 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from blockskip import __version__
-from blockskip.edge.agent import BrokerConfig, check_receive_maximum, connect_properties, load_yaml, make_client
-from blockskip.edge.messages import ID_PATTERN, JOB_ACTIONS
+from blockskip.config import load_yaml
 from blockskip.errors import BlockskipError, ConfigError
+from blockskip.files import write_json_atomic
+from blockskip.images import CaptureError, image_format
+from blockskip.mqtt import (ID_PATTERN, JOB_ACTIONS, BrokerConfig, check_receive_maximum, connect_properties,
+                            device_prefix, login_for, make_client)
 from blockskip.host.jobs import (DEFAULT_GROUP, SHA256_PATTERN, STAGES, SUBMIT_TOPIC, JobError, events_topic,
                                  parse_job, select_captures, share_topic, status_topic, worker_topic)
 from blockskip.transfer import (DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, FileOffer, FileReceiver, FileSender, ReceivePolicy,
@@ -116,13 +119,7 @@ class HostConfig:
     send_base_pack: bool = True  # send the model's base pack to a board that does not have it
 
     def __post_init__(self) -> None:
-        if not isinstance(self.worker_id, str) or not ID_PATTERN.match(self.worker_id):
-            raise ConfigError("worker_id must be 1-64 characters of [A-Za-z0-9_.:-]")
-        if isinstance(self.broker, dict):
-            self.broker = BrokerConfig(**self.broker)
-        if self.broker.username is not None and self.broker.username != self.worker_id:
-            raise ConfigError(f"broker.username {self.broker.username!r} must equal worker_id {self.worker_id!r}: "
-                              f"the broker makes the login the client id")
+        self.broker = login_for("worker_id", self.worker_id, self.broker)
         if not isinstance(self.models, dict) or not self.models:
             raise ConfigError("models must name at least one model (name: {path, board_model, ...})")
         models = {}
@@ -160,16 +157,6 @@ def load_config(path: Path) -> HostConfig:
         return HostConfig(**load_yaml(path))
     except TypeError as err:
         raise ConfigError(f"config {path}: {err}") from err
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Atomically: temporary file, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 class DeviceLog:
@@ -350,7 +337,7 @@ class HostWorker:
             logger.warning("disconnected from broker (%s); reconnecting with backoff", reason_code)
 
     def _device_topics(self, device: str) -> list[str]:
-        prefix = f"blockskip/{device}/"
+        prefix = device_prefix(device)
         return [prefix + "reply/+", prefix + "progress", prefix + "result", *self.file_sender.subscriptions(prefix),
                 *self.file_receiver.subscriptions(prefix)]
 
@@ -394,8 +381,8 @@ class HostWorker:
         tmp = self.jobs_dir / f".{job['id']}.new"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        _write_json(tmp / "job.json", job)
-        _write_json(tmp / "state.json", {"state": "queued", "stages_done": [], "received": time.time(),
+        write_json_atomic(tmp / "job.json", job, indent=2)
+        write_json_atomic(tmp / "state.json", {"state": "queued", "stages_done": [], "received": time.time(),
                                          "commands": {}})
         os.replace(tmp, folder)
         logger.info("job %s taken (device %s)", job["id"], job["device"])
@@ -456,7 +443,7 @@ class HostWorker:
             return None
 
     def _save_state(self, job_id: str, state: dict) -> None:
-        _write_json(self.jobs_dir / job_id / "state.json", state)
+        write_json_atomic(self.jobs_dir / job_id / "state.json", state, indent=2)
 
     def _status_body(self, job: dict, state: dict, **extra: Any) -> dict:
         return {"job": job["id"], "device": job["device"], "model": job["model"], "worker": self.config.worker_id,
@@ -591,7 +578,7 @@ class HostWorker:
             self._save_state(job["id"], state)
             with self._lock:  # recorded before it is sent: its reply can only come after
                 log.issued.update(_issued({step: attempts}))
-            topic = f"blockskip/{job['device']}/cmd"
+            topic = device_prefix(job["device"]) + "cmd"
             payload = json.dumps({"id": command_id, "action": action, "args": args})
 
             def send() -> None:
@@ -641,7 +628,6 @@ class HostWorker:
         photos = self.jobs_dir / job["id"] / "photos"
         photos.mkdir(exist_ok=True)
         if "photos_dir" in job:
-            from blockskip.edge.spool import CaptureError, image_format
             from blockskip.host.cache import list_images
 
             try:
@@ -672,7 +658,7 @@ class HostWorker:
         self._receive_files(job, _upload_offers(offered, photos, job["device"]), "photos")
 
     def _receive_files(self, job: dict, files: list[tuple[FileOffer, Path]], stage: str) -> None:
-        prefix = f"blockskip/{job['device']}/"
+        prefix = device_prefix(job["device"])
         total = sum(offer.size for offer, _ in files)
         done_bytes = {offer.transfer: 0 for offer, _ in files}
 
@@ -709,8 +695,6 @@ class HostWorker:
     def _check_photo(self, path: Path) -> None:
         """A received photo must be a JPEG or PNG within max_photo_pixels (from its header, before
         any pixel is decoded); the transfer fails with the refusal's code otherwise."""
-        from blockskip.edge.spool import CaptureError, image_format
-
         try:
             image_format(path.read_bytes(), self.config.max_photo_pixels)
         except CaptureError as err:
@@ -758,8 +742,7 @@ class HostWorker:
         if kept.is_file():
             return json.loads(kept.read_text())
         if settings.path == "builtin":  # the built-in model's committed profile, while its weights match
-            from blockskip.demo import cached_profile, profile_key
-            from blockskip.models.crops import MODEL_DIR
+            from blockskip.models.crops import MODEL_DIR, cached_profile, profile_key
 
             profile = cached_profile(profile_key(MODEL_DIR, int(model.meta.get("image_size", 32))))
             if profile is not None:
@@ -772,7 +755,7 @@ class HostWorker:
         profile = masking_profile(model, EfficientNetLite0(), DEFAULT_PROMPTS, [0, 1], 8, size, progress=False)
         profile.update(kind="blockskip-profile", model=model.describe(), size=size)
         kept.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(kept, profile)
+        write_json_atomic(kept, profile, indent=2)
         return profile
 
     def _stage_prepare(self, job: dict, state: dict, log: DeviceLog) -> None:
@@ -815,7 +798,7 @@ class HostWorker:
 
     def _send(self, job: dict, state: dict, log: DeviceLog, tar: Path, kind: str, step: str) -> str:
         """Offer a tar to the board and wait until it has it, verified; returns its path there."""
-        prefix = f"blockskip/{job['device']}/"
+        prefix = device_prefix(job["device"])
         transfer = f"{job['id']}.{step}"
         offer = self.file_sender.offer(prefix, tar, transfer, self.config.chunk_size)
         result = self._command(job, state, log, step, "receive", {"offer": offer.to_dict(), "kind": kind},

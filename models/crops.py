@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
+
+from blockskip.models import text
 
 ATTRIBUTES: dict[str, list[str]] = {
     "shape": ["oval", "round", "lance", "heart", "lobed"],
@@ -245,83 +246,50 @@ IDENTIFIERS = ["sks", "xqz"]
 VOCAB = ["<pad>", "<unk>"] + [w for values in ATTRIBUTES.values() for w in values if w != "none"] + GLUE + IDENTIFIERS
 
 
-class WordTextEncoder(nn.Module):
-    """Word-level text encoder over a fixed vocabulary: learned token + position embeddings,
-    one small transformer layer; pooled = masked mean projected to the pooled width.
-    Identifier tokens ("sks", "xqz") never occur in pretraining captions, so their embeddings
-    stay at their random init: a rare token to bind a personalized subject to."""
-
-    kind = "words"
-    family_name = "flux"
+class WordTextEncoder(text.WordTextEncoder):
+    """The crop world's word encoder: text.WordTextEncoder over VOCAB. Identifier tokens ("sks",
+    "xqz") never occur in pretraining captions, so their embeddings stay at their random init: a
+    rare token to bind a personalized subject to."""
 
     def __init__(self, dim: int = 64, pooled_dim: int = 64, max_length: int = 16, layers: int = 1,
-                 seed: int = 0):
-        super().__init__()
-        self.dim, self.pooled_dim, self.max_length, self.layers, self.seed = dim, pooled_dim, max_length, layers, seed
-        self.vocab = list(VOCAB)
-        self.index = {w: i for i, w in enumerate(self.vocab)}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.tokens = nn.Embedding(len(self.vocab), dim)
-            self.positions = nn.Parameter(torch.randn(max_length, dim) * 0.1)
-            self.encoder = nn.TransformerEncoder(
-                nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=2 * dim, dropout=0.0,
-                                           batch_first=True, norm_first=True),
-                num_layers=layers, enable_nested_tensor=False) if layers else None
-            self.norm = nn.LayerNorm(dim)
-            self.pool = nn.Linear(dim, pooled_dim)
-        self.eval()
-
-    @property
-    def dims(self) -> dict:
-        return {"encoder_hidden_states": self.dim, "pooled_projections": self.pooled_dim}
-
-    def config(self) -> dict:
-        return {"kind": self.kind, "dims": self.dims, "max_length": self.max_length, "layers": self.layers,
-                "seed": self.seed, "vocab": self.vocab}
-
-    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
-        mask = torch.zeros(len(prompts), self.max_length, dtype=torch.bool)
-        for row, prompt in enumerate(prompts):
-            words = re.findall(r"[a-z0-9]+", prompt.lower())[: self.max_length]
-            ids[row, : len(words)] = torch.tensor([self.index.get(w, 1) for w in words], dtype=torch.long)
-            mask[row, : len(words)] = True
-        return ids, mask
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = self.tokens(ids) + self.positions[: ids.shape[1]]
-        if self.encoder is not None:
-            x = self.encoder(x, src_key_padding_mask=~mask)
-        x = self.norm(x) * mask[..., None]
-        m = mask.float()[..., None]
-        pooled = self.pool((x * m).sum(1) / m.sum(1).clamp(min=1))
-        return {"encoder_hidden_states": x, "pooled_projections": pooled}
-
-    @torch.no_grad()
-    def encode(self, prompt: str) -> dict[str, torch.Tensor]:
-        return {k: v.detach().float() for k, v in self(*self.tokenize([prompt])).items()}
-
-    def save(self, root: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        root = Path(root)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
-                  str(root / "text_encoder.safetensors"))
-        (root / "text_encoder.json").write_text(json.dumps(self.config(), indent=2))
+                 seed: int = 0, vocab: list[str] | None = None):
+        super().__init__(dim, pooled_dim, max_length, layers, seed, vocab=VOCAB if vocab is None else vocab)
 
     @classmethod
     def load(cls, root: str | Path) -> "WordTextEncoder":
-        from safetensors.torch import load_file
-
-        root = Path(root)
-        cfg = json.loads((root / "text_encoder.json").read_text())
-        enc = cls(cfg["dims"]["encoder_hidden_states"], cfg["dims"]["pooled_projections"], cfg["max_length"],
-                  cfg.get("layers", 1), cfg.get("seed", 0))
-        if cfg.get("vocab") and cfg["vocab"] != enc.vocab:
+        enc = super().load(root)
+        if enc.vocab != VOCAB:
             raise ValueError(f"{root}: text encoder vocabulary differs from this version's")
-        enc.load_state_dict({k: v.float() for k, v in load_file(str(root / "text_encoder.safetensors")).items()})
-        return enc.eval()
+        return enc
+
+
+# ---- its committed sensitivity profile ---------------------------------------------------------
+PROFILE_FILE = WEIGHTS / "crop-profile.json"
+PROFILE_PROMPTS = ("a photo of sks leaf", "a photo of sks leaf on soil")
+
+
+def profile_settings(size: int) -> dict:
+    """The committed profile's measurement (masking_profile arguments besides the model and
+    encoder): what the demo and a host worker serving the built-in model use."""
+    return {"prompts": list(PROFILE_PROMPTS), "seeds": [0], "steps": 4, "size": size}
+
+
+def profile_key(model_dir: Path, size: int) -> dict:
+    """What the demo's profile depends on: the weights' bytes, the encoder and the settings."""
+    import hashlib
+
+    weights = Path(model_dir) / "transformer" / "diffusion_pytorch_model.safetensors"
+    return {"weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), **profile_settings(size),
+            "encoder": "efficientnet-lite0"}
+
+
+def cached_profile(key: dict | None) -> dict | None:
+    """The committed profile of the built-in model when it was measured with exactly `key`."""
+    path = PROFILE_FILE
+    if key is None or not path.is_file():
+        return None
+    profile = json.loads(path.read_text())
+    return profile if profile.get("key") == key else None
 
 
 # ---- the model ------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 from blockskip.errors import InputError
 from blockskip.models import FAMILIES, Family, family_class
 from blockskip.models.codec import PixelCodec, VaeCodec
-from blockskip.models.text import DiffusersTextEncoder, HashTextEncoder
+from blockskip.models.text import DiffusersTextEncoder, HashTextEncoder, WordTextEncoder
 
 # The families' own flow-matching schedulers (FLUX.1-dev, SANA 1.0 configs).
 DEFAULT_SCHEDULERS = {
@@ -141,8 +141,6 @@ def load_model(path: str | Path, torch_dtype: torch.dtype = torch.float32, text_
         if text_meta and text_meta.get("kind") == "hash":
             encoder = HashTextEncoder(name, text_meta["dims"], text_meta["max_length"], text_meta["seed"])
         elif text_meta and text_meta.get("kind") == "words":  # the built-in crop model's encoder
-            from blockskip.models.crops import WordTextEncoder
-
             encoder = WordTextEncoder.load(root)
         elif (root / "text_encoder").is_dir():
             encoder = DiffusersTextEncoder(name, str(root))

@@ -10,9 +10,12 @@ text encoder can still generate.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+from pathlib import Path
 
 import torch
+from torch import nn
 
 
 class HashTextEncoder:
@@ -83,3 +86,78 @@ class DiffusersTextEncoder:
         embeds, mask, _, _ = self.pipeline.encode_prompt(prompt, do_classifier_free_guidance=False,
                                                          max_sequence_length=min(self.max_length, 300))
         return {"encoder_hidden_states": embeds.cpu(), "encoder_attention_mask": mask.cpu()}
+
+
+class WordTextEncoder(nn.Module):
+    """Word-level text encoder over a fixed vocabulary (saved with it): learned token + position
+    embeddings, one small transformer layer; pooled = masked mean projected to the pooled width.
+    The built-in crop model's encoder (blockskip.models.crops gives it its vocabulary)."""
+
+    kind = "words"
+    family_name = "flux"
+
+    def __init__(self, dim: int, pooled_dim: int, max_length: int, layers: int, seed: int, vocab: list[str]):
+        super().__init__()
+        self.dim, self.pooled_dim, self.max_length, self.layers, self.seed = dim, pooled_dim, max_length, layers, seed
+        self.vocab = list(vocab)
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.tokens = nn.Embedding(len(self.vocab), dim)
+            self.positions = nn.Parameter(torch.randn(max_length, dim) * 0.1)
+            self.encoder = nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=2 * dim, dropout=0.0,
+                                           batch_first=True, norm_first=True),
+                num_layers=layers, enable_nested_tensor=False) if layers else None
+            self.norm = nn.LayerNorm(dim)
+            self.pool = nn.Linear(dim, pooled_dim)
+        self.eval()
+
+    @property
+    def dims(self) -> dict:
+        return {"encoder_hidden_states": self.dim, "pooled_projections": self.pooled_dim}
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "dims": self.dims, "max_length": self.max_length, "layers": self.layers,
+                "seed": self.seed, "vocab": self.vocab}
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
+        mask = torch.zeros(len(prompts), self.max_length, dtype=torch.bool)
+        for row, prompt in enumerate(prompts):
+            words = re.findall(r"[a-z0-9]+", prompt.lower())[: self.max_length]
+            ids[row, : len(words)] = torch.tensor([self.index.get(w, 1) for w in words], dtype=torch.long)
+            mask[row, : len(words)] = True
+        return ids, mask
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.tokens(ids) + self.positions[: ids.shape[1]]
+        if self.encoder is not None:
+            x = self.encoder(x, src_key_padding_mask=~mask)
+        x = self.norm(x) * mask[..., None]
+        m = mask.float()[..., None]
+        pooled = self.pool((x * m).sum(1) / m.sum(1).clamp(min=1))
+        return {"encoder_hidden_states": x, "pooled_projections": pooled}
+
+    @torch.no_grad()
+    def encode(self, prompt: str) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float() for k, v in self(*self.tokenize([prompt])).items()}
+
+    def save(self, root: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        root = Path(root)
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
+                  str(root / "text_encoder.safetensors"))
+        (root / "text_encoder.json").write_text(json.dumps(self.config(), indent=2))
+
+    @classmethod
+    def load(cls, root: str | Path) -> "WordTextEncoder":
+        from safetensors.torch import load_file
+
+        root = Path(root)
+        cfg = json.loads((root / "text_encoder.json").read_text())
+        enc = cls(cfg["dims"]["encoder_hidden_states"], cfg["dims"]["pooled_projections"], cfg["max_length"],
+                  cfg.get("layers", 1), cfg.get("seed", 0), vocab=cfg["vocab"])
+        enc.load_state_dict({k: v.float() for k, v in load_file(str(root / "text_encoder.safetensors")).items()})
+        return enc.eval()

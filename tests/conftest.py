@@ -1,7 +1,12 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from blockskip.models import Flux, Sana
+sys.path.insert(0, str(Path(__file__).parent))  # `from helpers import ...` from every test folder
+
+from blockskip.models import Flux, Sana  # noqa: E402
 
 torch.set_num_threads(2)
 

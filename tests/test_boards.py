@@ -97,11 +97,7 @@ def test_plan_without_a_skip_budget_or_a_board_says_what_to_give(tmp_path):
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent / "edge"))
-    from test_train import make_bundle
+    from helpers import make_bundle
 
     _, plan, folder = make_bundle(tmp_path_factory.mktemp("budget"), "flux", 2, 1, samples=4, images=1)
     return plan, folder

@@ -2,8 +2,6 @@
 streams one shard at a time."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +10,7 @@ from safetensors import safe_open
 from blockskip.features import FP8_MAX, FeatureReader, dequantize_fp8, quantize_fp8, store_draw
 from blockskip.host.cache import build_cache
 from blockskip.models.pipeline import tiny_model
-
-sys.path.insert(0, str(Path(__file__).parent / "host"))
-from test_cache import plan_for, subject_images  # noqa: E402
+from helpers import plan_for, subject_images
 
 
 def features_with_outliers() -> torch.Tensor:

@@ -31,9 +31,11 @@ from pathlib import Path
 from PIL import Image
 
 from blockskip.errors import ConfigError, InputError
+# The built-in model's committed profile (the host worker serving that model uses it too).
+from blockskip.models.crops import PROFILE_FILE, PROFILE_PROMPTS, cached_profile, profile_key, profile_settings
 
 PROMPT = "a photo of sks leaf"
-BANK = ["a photo of sks leaf", "a photo of sks leaf on soil", "a photo of sks leaf on sky"]
+BANK = [*PROFILE_PROMPTS, "a photo of sks leaf on sky"]
 SUBJECT = {"shape": "heart", "colour": "red", "pattern": "stripes"}  # held out of pretraining
 SAMPLE_STEPS, SAMPLE_COUNT = 12, 2  # Euler steps per image; seeds per prompt
 MARKER = "demo-run.json"  # written first: marks a folder as the demo's own, finished or not
@@ -68,35 +70,6 @@ def register(subparsers) -> None:
                         help="generation backend (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model and every draw")
     parser.set_defaults(func=run)
-
-
-def profile_settings(size: int) -> dict:
-    """The demo's profile measurement (masking_profile arguments besides the model and encoder)."""
-    return {"prompts": BANK[:2], "seeds": [0], "steps": 4, "size": size}
-
-
-def profile_key(model_dir: Path, size: int) -> dict:
-    """What the demo's profile depends on: the weights' bytes, the encoder and the settings."""
-    import hashlib
-
-    weights = Path(model_dir) / "transformer" / "diffusion_pytorch_model.safetensors"
-    return {"weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), **profile_settings(size),
-            "encoder": "efficientnet-lite0"}
-
-
-def _profile_cache() -> Path:
-    from blockskip.models.crops import WEIGHTS
-
-    return WEIGHTS / "crop-profile.json"
-
-
-def cached_profile(key: dict | None) -> dict | None:
-    """The committed profile of the built-in model when it was measured with exactly `key`."""
-    path = _profile_cache()
-    if key is None or not path.is_file():
-        return None
-    profile = json.loads(path.read_text())
-    return profile if profile.get("key") == key else None
 
 
 def subject_photos(folder: Path, size: int, seed: int = 0, count: int = 5) -> list[Path]:
@@ -282,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
         profile["model"] = model.describe()
         profile["key"] = key
     else:
-        _say(f"cached for the built-in model ({_profile_cache().name}: same weights, prompts, seed, steps)")
+        _say(f"cached for the built-in model ({PROFILE_FILE.name}: same weights, prompts, seed, steps)")
     (out / "profile.json").write_text(json.dumps(profile, indent=2))
     seconds["profile"] = time.perf_counter() - t
 

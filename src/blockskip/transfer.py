@@ -44,8 +44,9 @@ from typing import Any, Callable
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from blockskip.edge.messages import ID_PATTERN
+from blockskip.mqtt import ID_PATTERN
 from blockskip.errors import BlockskipError
+from blockskip.files import fsync_dir, sha256_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -185,19 +186,11 @@ class FileOffer:
         return cls(**d)
 
 
-def file_sha256(path: Path, block: int = 1024 * 1024) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(block):
-            digest.update(data)
-    return digest.hexdigest()
-
-
 def offer_for(path: Path, transfer: str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> FileOffer:
     """The offer of a file (reads it once for its sha256)."""
     path = Path(path)
     try:
-        return FileOffer(transfer, path.name, path.stat().st_size, file_sha256(path), chunk_size)
+        return FileOffer(transfer, path.name, path.stat().st_size, sha256_file(path), chunk_size)
     except OSError as err:
         raise TransferError("not_found", f"cannot read {path}: {err}") from err
 
@@ -228,28 +221,6 @@ def _control_json(payload: bytes) -> Any:
         return json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, RecursionError, json.JSONDecodeError) as err:
         raise ValueError(f"not UTF-8 JSON: {err}") from err
-
-
-def _write_json(path: Path, data: dict, sync_dir: bool = True) -> None:
-    """Write JSON atomically: temporary file, fsync, rename (and fsync the directory)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, json.dumps(data, sort_keys=True).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    if sync_dir:
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    dfd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _ranges(indices: set[int]) -> list[list[int]]:
@@ -350,7 +321,7 @@ class FileSender:
 
     def _persist(self, out: _Outgoing) -> None:
         if self.state_dir is not None:
-            _write_json(self.state_dir / f"{out.offer.transfer}.json",
+            write_json_atomic(self.state_dir / f"{out.offer.transfer}.json",
                         {"prefix": out.prefix, "path": str(out.path), "offer": out.offer.to_dict(),
                          "mtime_ns": out.mtime_ns, "result": out.result})
 
@@ -608,7 +579,7 @@ class FileReceiver:
     def _already_here(self, prefix: str, offer: FileOffer, dest: Path) -> bool:
         """A finished transfer offered again (a repeated command): `dest` holds the file, say done again."""
         if (self.state_dir / f"{offer.transfer}.json").exists() or not dest.is_file() \
-                or dest.stat().st_size != offer.size or file_sha256(dest) != offer.sha256:
+                or dest.stat().st_size != offer.size or sha256_file(dest) != offer.sha256:
             return False
         with self._lock:
             self._ended[offer.transfer] = dest
@@ -653,7 +624,7 @@ class FileReceiver:
                 fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
                 os.ftruncate(fd, offer.size)
                 os.fsync(fd)
-                _write_json(state, dict(record, received=[]))
+                write_json_atomic(state, dict(record, received=[]))
             else:
                 fd = os.open(part, os.O_RDWR)
         except OSError as err:
@@ -729,7 +700,7 @@ class FileReceiver:
                 os.pwrite(t.fd, data, index * t.offer.chunk_size)
                 os.fdatasync(t.fd)  # the bytes are durable before the state records them
                 t.received.add(index)
-                _write_json(t.state, {"transfer": t.offer.transfer, "prefix": t.prefix, "offer": t.offer.to_dict(),
+                write_json_atomic(t.state, {"transfer": t.offer.transfer, "prefix": t.prefix, "offer": t.offer.to_dict(),
                                       "dest": str(t.dest), "started": t.started, "received": _ranges(t.received)},
                             sync_dir=False)
             except OSError as err:
@@ -826,7 +797,7 @@ class FileReceiver:
                     os.fsync(f.fileno())
                 os.replace(tmp, t.dest)
                 t.part.unlink()
-            _fsync_dir(t.dest.parent)
+            fsync_dir(t.dest.parent)
             t.state.unlink(missing_ok=True)
         except OSError as err:
             self._fail(t, TransferError("io_error", f"cannot move {offer.name} to {t.dest}: {err}"))

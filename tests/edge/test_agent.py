@@ -16,41 +16,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from blockskip.edge.agent import AgentConfig, JobContext, _import_job, load_config
+from blockskip.edge.agent import AgentConfig, _import_job, load_config
+from helpers import gen, png_job
 
 
 DEV = "dev-a"  # the device id of the start_agent fixture
-
-
-def png_job(delay: float = 0.0):
-    """A real small job: emits progress per step, writes a real PNG, publishes it as a result."""
-
-    def factory():
-        def run(ctx: JobContext) -> dict:
-            total = ctx.args.get("steps", 5)
-            t0 = time.monotonic()
-            for step in range(1, total + 1):
-                if ctx.should_stop():
-                    return {"stopped": True, "step": step - 1}
-                time.sleep(delay)
-                rate = step / max(time.monotonic() - t0, 1e-6)
-                ctx.emit({"type": "progress", "step": step, "total": total, "loss": 1.0 / step,
-                          "steps_per_s": rate, "peak_mem_bytes": 1, "eta_s": (total - step) / rate})
-            out = Path(ctx.args["out"])
-            out.mkdir(parents=True, exist_ok=True)
-            path = out / "0.png"
-            Image.new("RGB", (16, 16), (ctx.args.get("seed", 0) % 256, 80, 160)).save(path)
-            sha = hashlib.sha256(path.read_bytes()).hexdigest()
-            ctx.publish_result({"path": path, "sha256": sha, "prompt": ctx.args["prompts"][0], "seed": ctx.args.get("seed", 0)})
-            return {"images": 1}
-
-        return run
-
-    return factory
-
-
-def gen(cid: str, **args) -> dict:
-    return {"id": cid, "action": "generate", "args": {"model": "model", "prompts": ["a photo of sks maize leaf"], **args}}
 
 
 def test_status_is_retained_and_every_action_round_trips(broker, start_agent, probe_factory, wait_until):

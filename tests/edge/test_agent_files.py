@@ -18,7 +18,7 @@ from PIL import Image
 
 from blockskip.host.bundle import build_bundle, generate_keypair
 from blockskip.transfer import FileReceiver, FileSender, TransferError
-from test_train import make_bundle
+from helpers import make_bundle
 
 DEV = "dev-a"
 PREFIX = f"blockskip/{DEV}/"
@@ -291,3 +291,59 @@ def test_receive_offers_are_bounded_in_sum_against_free_disk_and_expire(broker, 
     assert not list(parts.glob("*"))
     time.sleep(1.0)
     assert len(probe.on("/want")) == wants_before  # nothing asked for again
+
+
+BLOCK_HOST = """
+import importlib.abc, sys
+
+class NoHostCode(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "blockskip.host" or name.startswith("blockskip.host."):
+            raise ImportError(f"{name}: a board has no host code")
+
+sys.meta_path.insert(0, NoHostCode())
+from blockskip.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_agent_receives_verifies_and_trains_with_the_host_code_blocked(broker, host, bundles, tmp_path,
+                                                                           probe_factory, wait_until):
+    """A board installs no host code: with `blockskip.host` unimportable, `blockskip verify` checks a
+    bundle and `blockskip agent` receives one over MQTT, verifies it under its trust policy and
+    trains on it."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    run = [sys.executable, "-c", BLOCK_HOST]
+    verified = subprocess.run(run + ["verify", str(bundles / "by-host.tar"), "--key", str(bundles / "host.pub")],
+                              capture_output=True, text=True, timeout=120)
+    assert verified.returncode == 0 and verified.stdout.startswith("OK "), verified.stderr
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump({"device_id": DEV, "data_dir": str(tmp_path / "data"),
+                                      "trusted_keys": [str(bundles / "host.pub")], "transfer_retry_s": 0.5,
+                                      "broker": {"host": "127.0.0.1", "port": broker.port, "keepalive": 5,
+                                                 "reconnect_min_s": 0.1, "reconnect_max_s": 0.5}}))
+    log = tmp_path / "agent.log"
+    agent = subprocess.Popen(run + ["agent", "--config", str(config)], stdout=open(log, "w"),
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        watch = probe_factory(broker.port, [PREFIX + "status"], "watch")
+        wait_until(lambda: any(s["state"] == "online" for s in watch.on("/status")), 60)
+        h = host()
+        assert h.request(wait_until, {"id": "s", "action": "status"})["ok"]
+        offer = h.sender.offer(PREFIX, bundles / "by-host.tar", "t-board", 64 * 1024)
+        reply = h.request(wait_until, {"id": "r", "action": "receive",
+                                       "args": {"offer": {**offer.to_dict(), "name": "leaf.tar"}, "kind": "bundle"}})
+        assert reply["ok"], reply
+        assert h.sender.wait("t-board", timeout=60)["ok"]
+        started = h.request(wait_until, {"id": "t", "action": "train",
+                                         "args": {"bundle": "bundles/leaf.tar", "steps": 2}})
+        assert started["ok"], started
+        wait_until(lambda: (tmp_path / "data" / "adapters" / "t" / "pytorch_lora_weights.safetensors").is_file(), 120)
+    finally:
+        agent.terminate()
+        agent.wait(timeout=60)
+    assert "a board has no host code" not in log.read_text(), log.read_text()

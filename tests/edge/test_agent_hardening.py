@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -20,7 +19,7 @@ from PIL import Image
 
 from blockskip.edge.agent import JobContext
 from blockskip.edge.messages import parse_command, CommandError
-from test_agent import gen, png_job
+from helpers import gen, png_job
 
 DEV = "dev-a"
 
@@ -198,7 +197,7 @@ def _agent_process(config):
 
 def test_a_training_job_killed_with_the_agent_ends_as_interrupted_or_resumes(broker, tmp_path, probe_factory,
                                                                            wait_until):
-    from test_train import make_bundle
+    from helpers import make_bundle
 
     data = tmp_path / "data"
     make_bundle(data / "work", "flux", 2, 1, samples=4)

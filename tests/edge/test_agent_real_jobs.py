@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from blockskip.models.pipeline import save_model, tiny_model
-from test_train import make_bundle
+from helpers import make_bundle
 
 DEV = "dev-a"
 

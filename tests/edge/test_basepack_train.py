@@ -14,7 +14,7 @@ from blockskip.edge.train import TrainConfig, train
 from blockskip.errors import BundleError
 from blockskip.host.basepack import build_base_pack, build_subject_bundle
 from blockskip.host.bundle import TrustPolicy
-from test_train import make_bundle
+from helpers import make_bundle
 
 ADAPTER = "pytorch_lora_weights.safetensors"
 UNSIGNED_OK = TrustPolicy(allow_unsigned=True)  # signatures: tests/edge/test_trust.py

@@ -10,7 +10,7 @@ from PIL import Image
 
 from blockskip.cli import main
 from blockskip.edge.generate import GenerateConfig, generate
-from blockskip.edge.prompt_bank import load_prompt_bank, write_prompt_bank
+from blockskip.prompt_bank import load_prompt_bank, write_prompt_bank
 from blockskip.errors import ConfigError, InputError
 from blockskip.host.bundle import TrustPolicy, build_bundle, generate_keypair
 from blockskip.models.pipeline import load_model, save_model, tiny_model
@@ -90,7 +90,7 @@ def test_pngs_carry_metadata_and_a_contact_sheet_is_written(models, tmp_path):
 
 
 def test_adapter_hash_in_metadata_and_adapter_changes_the_image(models, tmp_path):
-    from test_onnx import make_adapter  # the trainer's file format
+    from helpers import make_adapter  # the trainer's file format
 
     adapter = make_adapter(models["flux"], tmp_path / "adapter", [1, 4], seed=3)
     base = generate(config(models, "flux", tmp_path / "base"))
@@ -193,7 +193,7 @@ def test_sana_uses_classifier_free_guidance_with_the_banks_negative(tmp_path):
     scale 1 turns it off, and the two differ."""
     import torch
 
-    from blockskip.edge.prompt_bank import load_negative
+    from blockskip.prompt_bank import load_negative
     from blockskip.models.pipeline import sample, save_model, tiny_model
 
     model = tiny_model("sana")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-from test_train import make_bundle
+from helpers import make_bundle
 
 from blockskip.edge.lora import (ADAPTER_FILE, COMFY_FILE, KOHYA_FILE, load_adapter, lora_config_dict,
                                  read_adapter, save_adapter, save_comfy_formats)

@@ -10,31 +10,15 @@ import pytest
 import torch
 
 from blockskip.edge.backends import OrtBackend, TorchBackend
-from blockskip.edge.lora import load_adapter, lora_config_dict, save_adapter
+from blockskip.edge.lora import load_adapter
 from blockskip.edge.onnx_export import Shapes, cached_onnx, export_onnx, model_hash, read_sidecar
 from blockskip.errors import ConfigError, InputError
 from blockskip.models.pipeline import load_model, sample, save_model, tiny_model
+from helpers import make_adapter
 
 ATOL = 1e-4  # fp32 ONNX Runtime vs torch, on outputs of magnitude ~1
 IMAGE_ATOL = 1e-3  # a whole 3-step sample
 SIZE = 16  # pixels; tiny models are pixel-space
-
-
-def make_adapter(model_dir, out_dir, blocks, seed, scale=0.3):
-    """An adapter in the trainer's file format: peft LoRA on `blocks`, lora_B randomized."""
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    model = load_model(model_dir, text_encoder=False)
-    targets = [name for i in blocks for name in model.family.lora_targets(i)]
-    transformer = model.family.model
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in transformer.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * scale)
-    save_adapter(get_peft_model_state_dict(transformer), lora_config_dict(4, 8, targets), out_dir)
-    return str(out_dir)
 
 
 def torch_reference(model_dir, adapter=None):

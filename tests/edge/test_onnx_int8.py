@@ -18,6 +18,7 @@ from blockskip.edge.backends import OrtBackend, check_precision
 from blockskip.edge.onnx_export import Shapes, cached_onnx, read_sidecar
 from blockskip.errors import ConfigError
 from blockskip.models.pipeline import load_model, sample, save_model, tiny_model
+from helpers import psnr
 
 # int8 vs fp32 images of the same seed, 8 Euler steps at 16x16, pixels in [-1, 1] mapped to [0, 1].
 # Measured when written (x86 AVX2): FLUX about 54 dB, SANA about 47 dB (tiny models with an
@@ -27,14 +28,9 @@ MIN_PSNR_DB = 35.0
 SIZE = 16
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
-
-
 @pytest.fixture(scope="module", params=["flux", "sana"])
 def setup(request, tmp_path_factory):
-    from test_onnx import make_adapter
+    from helpers import make_adapter
 
     root = tmp_path_factory.mktemp(f"int8-{request.param}")
     model_dir = str(save_model(tiny_model(request.param), root / "model"))

@@ -18,7 +18,7 @@ from blockskip.host.bundle import TrustPolicy, generate_keypair, verify_bundle
 from blockskip.models.pipeline import tiny_model
 from blockskip.models.skip import reduced_forward
 from blockskip.quant import QuantLinear
-from test_train import bundle_loss, make_bundle
+from helpers import bundle_loss, make_bundle
 
 UNSIGNED_OK = TrustPolicy(allow_unsigned=True)
 WEIGHTS = "weights/kept_blocks.safetensors"

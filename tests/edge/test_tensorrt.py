@@ -24,7 +24,7 @@ ATOL = 2e-3  # fp32 engine vs torch; loose enough for TensorRT's tactic choices 
 
 @pytest.fixture(scope="module", params=["flux", "sana"])
 def setup(request, tmp_path_factory):
-    from test_onnx import make_adapter
+    from helpers import make_adapter
 
     root = tmp_path_factory.mktemp(f"trt-{request.param}")
     model_dir = str(save_model(tiny_model(request.param), root / "model"))

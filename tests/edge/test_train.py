@@ -10,40 +10,16 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from blockskip.edge.lora import load_adapter, read_adapter
 from blockskip.edge.train import TrainConfig, train
 from blockskip.features import FeatureReader
-from blockskip.host.bundle import TrustPolicy, build_bundle
-from blockskip.host.cache import build_cache, draw_inputs
+from blockskip.host.cache import draw_inputs
 from blockskip.host.patches import PatchSchedule, load_image
-from blockskip.host.plan import LoraSettings, make_plan
 from blockskip.models.pipeline import tiny_model
 from blockskip.models.skip import SkipPlan, reduced_forward
+from helpers import PROMPTS, UNSIGNED_OK, bundle_loss, make_bundle
 
-PROMPTS = ["a photo of sks leaf"]
-UNSIGNED_OK = TrustPolicy(allow_unsigned=True)  # these tests are not about signatures (tests/edge/test_trust.py is)
-
-
-def make_bundle(tmp, name, n, m, samples=8, images=2, lora=None, feature_dtype=None, quant="none"):
-    model = tiny_model(name)
-    folder = tmp / "images"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(1)
-    base = (rng.random((8, 8, 3)) * 255).astype("uint8")  # one subject: a blocky pattern, seen twice
-    for i in range(images):
-        Image.fromarray(np.kron(base, np.ones((6, 6, 1), dtype="uint8"))[i:]).save(folder / f"{i}.png")
-    size = model.family.num_blocks
-    profile = {"model": {"config_hash": model.family.config_hash()},
-               "d_pre": [0.0 if i <= n else 9.0 for i in range(size + 1)],
-               "d_suf": [0.0 if i <= m else 9.0 for i in range(size + 1)]}
-    schedule = PatchSchedule(s_min=16, s_max=32, granularity=model.granularity)
-    plan = make_plan(profile, model, n + m, schedule, lora or LoraSettings(rank=4, alpha=8), samples, quant=quant)
-    stage = build_cache(model, plan, sorted(folder.iterdir()), PROMPTS, tmp / "stage", shard_size=4, progress=False,
-                        feature_dtype=feature_dtype)
-    bundle = build_bundle(stage, tmp / "bundle", json.loads((stage / "bundle.json").read_text()))
-    return model, plan, bundle
 
 
 @pytest.mark.parametrize("name,n,m", [("flux", 3, 0), ("sana", 2, 0)])
@@ -106,32 +82,6 @@ def test_reduced_model_holds_no_skipped_weights(tmp_path):
         metas = {p.is_meta for p in reduced.block(i).parameters()}
         assert metas == ({False} if i in plan.kept else {True}), i
     assert materialized_bytes(reduced.model) < 0.6 * materialized_bytes(model.family.model)
-
-
-def bundle_loss(bundle, adapter_dir=None, weights=None):
-    """The flow-matching loss over every cached draw of `bundle` (its kept weights, or `weights`:
-    a base pack's), with the trained adapter in `adapter_dir` or at LoRA's zero init."""
-    from peft import set_peft_model_state_dict
-
-    from blockskip.edge.reduced import build_reduced
-    from blockskip.edge.train import _inject_lora
-
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    family, plan = build_reduced(bundle, manifest, **({"weights": weights} if weights else {}))
-    tensors, config = read_adapter(adapter_dir) if adapter_dir else ({}, {})
-    alpha = config.get("lora_alpha", manifest["lora"]["alpha"])  # the file's scale
-    _inject_lora(family, plan, {**manifest["lora"], "alpha": alpha}, 0)
-    if adapter_dir:
-        set_peft_model_state_dict(family.model, {k.removeprefix("transformer."): v for k, v in tensors.items()},
-                                  adapter_name="default")
-    reader = FeatureReader(bundle, family.prompt_cond_keys)
-    losses = []
-    with torch.no_grad():
-        for i in range(len(reader)):
-            entry, residuals, cond, target, _ = reader.get(i)
-            out = family.output_to_latents(reduced_forward(family, plan, entry, residuals, cond), *target.shape[2:])
-            losses.append(torch.nn.functional.mse_loss(out, target).item())
-    return sum(losses) / len(losses)
 
 
 def test_loss_goes_down_on_one_subject(tmp_path):

@@ -17,14 +17,14 @@ import tarfile
 import pytest
 
 from blockskip.cli import main
-from blockskip.edge.agent import AgentConfig, BrokerConfig
+from blockskip.edge.agent import AgentConfig
 from blockskip.edge.train import TrainConfig, train
 from blockskip.errors import BundleError, ConfigError
 from blockskip.host import bundle as bundle_mod
 from blockskip.host.basepack import build_base_pack, build_subject_bundle
 from blockskip.host.bundle import TrustPolicy, build_bundle, generate_keypair
 from blockskip.models.pipeline import save_model, tiny_model
-from test_train import make_bundle
+from helpers import make_bundle
 
 ADAPTER = "pytorch_lora_weights.safetensors"
 WEIGHTS = "weights/kept_blocks.safetensors"
@@ -38,7 +38,7 @@ def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("trust")
     make_bundle(root, "flux", 2, 1, samples=2)
     stage = root / "stage"
-    from blockskip.edge.prompt_bank import write_prompt_bank
+    from blockskip.prompt_bank import write_prompt_bank
 
     write_prompt_bank(stage, tiny_model("flux"), ["a photo of sks leaf"])
     generate_keypair(root / "host.key", root / "host.pub")

@@ -2,39 +2,17 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 
 from blockskip.features import WEIGHTS_FILE, FeatureReader
 from blockskip.host.cache import build_cache, draw_inputs
 from blockskip.host.patches import PatchSchedule, load_image
-from blockskip.host.plan import LoraSettings, make_plan
+from blockskip.host.plan import LoraSettings
 from blockskip.models.pipeline import tiny_model
 from blockskip.models.skip import SkipPlan, reduced_forward
-
-
-def subject_images(folder, count=3):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(count):
-        pixels = (rng.random((40 + 9 * i, 48 + 5 * i, 3)) * 255).astype("uint8")
-        paths.append(folder / f"subject{i}.png")
-        Image.fromarray(pixels).save(paths[-1])
-    return paths
-
-
-def plan_for(model, n, m, samples=6):
-    k = n + m
-    size = model.family.num_blocks
-    profile = {"model": {"config_hash": model.family.config_hash()},
-               "d_pre": [0.0 if i <= n else 9.0 for i in range(size + 1)],
-               "d_suf": [0.0 if i <= m else 9.0 for i in range(size + 1)]}
-    schedule = PatchSchedule(s_min=16, s_max=32, granularity=model.granularity)
-    return make_plan(profile, model, k, schedule, LoraSettings(rank=4, alpha=4), samples)
+from helpers import plan_for, subject_images
 
 
 @pytest.mark.parametrize("name,n,m", [("flux", 2, 2), ("flux", 1, 0), ("sana", 2, 1), ("sana", 0, 3)])

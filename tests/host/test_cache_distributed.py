@@ -18,7 +18,7 @@ from blockskip.features import FeatureReader
 from blockskip.host.bundle import TrustPolicy, verify_bundle
 from blockskip.host.cache import build_cache
 from blockskip.models.pipeline import tiny_model
-from test_cache import plan_for, subject_images
+from helpers import plan_for, subject_images
 
 PROMPTS = ["a photo of sks leaf", "sks leaf on soil"]
 

@@ -50,7 +50,7 @@ def open_bank(bundle: str | Path, trust) -> Path:
     """The verified folder of a bundle (or bundle tar) whose prompt bank a generator reads: the
     board's TrustPolicy applies, and the bank files are checked against the signed manifest
     (the rest of a many-GiB bundle is not hashed, since generation reads nothing else)."""
-    from blockskip.host.bundle import open_bundle
+    from blockskip.bundle import open_bundle
 
     return open_bundle(Path(bundle), trust, only=(BANK_INDEX, BANK_TENSORS))
 
