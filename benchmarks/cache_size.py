@@ -29,7 +29,7 @@ from PIL import Image
 from blockskip.host.cache import build_cache
 from blockskip.host.patches import PatchSchedule
 from blockskip.host.plan import LoraSettings, feature_bytes, make_plan, skip_budget
-from blockskip.models import Flux
+from blockskip.models import Flux, family_class
 from blockskip.models.pipeline import DEFAULT_SCHEDULERS, Model, tiny_model
 from blockskip.models.skip import SkipPlan
 from blockskip.models.text import HashTextEncoder
@@ -91,9 +91,9 @@ def measure(name: str, model: Model, ratio: float, s_min: int, s_max: int, draws
         subject = sum(p.stat().st_size for folder in ("features", "prompts") for p in (out / folder).iterdir())
         weights = (out / "weights" / "kept_blocks.safetensors").stat().st_size
         full = sum(t.numel() * t.element_size() for t in model.family.model.state_dict().values())
-        est = plan["estimates"]
+        est = plan.estimates
         bank = len(BANK_PROMPTS) + (model.family.cfg_scale != 1.0)  # + the empty prompt for CFG
-        rows.append({"model": name, "skip": f"{ratio:.0%} ({plan['plan']['n']}+{plan['plan']['m']})",
+        rows.append({"model": name, "skip": f"{ratio:.0%} ({plan.choice['n']}+{plan.choice['m']})",
                      "tokens": (s_min // model.granularity) ** 2, "storage": feature_dtype,
                      "bytes_per_draw": shards / draws, "estimate": est["cache_bytes_per_draw"],
                      "subject": subject, "subject_estimate": est["cache_bytes"] + est["bank_bytes_per_prompt"] * bank,
@@ -108,7 +108,7 @@ def full_size_rows(samples: list[int], bank: int) -> list[dict]:
         for split, (n, m) in shape["splits"].items():
             plan = SkipPlan.first_last(shape["blocks"], n, m)
             for feature_dtype in STORAGES:
-                per_draw, per_prompt = feature_bytes(shape["family"], plan, shape["hidden"], n_img, shape["text_len"],
+                per_draw, per_prompt = feature_bytes(family_class(shape["family"]), plan, shape["hidden"], n_img, shape["text_len"],
                                                      n_img * shape["channels"], feature_dtype)
                 bank_bytes = (bank + shape["bank_extra"]) * shape["bank_per_prompt"]
                 for count in samples:

@@ -79,7 +79,7 @@ def main() -> int:
                     res = "" if chosen.s_min == s_min else f" at {chosen.s_min} px"
                     cells.append(f"yes{quant}{res} ({gib(chosen.need)})")
                 except ConfigError:
-                    lightest = make(ratio, "nf4", s_min // 2)["estimates"]["train_memory_bytes"] + RUNTIME_BYTES
+                    lightest = make(ratio, "nf4", s_min // 2).estimates["train_memory_bytes"] + RUNTIME_BYTES
                     cells.append(f"no ({gib(lightest)} at the lightest)")
             options = generation_options(model, board, side, side, text_len)
             fit = next((o for o in options if o["peak_bytes"] <= budget.bytes), None)

@@ -128,7 +128,7 @@ def train_adapter(model, plan, schedule, photos, work: Path, seed: int, args, us
         raise RuntimeError(proc.stderr[-3000:])
     child = json.loads(proc.stdout.strip().splitlines()[-1])
     return {**child, "peak_tensor_bytes": child["result"]["peak_tensor_bytes"], "adapter": work / "adapter",
-            "kept": len(plan.kept), "estimate": plan_doc["estimates"]["train_memory_bytes"]}
+            "kept": len(plan.kept), "estimate": plan_doc.estimates["train_memory_bytes"]}
 
 
 def context_prompts(subject: dict, backgrounds: list[str]) -> list[tuple[str, dict]]:

@@ -45,7 +45,7 @@ from blockskip.errors import InputError
 from blockskip.features import (FEATURE_DTYPES, FP8_SCALE, PROMPTS_FILE, SHARD_PATTERN, WEIGHTS_FILE, _batched,
                                  draw_tensors, read_prompt_cond, storage_dtype, store_draw)
 from blockskip.models.skip import SkipPlan, compute_features
-from blockskip.quant import QUANT_SCHEMES
+from blockskip.plan import PlanDocument
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -214,7 +214,7 @@ def _save_prompt_cond(prompt_cond: dict, path: Path, feature_dtype: str) -> None
                   for p, cond in prompt_cond.items() for k, v in cond.items()} or {"none": torch.zeros(1)}, path)
 
 
-def build_cache(model, plan_doc: dict, image_paths: list[Path], prompts: list[str], out: Path,
+def build_cache(model, plan_doc: PlanDocument, image_paths: list[Path], prompts: list[str], out: Path,
                 bank_prompts: list[str] = (), seed: int = 0, samples: int | None = None,
                 shard_size: int = 32, feature_dtype: str | None = None, progress: bool = True,
                 rank: int | None = None, world_size: int | None = None) -> Path:
@@ -225,7 +225,7 @@ def build_cache(model, plan_doc: dict, image_paths: list[Path], prompts: list[st
     process group's, or 0 of 1 without one): it computes shards rank, rank + world_size, ... and
     rank 0 writes the shared files once every shard is complete (a barrier when the process group
     is initialised; without one, run ranks 1.. first and rank 0 last)."""
-    from blockskip.host.patches import PatchSchedule, load_image
+    from blockskip.host.patches import load_image
 
     if rank is None and world_size is None:
         rank, world_size = dist_rank_world()
@@ -233,20 +233,19 @@ def build_cache(model, plan_doc: dict, image_paths: list[Path], prompts: list[st
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
     family = model.family
-    if plan_doc.get("model", {}).get("config_hash") != family.config_hash():
+    if plan_doc.config_hash != family.config_hash():
         raise InputError("the plan was made for another model (config hash mismatch); re-run `blockskip plan`")
-    plan = SkipPlan.from_dict(plan_doc["plan"])
-    schedule = PatchSchedule.from_dict(plan_doc["patch_schedule"])
-    samples = samples or int(plan_doc["samples"])
+    plan, schedule = plan_doc.skip, plan_doc.schedule
+    samples = samples or plan_doc.samples
     if shard_size < 1 or samples < 1:
         raise InputError("--samples and --shard-size must be >= 1")
-    feature_dtype = feature_dtype or plan_doc.get("feature_dtype", "fp32")
+    feature_dtype = feature_dtype or plan_doc.feature_dtype
     if feature_dtype not in FEATURE_DTYPES:
         raise InputError(f"feature dtype must be one of {', '.join(FEATURE_DTYPES)}, got {feature_dtype!r}")
-    quant = plan_doc.get("quant", "none")
-    if quant not in QUANT_SCHEMES:
-        raise InputError(f"the plan's quant must be one of {', '.join(QUANT_SCHEMES)}, got {quant!r}")
-    job = {**({"quant": quant} if quant != "none" else {}), "plan": plan_doc["plan"], "patch_schedule": plan_doc["patch_schedule"], "prompts": prompts,
+    quant = plan_doc.quant
+    document = plan_doc.to_dict()
+    job = {**({"quant": quant} if quant != "none" else {}), "plan": document["plan"],
+           "patch_schedule": document["patch_schedule"], "prompts": prompts,
            "seed": seed, "samples": samples, "shard_size": shard_size, "feature_dtype": feature_dtype,
            "images": [p.name for p in image_paths], "model": family.config_hash()}
     out.mkdir(parents=True, exist_ok=True)
@@ -312,26 +311,27 @@ def build_cache(model, plan_doc: dict, image_paths: list[Path], prompts: list[st
     return out
 
 
-def _write_shared(out: Path, model, plan_doc: dict, prompts: list[str], bank_prompts: list[str], samples: int,
+def _write_shared(out: Path, model, plan_doc: PlanDocument, prompts: list[str], bank_prompts: list[str], samples: int,
                   feature_dtype: str, quant: str) -> None:
     """The prompt bank and bundle.json (rank 0, once every shard is complete)."""
     if bank_prompts:
         from blockskip.prompt_bank import write_prompt_bank
 
         write_prompt_bank(out, model, list(bank_prompts))
+    document = plan_doc.to_dict()
     metadata = {
         "model": model.describe(),
         "transformer_config": model.family.json_config(),
-        "plan": plan_doc["plan"],
-        "patch_schedule": plan_doc["patch_schedule"],
-        "lora": plan_doc["lora"],
+        "plan": document["plan"],
+        "patch_schedule": document["patch_schedule"],
+        "lora": document["lora"],
         "samples": samples,
         "train_prompts": prompts,
         "bank_prompts": list(bank_prompts),
         "feature_dtype": feature_dtype,
         "quant": quant,
         **({"fp8_scale": f"per-{FP8_SCALE}"} if feature_dtype == "fp8" else {}),
-        "estimates": plan_doc.get("estimates"),
+        "estimates": plan_doc.estimates,
     }
     (out / "bundle.json").write_text(json.dumps(metadata, indent=2, default=list))
 
@@ -339,10 +339,7 @@ def _write_shared(out: Path, model, plan_doc: dict, prompts: list[str], bank_pro
 def run(args: argparse.Namespace) -> int:
     from blockskip.host.profile import read_prompts, require_text_encoder, resolve_model
 
-    plan_path = Path(args.plan)
-    if not plan_path.is_file():
-        raise InputError(f"plan {args.plan!r} does not exist (run `blockskip plan` first)")
-    plan_doc = json.loads(plan_path.read_text())
+    plan_doc = PlanDocument.load(args.plan)
     rank, world_size, device = init_distributed(args.device)
     try:
         model = resolve_model(args.model)

@@ -22,6 +22,7 @@ from typing import Callable
 
 from blockskip.boards import RUNTIME_BYTES, Budget, generation_options, gib
 from blockskip.errors import ConfigError
+from blockskip.plan import PlanDocument
 
 RATIOS = (0.3, 0.5)
 QUANTS = ("none", "int8", "nf4")
@@ -32,16 +33,15 @@ class Candidate:
     ratio: float | None  # None: an explicit --skip-blocks
     quant: str
     s_min: int
-    plan: dict
+    plan: PlanDocument
 
     @property
     def need(self) -> int:
-        return self.plan["estimates"]["train_memory_bytes"] + RUNTIME_BYTES
+        return self.plan.estimates["train_memory_bytes"] + RUNTIME_BYTES
 
     def flags(self) -> str:
-        plan = self.plan["plan"]
         skip = (f"--skip-ratio {self.ratio:g}" if self.ratio is not None
-                else f"--skip-blocks {plan['num_blocks'] - len(plan['kept'])}")
+                else f"--skip-blocks {self.plan.skip.num_blocks - len(self.plan.kept)}")
         return f"{skip} --quant {self.quant} --s-min {self.s_min}"
 
 
@@ -61,9 +61,9 @@ def choose(make: Callable[[float | None, str, int], dict], budget: Budget, s_min
     """The first candidate (most faithful first) that fits, and every one tried. `make(ratio,
     quant, s_min)` builds a plan document (ratio None: the explicit --skip-blocks). Settings given
     by the user are held fixed; raises ConfigError naming the lightest fitting plan otherwise."""
-    plans: dict[tuple, dict] = {}
+    plans: dict[tuple, PlanDocument] = {}
 
-    def plan_for(r: float | None, q: str, size: int) -> dict:  # each setting is planned once
+    def plan_for(r: float | None, q: str, size: int) -> PlanDocument:  # each setting is planned once
         if (r, q, size) not in plans:
             plans[(r, q, size)] = make(r, q, size)
         return plans[(r, q, size)]

@@ -26,110 +26,14 @@ image and nothing is padded or distorted.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from blockskip.errors import ConfigError, InputError
-
-SCHEDULES = ("low-to-high", "high-to-low", "random", "resize")
-# Downsizing filter: every crop is at least s_min, so resizing to s_min only ever shrinks.
-RESAMPLE = Image.Resampling.LANCZOS
-
-
-@dataclass(frozen=True)
-class PatchSchedule:
-    s_min: int = 256  # training resolution: every patch is resized to s_min x s_min (FLUX paper: 256)
-    s_max: int = 512  # crop side at the far end of the schedule (FLUX paper: 512; SANA: 1024 -> 512)
-    granularity: int = 16  # crop sides are multiples of this (VAE factor x patch size; FLUX 8 x 2)
-    schedule: str = "low-to-high"  # one of SCHEDULES; see the module docstring
-    t_max: float = 1.0  # T: the largest timestep (1.0 for a flow-matching sigma, 1000 for DDPM steps)
-
-    def __post_init__(self):
-        for name in ("s_min", "s_max", "granularity"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.s_min % self.granularity:
-            raise ConfigError(f"s_min must be a multiple of granularity {self.granularity}, got {self.s_min}")
-        if self.s_max % self.granularity:
-            raise ConfigError(f"s_max must be a multiple of granularity {self.granularity}, got {self.s_max}")
-        if self.s_min > self.s_max:
-            raise ConfigError(f"s_min must be <= s_max, got s_min={self.s_min}, s_max={self.s_max}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
-        if not (isinstance(self.t_max, (int, float)) and math.isfinite(self.t_max) and self.t_max > 0):
-            raise ConfigError(f"t_max must be a positive finite number, got {self.t_max!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "PatchSchedule":
-        unknown = set(data) - {"s_min", "s_max", "granularity", "schedule", "t_max"}
-        if unknown:
-            raise ConfigError(f"unknown patch schedule field(s): {', '.join(sorted(unknown))}")
-        return cls(**data)
-
-    def _round(self, side: float) -> int:
-        """Nearest multiple of the granularity (halves round up, independent of float parity)."""
-        g = self.granularity
-        return int(math.floor(side / g + 0.5)) * g
-
-    def crop_side(self, t: float, rng: np.random.Generator | None = None) -> int | None:
-        """The crop side for timestep t before clamping to an image; None for `resize` (whole image).
-
-        `rng` is only drawn from by the `random` schedule.
-        """
-        if not (math.isfinite(t) and 0.0 <= t <= self.t_max):
-            raise ConfigError(f"timestep t must be in [0, {self.t_max}], got {t}")
-        frac = t / self.t_max
-        span = self.s_max - self.s_min
-        if self.schedule == "low-to-high":
-            side = self._round(self.s_min + frac * span)
-        elif self.schedule == "high-to-low":
-            side = self._round(self.s_max - frac * span)
-        elif self.schedule == "random":
-            if rng is None:
-                raise ConfigError("the random schedule needs an rng")
-            g = self.granularity
-            side = int(rng.integers(self.s_min // g, self.s_max // g + 1)) * g
-        else:  # resize
-            return None
-        assert self.s_min <= side <= self.s_max, f"crop side {side} outside [{self.s_min}, {self.s_max}]"
-        return side
-
-    def sample_patch(self, image: Image.Image, t: float, rng: np.random.Generator) -> tuple[Image.Image, dict]:
-        """One training patch: an RGB s_min x s_min image and where it came from.
-
-        info: {"side": crop side in source pixels, "left": x of the crop, "top": y of the crop}.
-        Draw order from rng (for reproducibility): crop side (random schedule only), left, top.
-        """
-        if image.mode != "RGB":
-            raise InputError(f"sample_patch needs an RGB image (use load_image), got mode {image.mode}")
-        width, height = image.size
-        short = min(width, height)
-        if short < self.s_min:
-            source = image.info.get("source", "image")
-            raise InputError(f"{source}: {width}x{height} is smaller than the training resolution: its shorter "
-                             f"side {short} must be at least s_min={self.s_min}")
-        side = self.crop_side(t, rng)
-        if side is None:  # resize: the largest centered square, nothing distorted
-            side = short
-            left, top = (width - side) // 2, (height - side) // 2
-        else:
-            side = min(side, short // self.granularity * self.granularity)
-            left = int(rng.integers(0, width - side + 1))
-            top = int(rng.integers(0, height - side + 1))
-        # Crop, then resize: resize(box=...) would let the filter read pixels outside the crop.
-        patch = image.crop((left, top, left + side, top + side))
-        if side != self.s_min:
-            patch = patch.resize((self.s_min, self.s_min), RESAMPLE)
-        return patch, {"side": side, "left": left, "top": top}
+from blockskip.errors import InputError
+from blockskip.plan import RESAMPLE, SCHEDULES, PatchSchedule  # noqa: F401  (the schedule is part of the plan)
 
 
 def load_image(path: str | Path, min_side: int = 0) -> Image.Image:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from blockskip.boards import BOARDS, GIB, budget_from, gib
 from blockskip.errors import ConfigError, InputError
 from blockskip.features import FEATURE_DTYPES, storage_dtype
 from blockskip.models.skip import SkipPlan
+from blockskip.plan import LoraSettings, PatchSchedule, PlanDocument
 from blockskip.quant import QUANT_SCHEMES, quantized_bytes
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -46,26 +46,6 @@ DEFAULT_SAMPLES = 300
 # of 2 bytes on FLUX.1-dev shapes; fp32 (CPU): 11.3-12.5 values of 4 bytes on FLUX.1-dev and the
 # 57-block proxy. With these the estimate is within 5% of every measured row.
 ACTIVATION_BYTES = {"bf16": 32, "fp16": 32, "fp32": 48}
-# The paper's largest crop side (its LoRA baseline's resolution): FLUX 512 -> s_min 256, SANA 1024 -> 512.
-PAPER_S_MAX = {"flux": 512, "sana": 1024}
-# Text tokens of the families' own text encoders as `DiffusersTextEncoder` runs them (FLUX's T5: 512,
-# SANA's Gemma: 300).
-PIPELINE_TEXT_LEN = {"flux": 512, "sana": 300}
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    rank: int = 16  # LoRA rank r
-    alpha: float = 16.0  # LoRA alpha (scale = alpha / r)
-    scope: str = "attention"  # "attention": attention projections; "all": also the MLPs
-
-    def __post_init__(self):
-        if self.rank < 1:
-            raise ConfigError(f"lora rank must be >= 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise ConfigError(f"lora alpha must be > 0, got {self.alpha}")
-        if self.scope not in ("attention", "all"):
-            raise ConfigError(f"lora scope must be 'attention' or 'all', got {self.scope!r}")
 
 
 def skip_budget(num_blocks: int, ratio: float | None = None, blocks: int | None = None) -> int:
@@ -169,7 +149,7 @@ def estimate(model_desc: dict, family, plan: SkipPlan, lora: LoraSettings, s_min
     n_img = (s_min // granularity) ** 2
     hidden = getattr(family.model, "inner_dim", None) or (
         family.config["num_attention_heads"] * family.config["attention_head_dim"])
-    seq = n_img + (text_len if family.name == "flux" else 0)
+    seq = family.sequence_length(n_img, text_len)
     kept_params = sum(p.numel() for i in plan.kept for p in family.block(i).parameters())
     lora_params = 0
     modules = dict(family.model.named_modules())
@@ -182,10 +162,10 @@ def estimate(model_desc: dict, family, plan: SkipPlan, lora: LoraSettings, s_min
     memory = weights + transient + lora_params * (4 + 4 + 8) + activations
     config = model_desc["config"]
     target = n_img * config.get("in_channels", 4) * config.get("patch_size", 1) ** 2  # (C, H, W) of the latents
-    per_draw, per_prompt = feature_bytes(family.name, plan, hidden, n_img, text_len, target, feature_dtype)
+    per_draw, per_prompt = feature_bytes(type(family), plan, hidden, n_img, text_len, target, feature_dtype)
     text = family.text_shapes()  # the prompt bank: the text encoder's output in fp32, once per prompt
-    bank = (text_len * text["encoder_hidden_states"] + text.get("pooled_projections", 0)) * 4 + (
-        text_len * 8 if family.name == "sana" else 0)  # SANA: + its int64 attention mask
+    bank = ((text_len * text["encoder_hidden_states"] + text.get("pooled_projections", 0)) * 4
+            + family.attention_mask_bytes(text_len))
     return {"train_memory_bytes": int(memory), "kept_params": kept_params, "lora_params": lora_params,
             "activation_bytes": int(activations), "weight_bytes": weights, "precision": precision, "quant": quant,
             "cache_bytes_per_draw": per_draw, "cache_bytes": per_draw * samples + per_prompt,
@@ -193,26 +173,24 @@ def estimate(model_desc: dict, family, plan: SkipPlan, lora: LoraSettings, s_min
             "assumes": f"batch 1 at {s_min}x{s_min}, {text_len} text tokens"}
 
 
-def feature_bytes(family_name: str, plan: SkipPlan, hidden: int, n_img: int, text_len: int, target: int,
+def feature_bytes(family: type, plan: SkipPlan, hidden: int, n_img: int, text_len: int, target: int,
                   feature_dtype: str) -> tuple[int, int]:
     """(bytes per draw, bytes per training prompt) of the tensors `blockskip cache` stores in
     `feature_dtype` (the safetensors header, about 100 bytes a tensor, is not counted). A draw: the
     entry state, a residual per skipped span after the first kept block (image tokens only for a
-    span that reaches the end), the per-draw conditioning and the target. FLUX's state is the image
-    and the text stream; SANA's the image tokens. fp8 adds one fp32 scale per token of each state
-    tensor. A prompt: FLUX's txt_ids, SANA's projected caption and its mask."""
-    streams = [n_img, text_len] if family_name == "flux" else [n_img]  # rows of the state's tensors
+    span that reaches the end), the per-draw conditioning and the target; the family (a `Family`
+    class) says its state's rows and what its conditioning and prompts store. fp8 adds one fp32
+    scale per token of each state tensor."""
+    streams = family.state_rows(n_img, text_len)
     rows = list(streams)
     for _, end in plan.residual_spans:
         rows += [n_img] if end == plan.num_blocks else streams
     state_dtype, small_dtype = storage_dtype(feature_dtype, "entry"), storage_dtype(feature_dtype, "cond")
     scale = 4 if feature_dtype == "fp8" else 0  # fp32, per token
     states = sum(rows) * (hidden * state_dtype.itemsize + scale)
-    # per-draw conditioning: FLUX temb (D) and img_ids (N_img, 3); SANA timestep modulation (6D),
-    # embedded timestep (D) and its token grid (2 int64)
-    cond = hidden + 3 * n_img if family_name == "flux" else 7 * hidden
-    per_draw = states + (cond + target) * small_dtype.itemsize + (16 if family_name == "sana" else 0)
-    prompt = text_len * (3 if family_name == "flux" else hidden + 1)
+    cond, cond_extra = family.cond_values(hidden, n_img)
+    per_draw = states + (cond + target) * small_dtype.itemsize + cond_extra
+    prompt = family.prompt_values(hidden, text_len)
     return per_draw, prompt * storage_dtype(feature_dtype, "prompt").itemsize
 
 
@@ -309,7 +287,7 @@ def register(subparsers) -> None:
 def make_plan(profile: dict, model, k: int, schedule, lora: LoraSettings, samples: int,
               text_len: int = 512, precision: str = "bf16", max_last: int | None = None,
               feature_dtype: str = "fp32", quant: str = "none", paper: bool = False,
-              split: tuple[int, int] | None = None) -> dict:
+              split: tuple[int, int] | None = None) -> PlanDocument:
     """Skip the first n and last m blocks, n + m = k: by the profile's score (`choose_split`: with
     the staleness term when the profile has one and not `paper`; m <= max_last when given), or
     the explicit `split`. The plan records the split, its score, the paper's argmin and a line
@@ -342,8 +320,8 @@ def make_plan(profile: dict, model, k: int, schedule, lora: LoraSettings, sample
 
 def plan_document(model, plan: SkipPlan, schedule, lora: LoraSettings, samples: int, text_len: int = 512,
                   precision: str = "bf16", extra: dict | None = None, feature_dtype: str = "fp32",
-                  quant: str = "none") -> dict:
-    """The plan JSON for any skip plan (ablations use middle or one-sided plans). `feature_dtype`
+                  quant: str = "none") -> PlanDocument:
+    """The plan document for any skip plan (ablations use middle or one-sided plans). `feature_dtype`
     is what `blockskip cache` stores unless told otherwise (fp32 here: exact; the command line's
     default is DEFAULT_FEATURE_DTYPE); `quant` how the base pack stores the kept Linear weights."""
     if samples < 1:
@@ -355,19 +333,12 @@ def plan_document(model, plan: SkipPlan, schedule, lora: LoraSettings, samples: 
     family = model.family
     targets = [t for i in plan.kept for t in family.lora_targets(i, lora.scope)]
     desc = model.describe()
-    return {
-        "kind": "blockskip-plan",
-        "model": desc,
-        "plan": {**plan.to_dict(), **(extra or {})},
-        "patch_schedule": schedule.to_dict(),
-        "lora": {**asdict(lora), "target_modules": targets},
-        "samples": samples,
-        "feature_dtype": feature_dtype,
-        "quant": quant,
-        "estimates": {**estimate(desc, family, plan, lora, schedule.s_min, text_len, precision, feature_dtype, samples,
-                                 quant),
-                      "base_pack_bytes": base_pack_bytes(family, plan, quant)},
-    }
+    return PlanDocument(
+        model=desc, skip=plan, schedule=schedule, lora=lora, target_modules=tuple(targets), samples=samples,
+        feature_dtype=feature_dtype, quant=quant, choice=dict(extra or {}),
+        estimates={**estimate(desc, family, plan, lora, schedule.s_min, text_len, precision, feature_dtype, samples,
+                              quant),
+                   "base_pack_bytes": base_pack_bytes(family, plan, quant)})
 
 
 def default_s_max(model, profile: dict) -> tuple[int, str]:
@@ -377,8 +348,8 @@ def default_s_max(model, profile: dict) -> tuple[int, str]:
     size = recorded_size(model)
     if size:
         return size, "the image_size in the model's blockskip.json"
-    if model.codec.kind != "pixel" and model.family.name in PAPER_S_MAX:
-        return PAPER_S_MAX[model.family.name], f"the paper's {model.family.name.upper()} s_max"
+    if model.codec.kind != "pixel" and model.family.paper_s_max:
+        return model.family.paper_s_max, f"the paper's {model.family.name.upper()} s_max"
     size = profile.get("size") or profile.get("key", {}).get("size")
     if size:
         return int(size), "the profile's generation size"
@@ -395,7 +366,7 @@ def default_text_len(model) -> tuple[int, str]:
     encoder = model.text_encoder.config() if model.text_encoder else model.meta.get("text_encoder")
     if encoder and encoder.get("kind") in ("hash", "words"):
         return int(encoder["max_length"]), "the max_length of the model's text encoder"
-    length = PIPELINE_TEXT_LEN[model.family.name]
+    length = model.family.pipeline_text_len
     if model.path and (Path(model.path) / "text_encoder").is_dir():
         return length, f"{model.family.name.upper()}'s text encoder as blockskip runs it"
     return length, f"no text encoder in the model folder: {model.family.name.upper()}'s pipeline length"
@@ -409,7 +380,6 @@ def _size(count: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from blockskip.host.fit import choose, generation_summary
-    from blockskip.host.patches import PatchSchedule
     from blockskip.host.profile import resolve_model
 
     profile_path = Path(args.profile)
@@ -438,7 +408,7 @@ def run(args: argparse.Namespace) -> int:
         print("defaults from the model: " + ", ".join(taken))
     lora = LoraSettings(args.rank, args.alpha, args.lora_scope)
 
-    def make(ratio: float | None, quant: str, side: int) -> dict:
+    def make(ratio: float | None, quant: str, side: int) -> PlanDocument:
         blocks = sum(args.split) if args.split else args.skip_blocks
         k = skip_budget(model.family.num_blocks, ratio, None if ratio is not None else blocks)
         schedule = PatchSchedule(s_min=side, s_max=s_max, granularity=model.granularity, schedule=args.schedule)
@@ -453,25 +423,23 @@ def run(args: argparse.Namespace) -> int:
                                args.quant, args.s_min is not None)
         plan = chosen.plan
         generation, line = generation_summary(model, budget, args.generate_size or s_max, text_len)
-        plan["board"] = {"budget": budget.source, "budget_bytes": budget.bytes,
-                         "train_peak_bytes": chosen.need, "tried": [c.flags() for c in tried],
-                         "generation": generation}
+        plan = plan.with_board({"budget": budget.source, "budget_bytes": budget.bytes,
+                                "train_peak_bytes": chosen.need, "tried": [c.flags() for c in tried],
+                                "generation": generation})
         heavier = len(tried) - 1
         print(f"for {budget.source}: {chosen.flags()} (est. training peak {gib(chosen.need)} with the runtime"
               + (f"; {heavier} more faithful setting{'s' * (heavier > 1)} did not fit)" if heavier else ")"))
         if line:
             print(line)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(plan, indent=2))
-    est = plan["estimates"]
-    print(plan["plan"]["why"])
-    print(f"skip first {plan['plan']['n']} and last {plan['plan']['m']} of {model.family.num_blocks} blocks; "
+    out = plan.save(args.out)
+    est = plan.estimates
+    print(plan.choice["why"])
+    print(f"skip first {plan.choice['n']} and last {plan.choice['m']} of {model.family.num_blocks} blocks; "
           f"est. edge training memory {_size(est['train_memory_bytes'])} ({est['precision']}, {est['assumes']}) "
           f"-> {out}")
-    quant = f", Linear weights {plan['quant']}" if plan["quant"] != "none" else ""
+    quant = f", Linear weights {plan.quant}" if plan.quant != "none" else ""
     print(f"base pack {_size(est['base_pack_bytes'])} (kept weights{quant}, installed once per model and plan)")
-    print(f"subject bundle: features {_size(est['cache_bytes'])} ({plan['samples']} draws x "
-          f"{_size(est['cache_bytes_per_draw'])}, {plan['feature_dtype']}) + prompt bank "
+    print(f"subject bundle: features {_size(est['cache_bytes'])} ({plan.samples} draws x "
+          f"{_size(est['cache_bytes_per_draw'])}, {plan.feature_dtype}) + prompt bank "
           f"{_size(est['bank_bytes_per_prompt'])} per prompt")
     return 0

@@ -48,6 +48,7 @@ from blockskip.files import write_json_atomic
 from blockskip.images import CaptureError, image_format
 from blockskip.mqtt import (ID_PATTERN, JOB_ACTIONS, BrokerConfig, check_receive_maximum, connect_properties,
                             device_prefix, login_for, make_client)
+from blockskip.plan import LoraSettings, PatchSchedule, PlanDocument
 from blockskip.host.jobs import (DEFAULT_GROUP, SHA256_PATTERN, STAGES, SUBMIT_TOPIC, JobError, events_topic,
                                  parse_job, select_captures, share_topic, status_topic, worker_topic)
 from blockskip.transfer import (DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, FileOffer, FileReceiver, FileSender, ReceivePolicy,
@@ -717,13 +718,12 @@ class HostWorker:
             self._models[name] = resolve_model(path)
         return self._models[name]
 
-    def _plan(self, name: str, model) -> dict:
+    def _plan(self, name: str, model) -> PlanDocument:
         settings = self.config.models[name]
         if settings.plan:
-            return json.loads(Path(settings.plan).read_text())
-        from blockskip.host.patches import PatchSchedule
-        from blockskip.host.plan import (DEFAULT_FEATURE_DTYPE, DEFAULT_SAMPLES, LoraSettings, default_s_max,
-                                         default_s_min, default_text_len, make_plan, skip_budget)
+            return PlanDocument.load(settings.plan)
+        from blockskip.host.plan import (DEFAULT_FEATURE_DTYPE, DEFAULT_SAMPLES, default_s_max, default_s_min,
+                                         default_text_len, make_plan, skip_budget)
 
         profile = self._profile(name, model)
         s_max, _ = default_s_max(model, profile)
@@ -767,10 +767,10 @@ class HostWorker:
         folder = self.jobs_dir / job["id"]
         model = self._model(job["model"])
         plan = self._plan(job["model"], model)
-        self._event(job["id"], {"type": "plan", "kept": plan["plan"].get("kept"), "why": plan["plan"].get("why")})
+        self._event(job["id"], {"type": "plan", "kept": plan.kept, "why": plan.choice.get("why")})
         photos = list_images(folder / "photos")
         staging = folder / "staging"
-        samples = settings.samples or int(plan["samples"])
+        samples = settings.samples or plan.samples
         watcher = _ShardWatcher(staging / "features", samples, settings.shard_size,
                                 lambda done: self._event(job["id"], {"type": "progress", "stage": "prepare",
                                                                      "step": done, "total": samples,
@@ -792,7 +792,7 @@ class HostWorker:
             build_bundle(staging, out, metadata, signing_key=key, tar=True, overwrite=True)
         tar = out.with_name(out.name + ".tar")
         state["bundle"] = str(tar)
-        state["size"] = int(plan["patch_schedule"]["s_max"])
+        state["size"] = plan.schedule.s_max
         self._event(job["id"], {"type": "bundle", "bytes": tar.stat().st_size, "signed": key is not None,
                                 "photos": len(photos), "draws": samples})
 

@@ -32,6 +32,46 @@ class Family(abc.ABC):
     name: str  # registry key, e.g. "flux"
     model_cls: type[nn.Module]  # the diffusers class
     image_key: str = "hidden_states"  # the state entry holding image tokens (what the head reads)
+    # The numbers the host's estimates and defaults need, per family (class-level: no weights needed).
+    text_in_sequence: bool = False  # text tokens run through the blocks beside the image tokens (FLUX's joint attention)
+    pipeline_text_len: int = 512  # text tokens of the family's own text encoder as DiffusersTextEncoder runs it
+    paper_s_max: int | None = None  # the paper's largest crop side (its LoRA baseline's resolution)
+
+    @classmethod
+    def sequence_length(cls, image_tokens: int, text_len: int) -> int:
+        """Tokens one block attends over."""
+        return image_tokens + (text_len if cls.text_in_sequence else 0)
+
+    @classmethod
+    def state_rows(cls, image_tokens: int, text_len: int) -> list[int]:
+        """Rows of each tensor of the state between blocks (what an entry state or a residual stores)."""
+        return [image_tokens, text_len] if cls.text_in_sequence else [image_tokens]
+
+    @classmethod
+    @abc.abstractmethod
+    def cond_values(cls, hidden: int, image_tokens: int) -> tuple[int, int]:
+        """(values, extra bytes) of the per-draw conditioning `cache` stores: values in the
+        conditioning dtype, extra bytes in fixed-width integers."""
+
+    @classmethod
+    @abc.abstractmethod
+    def prompt_values(cls, hidden: int, text_len: int) -> int:
+        """Values `cache` stores once per training prompt."""
+
+    @classmethod
+    def attention_mask_bytes(cls, text_len: int) -> int:
+        """Bytes of the text attention mask the prompt bank keeps beside the embeddings (none by default)."""
+        return 0
+
+    @classmethod
+    @abc.abstractmethod
+    def pipeline_class(cls) -> type:
+        """The diffusers pipeline whose `encode_prompt` is this family's text encoder."""
+
+    @classmethod
+    @abc.abstractmethod
+    def encode_prompt(cls, pipeline, prompt: str, max_length: int) -> dict[str, torch.Tensor]:
+        """The transformer's text inputs for `prompt`, from the pipeline's own `encode_prompt`."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -96,8 +136,9 @@ class Family(abc.ABC):
         return self.model.get_submodule(self.block_names()[index])
 
     @abc.abstractmethod
-    def lora_targets(self, index: int) -> list[str]:
-        """Full-model names of the Linear modules in block `index` that carry LoRA."""
+    def lora_targets(self, index: int, scope: str = "attention") -> list[str]:
+        """Full-model names of the Linear modules in block `index` that carry LoRA: the attention
+        projections (`scope` "attention"), or those and the MLP's (`scope` "all")."""
 
     def kohya_groups(self) -> dict[str, list[tuple[str, int]]] | None:
         """kohya sd-scripts' LoRA names of this family: {kohya name: [(diffusers module path,

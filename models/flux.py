@@ -80,6 +80,28 @@ class Flux(Family):
     name = "flux"
     model_cls = FluxTransformer2DModel
     latent_packing = 2  # FLUX packs 2x2 latent pixels into one token
+    text_in_sequence = True  # double blocks attend over image and text tokens jointly; single blocks carry both
+    pipeline_text_len = 512  # T5's max_sequence_length in FluxPipeline
+    paper_s_max = 512  # the paper's FLUX crops: 512 -> s_min 256
+
+    @classmethod
+    def cond_values(cls, hidden: int, image_tokens: int) -> tuple[int, int]:
+        return hidden + 3 * image_tokens, 0  # temb (D) and img_ids (N_img, 3)
+
+    @classmethod
+    def prompt_values(cls, hidden: int, text_len: int) -> int:
+        return 3 * text_len  # txt_ids
+
+    @classmethod
+    def pipeline_class(cls) -> type:
+        from diffusers import FluxPipeline
+
+        return FluxPipeline
+
+    @classmethod
+    def encode_prompt(cls, pipeline, prompt: str, max_length: int) -> dict[str, torch.Tensor]:
+        embeds, pooled, _ = pipeline.encode_prompt(prompt, prompt_2=None, max_sequence_length=max_length)
+        return {"encoder_hidden_states": embeds.cpu(), "pooled_projections": pooled.cpu()}
 
     @classmethod
     def tiny_config(cls) -> dict:

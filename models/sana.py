@@ -31,6 +31,32 @@ class Sana(Family):
     name = "sana"
     model_cls = SanaTransformer2DModel
     cfg_scale = 4.5  # SANA's pipeline default, with the empty prompt as the negative
+    pipeline_text_len = 300  # Gemma's max_sequence_length in SanaPipeline
+    paper_s_max = 1024  # the paper's SANA crops: 1024 -> s_min 512
+
+    @classmethod
+    def cond_values(cls, hidden: int, image_tokens: int) -> tuple[int, int]:
+        return 7 * hidden, 16  # timestep modulation (6D), embedded timestep (D); its token grid (2 int64)
+
+    @classmethod
+    def prompt_values(cls, hidden: int, text_len: int) -> int:
+        return text_len * (hidden + 1)  # the projected caption and its mask
+
+    @classmethod
+    def attention_mask_bytes(cls, text_len: int) -> int:
+        return 8 * text_len  # Gemma's int64 attention mask
+
+    @classmethod
+    def pipeline_class(cls) -> type:
+        from diffusers import SanaPipeline
+
+        return SanaPipeline
+
+    @classmethod
+    def encode_prompt(cls, pipeline, prompt: str, max_length: int) -> dict[str, torch.Tensor]:
+        embeds, mask, _, _ = pipeline.encode_prompt(prompt, do_classifier_free_guidance=False,
+                                                    max_sequence_length=min(max_length, cls.pipeline_text_len))
+        return {"encoder_hidden_states": embeds.cpu(), "encoder_attention_mask": mask.cpu()}
 
     @classmethod
     def tiny_config(cls) -> dict:

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from blockskip.models import family_class
+
 
 class HashTextEncoder:
     """Deterministic word-hash embeddings: each word maps to a fixed random vector (seeded
@@ -66,26 +68,19 @@ class DiffusersTextEncoder:
     kind = "diffusers"
 
     def __init__(self, family_name: str, path: str, max_length: int = 512):
-        from diffusers import FluxPipeline, SanaPipeline
-
-        pipeline_cls = {"flux": FluxPipeline, "sana": SanaPipeline}[family_name]
+        self.family = family_class(family_name)
         self.family_name = family_name
         self.path = path
         self.max_length = max_length
-        self.pipeline = pipeline_cls.from_pretrained(path, transformer=None, vae=None, local_files_only=True)
+        self.pipeline = self.family.pipeline_class().from_pretrained(path, transformer=None, vae=None,
+                                                                     local_files_only=True)
 
     def config(self) -> dict:
         return {"kind": self.kind, "path": self.path, "max_length": self.max_length}
 
     @torch.no_grad()
     def encode(self, prompt: str) -> dict[str, torch.Tensor]:
-        if self.family_name == "flux":
-            embeds, pooled, _ = self.pipeline.encode_prompt(prompt, prompt_2=None,
-                                                            max_sequence_length=self.max_length)
-            return {"encoder_hidden_states": embeds.cpu(), "pooled_projections": pooled.cpu()}
-        embeds, mask, _, _ = self.pipeline.encode_prompt(prompt, do_classifier_free_guidance=False,
-                                                         max_sequence_length=min(self.max_length, 300))
-        return {"encoder_hidden_states": embeds.cpu(), "encoder_attention_mask": mask.cpu()}
+        return self.family.encode_prompt(self.pipeline, prompt, self.max_length)
 
 
 class WordTextEncoder(nn.Module):

@@ -17,6 +17,7 @@ from blockskip.errors import ConfigError
 from blockskip.host.bundle import TrustPolicy
 from blockskip.host.patches import PatchSchedule
 from blockskip.host.plan import LoraSettings, make_plan, skip_budget
+from blockskip.plan import PlanDocument
 from blockskip.memory import TensorMemory
 from blockskip.models.crops import MODEL_DIR, load_crop_model
 from blockskip.models.pipeline import sample, save_model, tiny_model
@@ -36,7 +37,7 @@ def need(ratio, quant, s_min):
     k = skip_budget(model.family.num_blocks, ratio)
     plan = make_plan(profile, model, k, PatchSchedule(s_min=s_min, s_max=32, granularity=model.granularity),
                      LoraSettings(), 300, 16, "fp32", quant=quant)
-    return plan["estimates"]["train_memory_bytes"] + RUNTIME_BYTES
+    return plan.estimates["train_memory_bytes"] + RUNTIME_BYTES
 
 
 def test_every_built_in_board_leaves_room_and_an_unknown_one_is_named():
@@ -59,9 +60,9 @@ def test_plan_for_a_board_takes_the_most_faithful_plan_that_fits(tmp_path):
     assert "for pi4-4gb (Raspberry Pi 4 4 GB: 3.7 GiB CPU memory - 0.8 GiB reserve = 2.9 GiB usable): " \
            "--skip-ratio 0.3 --quant none --s-min 16" in result.stdout
     assert "generation at 32x32 fits: onnxruntime with fp32 weights" in result.stdout
-    plan = json.loads(out.read_text())
-    assert (plan["quant"], plan["patch_schedule"]["s_min"], len(plan["plan"]["kept"])) == ("none", 16, 6)
-    assert plan["board"]["generation"]["backend"] == "onnxruntime"
+    plan = PlanDocument.load(out)
+    assert (plan.quant, plan.schedule.s_min, len(plan.kept)) == ("none", 16, 6)
+    assert plan.board["generation"]["backend"] == "onnxruntime"
 
     full, int8 = need(0.3, "none", 16), need(0.3, "int8", 16)
     assert int8 < full
@@ -70,8 +71,8 @@ def test_plan_for_a_board_takes_the_most_faithful_plan_that_fits(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "--skip-ratio 0.3 --quant int8 --s-min 16 (est. training peak" in result.stdout
     assert "1 more faithful setting did not fit" in result.stdout
-    plan = json.loads(out.read_text())
-    assert plan["quant"] == "int8" and plan["estimates"]["train_memory_bytes"] + RUNTIME_BYTES <= budget * GIB
+    plan = PlanDocument.load(out)
+    assert plan.quant == "int8" and plan.estimates["train_memory_bytes"] + RUNTIME_BYTES <= budget * GIB
 
 
 def test_a_given_setting_that_cannot_fit_is_refused_naming_one_that_would(tmp_path):
@@ -105,7 +106,7 @@ def bundle(tmp_path_factory):
 
 def test_train_refuses_a_bundle_over_the_budget_before_loading_it(bundle, tmp_path):
     plan, folder = bundle
-    planned = plan["estimates"]["train_memory_bytes"] + RUNTIME_BYTES
+    planned = plan.estimates["train_memory_bytes"] + RUNTIME_BYTES
     small = TrainConfig(steps=1, grad_accum=1, checkpoint_every=0, memory_budget_gib=(planned - 1) / GIB)
     with pytest.raises(ConfigError, match=r"needs about .* \(its plan's estimate with the runtime\) but "
                                           r"--memory-budget .* allows .*blockskip plan --memory-budget"):

@@ -116,10 +116,10 @@ def test_reader_reads_only_the_shard_of_the_draw_asked_for(tmp_path):
 
 def test_fp32_storage_is_the_features_bit_for_bit(tmp_path):
     """fp32 is what the cache always wrote: the frozen model's tensors, unchanged, no scales."""
-    from blockskip.features import draw_tensors
     from blockskip.host.cache import draw_inputs
-    from blockskip.host.patches import PatchSchedule, load_image
-    from blockskip.models.skip import SkipPlan, compute_features
+    from blockskip.features import draw_tensors
+    from blockskip.host.patches import load_image
+    from blockskip.models.skip import compute_features
 
     model = tiny_model("flux")
     plan_doc = plan_for(model, 1, 2)
@@ -127,13 +127,13 @@ def test_fp32_storage_is_the_features_bit_for_bit(tmp_path):
     out = build_cache(model, plan_doc, paths, ["sks"], tmp_path / "s", shard_size=8, progress=False)
     assert json.loads((out / "bundle.json").read_text())["feature_dtype"] == "fp32"
     images = [(p.name, load_image(p)) for p in paths]
-    schedule = PatchSchedule.from_dict(plan_doc["patch_schedule"])
+    schedule = plan_doc.schedule
     with safe_open(str(out / "features" / "shard-00000.safetensors"), framework="pt") as handle:
         stored = {k: handle.get_tensor(k) for k in handle.keys()}
     expected = {}
     for index in range(6):
         inputs, target, _ = draw_inputs(model, schedule, images, [model.encode_text("sks")], 1, 0, index)
-        entry, residuals, cond, _ = compute_features(model.family, SkipPlan.from_dict(plan_doc["plan"]), inputs)
+        entry, residuals, cond, _ = compute_features(model.family, plan_doc.skip, inputs)
         expected.update(draw_tensors(index, entry, residuals, cond, target, model.family.prompt_cond_keys))
     assert stored.keys() == expected.keys()
     for key, value in expected.items():

@@ -127,7 +127,7 @@ def generation_estimate(model, height: int, width: int, precision: str, backend:
     weights = params * WEIGHT_BYTES[precision]
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
     tokens = (height // model.granularity) * (width // model.granularity)
-    seq = tokens + (text_len if family.name == "flux" else 0)
+    seq = family.sequence_length(tokens, text_len)
     working = seq * hidden * 14 * act
     decoder, decode = 0, 0
     vae = getattr(model.codec, "vae", None)

@@ -215,10 +215,10 @@ def run(args: argparse.Namespace) -> int:
     from blockskip.host.bundle import TrustPolicy, generate_keypair, verify_bundle
     from blockskip.host.cache import build_cache, list_images
     from blockskip.host.encoders import EfficientNetLite0
-    from blockskip.host.patches import PatchSchedule
-    from blockskip.host.plan import DEFAULT_FEATURE_DTYPE, LoraSettings, make_plan, skip_budget
+    from blockskip.host.plan import DEFAULT_FEATURE_DTYPE, make_plan, skip_budget
     from blockskip.host.profile import masking_profile
     from blockskip.models.pipeline import load_model, save_model, tiny_model
+    from blockskip.plan import LoraSettings, PatchSchedule
 
     if args.model == "builtin":
         from blockskip.models.crops import MODEL_DIR
@@ -264,13 +264,13 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(profile, model, k, schedule, LoraSettings(rank=8, alpha=8, scope="all"), args.samples,
                      text_len=model.text_encoder.max_length, precision="fp32", max_last=args.max_last,
                      feature_dtype=DEFAULT_FEATURE_DTYPE)
-    (out / "plan.json").write_text(json.dumps(plan, indent=2))
-    _say(f"skip first {plan['plan']['n']} and last {plan['plan']['m']}; keep {plan['plan']['kept']}")
+    plan.save(out / "plan.json")
+    _say(f"skip first {plan.choice['n']} and last {plan.choice['m']}; keep {plan.kept}")
     seconds["plan"] = time.perf_counter() - t
 
     t = _step("cache: frozen full model, one pass per draw", 4)
     _say(f"{args.samples} training draws (crop, timestep, noise, prompt) through all "
-         f"{model.family.num_blocks} blocks, stored in {plan['feature_dtype']}")
+         f"{model.family.num_blocks} blocks, stored in {plan.feature_dtype}")
     stage = build_cache(model, plan, subject, [PROMPT], out / "staging", bank_prompts=BANK, seed=args.seed,
                         shard_size=16)
     seconds["cache"] = time.perf_counter() - t
@@ -339,13 +339,13 @@ def run(args: argparse.Namespace) -> int:
         "attribute_scores": scores,
         "subject_attributes_before": {a: s["before"] for a, s in scores.items()} if scores else None,
         "subject_attributes_after": {a: s["after"] for a, s in scores.items()} if scores else None,
-        "plan": plan["plan"], "bundle_verified": True, "backend": backend, "bundle_bytes": sizes,
+        "plan": plan.to_dict()["plan"], "bundle_verified": True, "backend": backend, "bundle_bytes": sizes,
         "loss": loss, "losses": losses, "seconds": seconds, "samples": samples,
         "memory_table": {
             "full transformer weights": f"{full_bytes / 1024:.0f} KiB",
             "weights held by the edge trainer": f"{start_event['model_bytes'] / 1024:.0f} KiB "
                                                  f"({start_event['model_bytes'] / full_bytes:.0%})",
-            "planned edge training memory (estimate)": f"{plan['estimates']['train_memory_bytes'] / 2**20:.1f} MiB",
+            "planned edge training memory (estimate)": f"{plan.estimates['train_memory_bytes'] / 2**20:.1f} MiB",
             "peak tensor memory while training (weights, LoRA, gradients, AdamW, activations)":
                 f"{result['peak_tensor_bytes'] / 2**20:.1f} MiB",
             "peak process memory while training (RSS: interpreter and libraries included)": f"{peak / 2**20:.0f} MiB",

@@ -66,7 +66,7 @@ def train_adapter(root, n, m, scope):
     out = root / "adapter"
     train(bundle, out, TrainConfig(steps=3, grad_accum=1, lr=5e-2, checkpoint_every=0, output_format="comfy"),
           trust=TrustPolicy(allow_unsigned=True))
-    targets = plan["lora"]["target_modules"]
+    targets = plan.target_modules
     reference = Flux.tiny(seed=0).model
     inject_adapter_in_model(LoraConfig(**lora_config_dict(RANK, ALPHA, targets)), reference)
     set_peft_model_state_dict(reference, torch.load(out / "checkpoint.pt", weights_only=True)["lora"])

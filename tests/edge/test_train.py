@@ -15,11 +15,10 @@ from blockskip.edge.lora import load_adapter, read_adapter
 from blockskip.edge.train import TrainConfig, train
 from blockskip.features import FeatureReader
 from blockskip.host.cache import draw_inputs
-from blockskip.host.patches import PatchSchedule, load_image
+from blockskip.host.patches import load_image
 from blockskip.models.pipeline import tiny_model
-from blockskip.models.skip import SkipPlan, reduced_forward
+from blockskip.models.skip import reduced_forward
 from helpers import PROMPTS, UNSIGNED_OK, bundle_loss, make_bundle
-
 
 
 @pytest.mark.parametrize("name,n,m", [("flux", 3, 0), ("sana", 2, 0)])
@@ -34,7 +33,7 @@ def test_adapter_loads_into_full_model_and_matches_reduced_training(tmp_path, na
     assert all(e["peak_mem_bytes"] > 0 and e["steps_per_s"] > 0 for e in progress)
 
     tensors, config = read_adapter(tmp_path / "out")
-    plan = SkipPlan.from_dict(plan_doc["plan"])
+    plan = plan_doc.skip
     kept_prefixes = tuple(f"transformer.{model.family.block_names()[i]}." for i in plan.kept)
     assert tensors and all(k.startswith(kept_prefixes) for k in tensors), "LoRA only on kept blocks"
     assert any(v.abs().max() > 0 for k, v in tensors.items() if "lora_B" in k), "training changed nothing"
@@ -60,7 +59,7 @@ def test_adapter_loads_into_full_model_and_matches_reduced_training(tmp_path, na
     set_peft_model_state_dict(reduced.model, {k.removeprefix("transformer."): v for k, v in tensors.items()},
                               adapter_name="default")
     reader = FeatureReader(bundle, reduced.prompt_cond_keys)
-    schedule = PatchSchedule.from_dict(plan_doc["patch_schedule"])
+    schedule = plan_doc.schedule
     images = [(p.name, load_image(p)) for p in sorted((tmp_path / "images").iterdir())]
     entry, residuals, cond, _, info = reader.get(0)
     inputs, _, _ = draw_inputs(model, schedule, images, [model.encode_text(PROMPTS[0])], 1, 0, info["index"])

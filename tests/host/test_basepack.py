@@ -182,7 +182,7 @@ def test_cli_bundle_writes_both_prints_both_sizes_and_reuses_the_base_pack(made,
 
 def test_the_plans_base_pack_estimate_is_what_the_base_pack_holds(made, tmp_path):
     model = tiny_model("flux")
-    estimate = plan_for(model, 2, 1)["estimates"]["base_pack_bytes"]
+    estimate = plan_for(model, 2, 1).estimates["base_pack_bytes"]
     base, _ = split(made, tmp_path)
     with safe_open(str(base / WEIGHTS_FILE), framework="pt") as handle:
         held = sum(handle.get_tensor(k).numel() * handle.get_tensor(k).element_size() for k in handle.keys())

@@ -1,6 +1,7 @@
 """Features from `cache` reproduce the full model; resume; what the bundle holds."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,10 +9,10 @@ from safetensors import safe_open
 
 from blockskip.features import WEIGHTS_FILE, FeatureReader
 from blockskip.host.cache import build_cache, draw_inputs
-from blockskip.host.patches import PatchSchedule, load_image
+from blockskip.host.patches import load_image
 from blockskip.host.plan import LoraSettings
 from blockskip.models.pipeline import tiny_model
-from blockskip.models.skip import SkipPlan, reduced_forward
+from blockskip.models.skip import reduced_forward
 from helpers import plan_for, subject_images
 
 
@@ -24,10 +25,10 @@ def test_equivalence_cached_features_reproduce_full_model(tmp_path, name, n, m):
     out = build_cache(model, plan_doc, paths, prompts, tmp_path / "stage", shard_size=4, progress=False)
     reader = FeatureReader(out, model.family.prompt_cond_keys)
     assert len(reader) == 6
-    schedule = PatchSchedule.from_dict(plan_doc["patch_schedule"])
+    schedule = plan_doc.schedule
     images = [(p.name, load_image(p)) for p in paths]
     texts = [model.encode_text(p) for p in prompts]
-    plan = SkipPlan.from_dict(plan_doc["plan"])
+    plan = plan_doc.skip
     for position in range(len(reader)):
         entry, residuals, cond, target, info = reader.get(position)
         inputs, expected_target, _ = draw_inputs(model, schedule, images, texts, len(prompts), 0, info["index"])
@@ -92,9 +93,9 @@ def test_compressed_features_reproduce_full_model_within_tolerance(tmp_path, nam
     out = build_cache(model, plan_doc, paths, ["sks leaf"], tmp_path / "stage", shard_size=4, progress=False,
                       feature_dtype=feature_dtype)
     reader = FeatureReader(out, model.family.prompt_cond_keys)
-    schedule = PatchSchedule.from_dict(plan_doc["patch_schedule"])
+    schedule = plan_doc.schedule
     images = [(p.name, load_image(p)) for p in paths]
-    plan = SkipPlan.from_dict(plan_doc["plan"])
+    plan = plan_doc.skip
     for position in range(len(reader)):
         entry, residuals, cond, target, info = reader.get(position)
         inputs, expected_target, _ = draw_inputs(model, schedule, images, [model.encode_text("sks leaf")], 1, 0,
@@ -110,7 +111,7 @@ def test_cache_stores_what_the_plan_says_unless_told(tmp_path):
     model = tiny_model("flux")
     paths = subject_images(tmp_path / "i")
     plan_doc = plan_for(model, 2, 1, samples=2)
-    plan_doc["feature_dtype"] = "fp8"
+    plan_doc = replace(plan_doc, feature_dtype="fp8")
     out = build_cache(model, plan_doc, paths, ["sks"], tmp_path / "a", progress=False)
     meta = json.loads((out / "bundle.json").read_text())
     assert (meta["feature_dtype"], meta["fp8_scale"]) == ("fp8", "per-token")
@@ -129,8 +130,8 @@ def test_plan_estimate_is_the_bytes_the_cache_writes(tmp_path, name, n, m, featu
 
     model = tiny_model(name)
     plan_doc = plan_for(model, n, m, samples=5)
-    plan_doc = plan_document(model, SkipPlan.from_dict(plan_doc["plan"]),
-                             PatchSchedule.from_dict(plan_doc["patch_schedule"]), LoraSettings(), 5,
+    plan_doc = plan_document(model, plan_doc.skip,
+                             plan_doc.schedule, LoraSettings(), 5,
                              text_len=model.text_encoder.max_length, feature_dtype=feature_dtype)
     out = build_cache(model, plan_doc, subject_images(tmp_path / "i"), ["sks"], tmp_path / "s", shard_size=4,
                       progress=False)
@@ -141,7 +142,7 @@ def test_plan_estimate_is_the_bytes_the_cache_writes(tmp_path, name, n, m, featu
             tensors += len(handle.keys())
         tensor_bytes += size
         draw_bytes += size if path.name.startswith("shard-") else 0
-    assert draw_bytes == 5 * plan_doc["estimates"]["cache_bytes_per_draw"]
-    assert tensor_bytes == plan_doc["estimates"]["cache_bytes"]  # the draws and the one prompt's conditioning
+    assert draw_bytes == 5 * plan_doc.estimates["cache_bytes_per_draw"]
+    assert tensor_bytes == plan_doc.estimates["cache_bytes"]  # the draws and the one prompt's conditioning
     header = sum(p.stat().st_size for p in files) - tensor_bytes
     assert 0 < header < 250 * tensors, "headers (names, shapes, draw metadata) stay small"

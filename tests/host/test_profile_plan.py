@@ -13,6 +13,8 @@ from blockskip.host.plan import LoraSettings, choose_split, make_plan, skip_budg
 from blockskip.host.profile import masking_profile
 from blockskip.models import Flux
 from blockskip.models.pipeline import Model, tiny_model
+from blockskip.plan import PlanDocument
+from helpers import plan_for
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +98,6 @@ def _reduced_vs_full_after_training(model, n: int, m: int) -> float:
     """|full - reduced| / |full - frozen| after a LoRA-like change of the kept blocks: the reduced
     forward adds the residuals cached from the frozen model (what `blockskip cache` stores)."""
     import torch
-
     from blockskip.models.skip import SkipPlan, compute_features, reduced_forward
 
     family = model.family
@@ -132,16 +133,16 @@ def test_the_plan_skips_the_last_blocks_only_where_their_cached_residual_stays_t
     paper = choose_split(SIX_PRE, SIX_SUF, k)
     assert paper == (1, 2)
     plan = make_plan(profile, model, k, PatchSchedule(s_min=16, s_max=32, granularity=2), LoraSettings(), samples=4)
-    chosen = (plan["plan"]["n"], plan["plan"]["m"])
-    assert plan["plan"]["paper_split"] == [1, 2]
+    chosen = (plan.choice["n"], plan.choice["m"])
+    assert plan.choice["paper_split"] == [1, 2]
     if kind == "harmless":
         assert stale[1] == pytest.approx(0.0, abs=1e-5) and stale[2] == pytest.approx(0.0, abs=1e-5)
         assert chosen == paper
-        assert "the same as the paper's argmin" in plan["plan"]["why"]
+        assert "the same as the paper's argmin" in plan.choice["why"]
         assert _reduced_vs_full_after_training(_suffix_model(kind), *paper) < 1e-4
     else:
         assert chosen[1] < paper[1]
-        assert "the paper's argmin of Dpre[n] + Dsuf[m] would be (1, 2)" in plan["plan"]["why"]
+        assert "the paper's argmin of Dpre[n] + Dsuf[m] would be (1, 2)" in plan.choice["why"]
         # after training the paper's split is far off the full model, the chosen one much less
         paper_error = _reduced_vs_full_after_training(_suffix_model(kind), *paper)
         assert paper_error > 0.3
@@ -149,7 +150,7 @@ def test_the_plan_skips_the_last_blocks_only_where_their_cached_residual_stays_t
     # --paper-argmin ignores the staleness term
     plain = make_plan(profile, model, k, PatchSchedule(s_min=16, s_max=32, granularity=2), LoraSettings(),
                       samples=4, paper=True)
-    assert (plain["plan"]["n"], plain["plan"]["m"]) == paper
+    assert (plain.choice["n"], plain.choice["m"]) == paper
 
 
 def test_split_scores_add_the_staleness_term():
@@ -204,11 +205,11 @@ def test_paper_flux_lookups_with_a_crafted_profile():
     schedule = PatchSchedule(s_min=16, s_max=32, granularity=2)
     for ratio, expected in [(0.3, (7, 10)), (0.4, (13, 10)), (0.5, (19, 10))]:
         plan = make_plan(profile, model, skip_budget(57, ratio), schedule, LoraSettings(), samples=10)
-        assert (plan["plan"]["n"], plan["plan"]["m"]) == expected
-        assert plan["plan"]["kept"] == list(range(expected[0], 57 - expected[1]))
+        assert (plan.choice["n"], plan.choice["m"]) == expected
+        assert plan.kept == list(range(expected[0], 57 - expected[1]))
         assert all(t.split(".")[0] in ("transformer_blocks", "single_transformer_blocks")
-                   for t in plan["lora"]["target_modules"])
-        assert plan["estimates"]["train_memory_bytes"] > 0 and plan["estimates"]["cache_bytes_per_draw"] > 0
+                   for t in plan.target_modules)
+        assert plan.estimates["train_memory_bytes"] > 0 and plan.estimates["cache_bytes_per_draw"] > 0
 
 
 @pytest.mark.parametrize("kwargs", [dict(ratio=1.0), dict(ratio=1.5), dict(blocks=57), dict(blocks=80)])
@@ -248,16 +249,16 @@ def test_plan_on_the_built_in_model_takes_its_sizes_and_text_length(tmp_path):
     assert "--s-max 32 (the image_size in the model's blockskip.json)" in result.stdout
     assert "--s-min 16 (half of --s-max)" in result.stdout
     assert "--text-len 16 (the max_length of the model's text encoder)" in result.stdout
-    plan = json.loads(out.read_text())
-    assert (plan["patch_schedule"]["s_min"], plan["patch_schedule"]["s_max"]) == (16, 32)
+    plan = PlanDocument.load(out)
+    assert (plan.schedule.s_min, plan.schedule.s_max) == (16, 32)
     # measured: `blockskip train --track-memory` on this plan peaks at 8.8 MiB of tensors
-    assert plan["estimates"]["train_memory_bytes"] < 32 * 2**20
+    assert plan.estimates["train_memory_bytes"] < 32 * 2**20
     assert "MiB (fp32, batch 1 at 16x16, 16 text tokens)" in result.stdout
-    base = plan["estimates"]["base_pack_bytes"]
-    subject = plan["estimates"]["cache_bytes"]
+    base = plan.estimates["base_pack_bytes"]
+    subject = plan.estimates["cache_bytes"]
     assert f"base pack {base / 2**20:.1f} MiB (kept weights, installed once per model and plan)" in result.stdout
     assert f"subject bundle: features {subject / 2**20:.1f} MiB (300 draws x " in result.stdout
-    assert (plan["samples"], plan["feature_dtype"]) == (300, "bf16")  # the defaults measured in feature-storage/
+    assert (plan.samples, plan.feature_dtype) == (300, "bf16")  # the defaults measured in feature-storage/
 
 
 def test_plan_flags_override_the_model_defaults(tmp_path):
@@ -268,9 +269,9 @@ def test_plan_flags_override_the_model_defaults(tmp_path):
                        "0.5", "--out", out, "--s-max", "24", "--text-len", "8", "--precision", "bf16")
     assert result.returncode == 0, result.stderr
     assert "defaults from the model: --s-min 12 (half of --s-max)\n" in result.stdout
-    plan = json.loads(out.read_text())
-    assert (plan["patch_schedule"]["s_min"], plan["patch_schedule"]["s_max"]) == (12, 24)
-    assert plan["estimates"]["assumes"] == "batch 1 at 12x12, 8 text tokens" and plan["estimates"]["precision"] == "bf16"
+    plan = PlanDocument.load(out)
+    assert (plan.schedule.s_min, plan.schedule.s_max) == (12, 24)
+    assert plan.estimates["assumes"] == "batch 1 at 12x12, 8 text tokens" and plan.estimates["precision"] == "bf16"
 
 
 def test_plan_on_a_latent_flux_without_a_recorded_size_takes_the_papers_sizes(tmp_path):
@@ -331,7 +332,7 @@ def test_cache_without_a_text_encoder_says_it_needs_one(tmp_path, capsys):
     model = tiny_model("flux")
     model.text_encoder = None
     save_model(model, tmp_path / "m")
-    (tmp_path / "plan.json").write_text("{}")
+    plan_for(tiny_model("flux"), 2, 1).save(tmp_path / "plan.json")
     (tmp_path / "images").mkdir()
     code = main(["cache", "--model", str(tmp_path / "m"), "--plan", str(tmp_path / "plan.json"), "--images",
                  str(tmp_path / "images"), "--prompt", "a photo of sks leaf", "--out", str(tmp_path / "stage")])
@@ -349,9 +350,9 @@ def test_plan_prints_the_subject_bundle_for_the_storage_chosen(tmp_path):
         out = tmp_path / f"{feature_dtype}.json"
         result = _plan_cli(*args, "--out", out, "--feature-dtype", feature_dtype, "--samples", "500")
         assert result.returncode == 0, result.stderr
-        plan = json.loads(out.read_text())
-        assert (plan["samples"], plan["feature_dtype"]) == (500, feature_dtype)
-        est = sizes[feature_dtype] = plan["estimates"]
+        plan = PlanDocument.load(out)
+        assert (plan.samples, plan.feature_dtype) == (500, feature_dtype)
+        est = sizes[feature_dtype] = plan.estimates
         assert est["cache_bytes"] > 500 * est["cache_bytes_per_draw"]
         line = (f"subject bundle: features {est['cache_bytes'] / 2**20:.1f} MiB (500 draws x "
                 f"{est['cache_bytes_per_draw'] / 1024:.1f} KiB, {feature_dtype}) + prompt bank 4.2 KiB per prompt")
@@ -373,13 +374,13 @@ def test_plan_quant_is_recorded_and_shrinks_the_base_pack_and_the_estimate(tmp_p
                                  "--skip-ratio", "0.5", "--out", str(out), "--precision", "bf16",
                                  *(["--quant", quant] if quant != "none" else [])], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
-        plans[quant] = json.loads(out.read_text())
-        assert plans[quant]["quant"] == quant and plans[quant]["estimates"]["quant"] == quant
-    weights = {q: p["estimates"]["weight_bytes"] for q, p in plans.items()}
+        plans[quant] = PlanDocument.load(out)
+        assert plans[quant].quant == quant and plans[quant].estimates["quant"] == quant
+    weights = {q: p.estimates["weight_bytes"] for q, p in plans.items()}
     assert weights["nf4"] < weights["int8"] < weights["none"]
-    assert plans["nf4"]["estimates"]["base_pack_bytes"] < plans["int8"]["estimates"]["base_pack_bytes"] < \
-        plans["none"]["estimates"]["base_pack_bytes"]
-    assert plans["nf4"]["estimates"]["train_memory_bytes"] < plans["none"]["estimates"]["train_memory_bytes"]
+    assert plans["nf4"].estimates["base_pack_bytes"] < plans["int8"].estimates["base_pack_bytes"] < \
+        plans["none"].estimates["base_pack_bytes"]
+    assert plans["nf4"].estimates["train_memory_bytes"] < plans["none"].estimates["train_memory_bytes"]
     assert "Linear weights nf4" in subprocess.run(
         [sys.executable, "-m", "blockskip", "plan", "--profile", str(MODEL_DIR.parent / "crop-profile.json"),
          "--model", str(MODEL_DIR), "--skip-ratio", "0.5", "--out", str(tmp_path / "x.json"), "--quant", "nf4"],
