@@ -424,19 +424,20 @@ class Agent:
             self.journal.remember(command_id, payload)
         self._reply(command_id, payload)
 
+    def control_actions(self) -> dict[str, Callable[[Command], Any]]:
+        """Actions answered at once, by name (their argument schemas: edge/messages.py ACTIONS);
+        every other action in ACTIONS is a job (`self.jobs`, run on the job thread)."""
+        return {"status": lambda cmd: self._status_result(), "captures": self._list_captures,
+                "cancel": lambda cmd: self._cancel(cmd.args.get("job")), "upload": self._upload,
+                "receive": self._receive}
+
     def _execute(self, cmd: Command) -> Any:
-        if cmd.action == "status":
-            return self._status_result()
-        if cmd.action == "captures":
-            total, records = self.spool.list(cmd.args.get("limit", 100), cmd.args.get("camera_id"))
-            return {"total": total, "captures": records}
-        if cmd.action == "cancel":
-            return self._cancel(cmd.args.get("job"))
-        if cmd.action == "upload":
-            return self._upload(cmd)
-        if cmd.action == "receive":
-            return self._receive(cmd)
-        return self._start_job(cmd)
+        handler = self.control_actions().get(cmd.action, self._start_job)
+        return handler(cmd)
+
+    def _list_captures(self, cmd: Command) -> dict[str, Any]:
+        total, records = self.spool.list(cmd.args.get("limit", 100), cmd.args.get("camera_id"))
+        return {"total": total, "captures": records}
 
     def _status_result(self) -> dict[str, Any]:
         job = self._job

@@ -28,8 +28,11 @@ from pathlib import Path
 
 import torch
 
-from blockskip.edge.onnx_export import Shapes, cached_onnx, read_sidecar
+from blockskip.edge.lora import adapter_hash, load_adapter, read_adapter
+from blockskip.edge.onnx_export import cached_onnx, merge_adapter, model_hash, read_sidecar, Shapes
 from blockskip.errors import ConfigError, InputError, NotAvailableError
+from blockskip.models.pipeline import load_model
+from blockskip.quant import quantize_linears
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +61,6 @@ class TorchBackend(Backend):
 
     def __init__(self, transformer: torch.nn.Module, adapter: str | Path | None = None,
                  device: str | None = None, fuse: bool = True):
-        from blockskip.edge.lora import load_adapter
-        from blockskip.edge.onnx_export import merge_adapter
-
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if adapter is not None and fuse:
             transformer = merge_adapter(transformer, adapter)
@@ -88,9 +88,6 @@ def quantized_transformer(model_dir: str | Path, adapter: str | Path | None, sch
     precision. Embedders, norms and the head stay as stored."""
     from safetensors import safe_open
 
-    from blockskip.edge.lora import read_adapter
-    from blockskip.models.pipeline import load_model
-    from blockskip.quant import quantize_linears
 
     family = load_model(model_dir, text_encoder=False, weights=False).family
     transformer = family.model
@@ -363,9 +360,6 @@ def cached_engine(model_dir: str | Path, adapter: str | Path | None, shapes: Sha
                   precision: str = "fp16", load=None) -> TrtBackend:
     """The engine for (model, precision, shapes, TensorRT version): built once, refit when the
     adapter differs from the one in it, reused otherwise."""
-    from blockskip.edge.lora import adapter_hash
-    from blockskip.edge.onnx_export import model_hash
-
     from blockskip.edge.trt_onnx import cached_trt_onnx
 
     trt = import_tensorrt()
@@ -446,8 +440,6 @@ def pick_backend(name: str, model_dir: str | Path, adapter: str | Path | None, s
                  cache_dir: str | Path, precision: str | None = None, load=None) -> Backend:
     """Open backend `name` ("auto" or one of BACKENDS) for this model, adapter and shapes.
     `load()` returns the full Model; it is called only when torch weights are needed."""
-    from blockskip.models.pipeline import load_model
-
     # int8 exists only on ONNX Runtime: auto goes there rather than to TensorRT or torch
     chosen = resolve_backend("onnxruntime" if name == "auto" and precision == "int8" else name)
     precision = check_precision(chosen, precision)

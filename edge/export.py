@@ -19,10 +19,13 @@ import logging
 import shutil
 from pathlib import Path
 
+from blockskip.edge.backends import cached_engine, check_precision
 from blockskip.edge.generate import DEFAULT_CACHE
 from blockskip.edge.onnx_export import Shapes, cached_onnx, read_sidecar
 from blockskip.errors import ConfigError
 from blockskip.bundle import TrustPolicy, add_trust_arguments, trust_from_args
+from blockskip.models.pipeline import load_model
+from blockskip.prompt_bank import load_prompt_bank, open_bank
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +34,11 @@ def text_length(model_dir: str, bundle: str | None, trust: TrustPolicy | None = 
     """Text tokens of this model's conditioning: from the bundle's prompt bank (opened under the
     board's trust policy), else from its text encoder."""
     if bundle:
-        from blockskip.prompt_bank import load_prompt_bank, open_bank
-
         bank = load_prompt_bank(open_bank(bundle, trust or TrustPolicy()))
         lengths = {t["encoder_hidden_states"].shape[1] for t in bank.values()}
         if len(lengths) != 1:
             raise ConfigError(f"the prompt bank of {bundle} mixes text lengths {sorted(lengths)}; give --text-len")
         return lengths.pop()
-    from blockskip.models.pipeline import load_model
 
     model = load_model(model_dir, text_encoder=True)
     return model.encode_text("a")["encoder_hidden_states"].shape[1]
@@ -47,14 +47,10 @@ def text_length(model_dir: str, bundle: str | None, trust: TrustPolicy | None = 
 def export(model_dir: str, adapter: str | None, shapes: Shapes, cache_dir: str, precision: str | None = None,
            engine: bool = False, out: str | None = None) -> dict:
     """ONNX (and engine) for this model, adapter and size; returns what was written."""
-    from blockskip.edge.backends import check_precision
-
     check_precision("tensorrt" if engine else "onnxruntime", precision)
     onnx_path = cached_onnx(model_dir, adapter, shapes, cache_dir, "fp32" if engine else (precision or "fp32"))
     report = {"onnx": str(onnx_path), "sidecar": read_sidecar(onnx_path)}
     if engine:
-        from blockskip.edge.backends import cached_engine
-
         backend = cached_engine(model_dir, adapter, shapes, cache_dir, precision or "fp16")
         report["engine"] = backend.describe()
     if out:

@@ -25,9 +25,14 @@ from typing import Callable
 
 import torch
 
-from blockskip.boards import add_budget_arguments
+from blockskip.boards import add_budget_arguments, budget_from, generation_estimate, gib
+from blockskip.edge.backends import BACKENDS, check_precision, pick_backend, resolve_backend
+from blockskip.edge.lora import adapter_hash
+from blockskip.edge.onnx_export import Shapes
 from blockskip.errors import ConfigError, InputError
 from blockskip.bundle import TrustPolicy, add_trust_arguments, trust_from_args
+from blockskip.models.pipeline import load_model, sample
+from blockskip.prompt_bank import load_negative, load_prompt_bank, open_bank
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +60,6 @@ class GenerateConfig:
     memory_budget_gib: float | None = None  # ... or this many GiB (wins over the board's)
 
     def __post_init__(self):
-        from blockskip.edge.backends import BACKENDS, check_precision
-
         if not isinstance(self.model, str) or not self.model:
             raise ConfigError("model must be the path of a model folder")
         if not isinstance(self.prompts, list) or not all(isinstance(p, str) and p.strip() for p in self.prompts):
@@ -83,9 +86,6 @@ class GenerateConfig:
 def resolve_texts(config: GenerateConfig) -> tuple[list[tuple[str, dict]], object | None]:
     """[(prompt, text conditioning)] and the model loaded with its text encoder (or None when
     the bank covered every prompt)."""
-    from blockskip.prompt_bank import load_prompt_bank
-    from blockskip.models.pipeline import load_model
-
     bank = load_prompt_bank(config.bundle) if config.bundle else {}
     names = list(bank)
     prompts = list(config.prompts)
@@ -108,9 +108,6 @@ def resolve_texts(config: GenerateConfig) -> tuple[list[tuple[str, dict]], objec
 def check_generation_budget(config: GenerateConfig, model, texts) -> None:
     """Refuse, before the transformer is loaded or exported, a generation whose estimated peak
     (blockskip.boards.generation_estimate) does not fit the board or budget of `config`."""
-    from blockskip.boards import budget_from, generation_estimate, gib
-    from blockskip.edge.backends import check_precision, resolve_backend
-
     budget = budget_from(config.board, config.memory_budget_gib)
     if budget is None:
         return
@@ -128,16 +125,12 @@ def check_generation_budget(config: GenerateConfig, model, texts) -> None:
 def sampling_model(model_dir: str, loaded=None):
     """The Model for the sampler. Non-torch backends need only the transformer's config (for
     input building), so its weights stay on the meta device and never fill memory."""
-    from blockskip.models.pipeline import load_model
-
     return loaded if loaded is not None else load_model(model_dir, text_encoder=False, weights=False)
 
 
 def negative_text(config: GenerateConfig, model, loaded) -> dict | None:
     """The empty prompt's conditioning for classifier-free guidance (families that use it):
     from the bank, else from the text encoder; None (no CFG, logged) without either."""
-    from blockskip.prompt_bank import load_negative
-
     if model.family.cfg_scale == 1.0 and config.guidance_scale in (None, 1.0):
         return None
     negative = load_negative(config.bundle) if config.bundle else None
@@ -206,12 +199,6 @@ def generate(config: GenerateConfig, on_event: Callable[[dict], None] | None = N
     A `bundle` (its prompt bank) is opened under `trust`, the board's TrustPolicy; the default
     trusts nothing. `should_stop()` is asked after every sampling step: when true, the image being
     sampled is dropped and generation ends (the report says `stopped`)."""
-    from blockskip.edge.backends import pick_backend
-    from blockskip.edge.lora import adapter_hash
-    from blockskip.edge.onnx_export import Shapes
-    from blockskip.prompt_bank import open_bank
-    from blockskip.models.pipeline import load_model, sample
-
     if config.bundle:
         config = replace(config, bundle=str(open_bank(config.bundle, trust or TrustPolicy())))
     texts, loaded = resolve_texts(config)
@@ -315,8 +302,6 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     trust = trust_from_args(args) if args.bundle else None
     if args.list_prompts:
-        from blockskip.prompt_bank import load_prompt_bank, open_bank
-
         if not args.bundle:
             raise ConfigError("--list-prompts needs --bundle")
         for i, prompt in enumerate(load_prompt_bank(open_bank(args.bundle, trust))):

@@ -38,7 +38,9 @@ from pathlib import Path
 
 import torch
 
+from blockskip.edge.lora import adapter_hash, load_adapter
 from blockskip.errors import ConfigError, InputError
+from blockskip.models.pipeline import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +122,6 @@ def export_key(model_id: str, adapter_id: str | None, precision: str, shapes: Sh
 def merge_adapter(transformer: torch.nn.Module, adapter: str | Path | None) -> torch.nn.Module:
     """Load the adapter with diffusers' own loader, fuse it into the base weights, drop the
     LoRA layers. The result is a plain diffusers transformer; non-finite weights are refused."""
-    from blockskip.edge.lora import load_adapter
-
     if adapter is not None and getattr(transformer, "_blockskip_merged", None) != str(adapter):
         load_adapter(transformer, adapter)
         transformer.fuse_lora(lora_scale=1.0)
@@ -178,8 +178,6 @@ def export_onnx(model, adapter: str | Path | None, out_dir: str | Path, shapes: 
                 precision: str = "fp32", model_id: str | None = None, check: bool = True) -> Path:
     """Export `model`'s transformer (a `blockskip.models.pipeline.Model`, loaded in full) with
     `adapter` merged to `out_dir/transformer.onnx`, check it against torch, write the sidecar."""
-    from blockskip.edge.lora import adapter_hash
-
     if precision not in DTYPES:
         raise ConfigError(f"export_onnx traces fp32 or fp16, got {precision!r} (int8 is quantized from an fp32 "
                           "export: quantize_int8 / cached_onnx)")
@@ -427,9 +425,6 @@ def cached_onnx(model_dir: str | Path, adapter: str | Path | None, shapes: Shape
     """The ONNX for (model, adapter, precision, shapes) from the cache: as it is, else refit from
     an export of the same model and shapes with another adapter, else a fresh export.
     `load()` returns the full Model (only called when a file has to be written)."""
-    from blockskip.edge.lora import adapter_hash
-    from blockskip.models.pipeline import load_model
-
     if precision not in PRECISIONS:
         raise ConfigError(f"ONNX precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     mid = model_hash(model_dir)

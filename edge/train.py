@@ -29,10 +29,16 @@ from typing import Callable
 
 import torch
 
+from blockskip.basepack import weights_for
 from blockskip.boards import GIB, RUNTIME_BYTES, add_budget_arguments, budget_from, gib
+from blockskip.edge.lora import lora_config_dict, save_adapter, save_comfy_formats
+from blockskip.edge.reduced import build_reduced, materialized_bytes
 from blockskip.errors import ConfigError, InputError
 from blockskip.bundle import TrustPolicy, add_trust_arguments, open_bundle, trust_from_args
+from blockskip.features import FeatureReader
 from blockskip.memory import TensorMemory
+from blockskip.models.skip import reduced_forward
+from blockskip.quant import register_with_peft
 
 logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -139,8 +145,6 @@ def _save_atomic(obj, path: Path) -> None:
 def _inject_lora(family, plan, lora: dict, seed: int):
     from peft import LoraConfig, inject_adapter_in_model
 
-    from blockskip.edge.lora import lora_config_dict
-    from blockskip.quant import register_with_peft
 
     targets = lora.get("target_modules") or [t for i in plan.kept for t in family.lora_targets(i, lora["scope"])]
     config = lora_config_dict(int(lora["rank"]), float(lora["alpha"]), targets)
@@ -199,11 +203,6 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
     """
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    from blockskip.edge.lora import save_adapter
-    from blockskip.edge.reduced import build_reduced, materialized_bytes
-    from blockskip.features import FeatureReader
-    from blockskip.basepack import weights_for
-    from blockskip.models.skip import reduced_forward
 
     emit = on_event or (lambda event: None)
     trust = trust or TrustPolicy()
@@ -301,8 +300,6 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
     if not stopped:
         adapter = save_adapter(state_dict, lora_config, out_dir, extra)
         if config.output_format == "comfy":
-            from blockskip.edge.lora import save_comfy_formats
-
             save_comfy_formats(out_dir, family)
         (out_dir / "losses.json").write_text(json.dumps(losses))
         save_checkpoint()

@@ -44,8 +44,14 @@ from blockskip.files import write_atomic
 from blockskip.errors import InputError
 from blockskip.features import (FEATURE_DTYPES, FP8_SCALE, PROMPTS_FILE, SHARD_PATTERN, WEIGHTS_FILE, _batched,
                                  draw_tensors, read_prompt_cond, storage_dtype, store_draw)
+from blockskip.host.patches import load_image, to_tensor
+from blockskip.host.plan import kept_linears
+from blockskip.host.profile import read_prompts, require_text_encoder, resolve_model
+from blockskip.models.pipeline import add_noise, training_sigmas
 from blockskip.models.skip import SkipPlan, compute_features
 from blockskip.plan import PlanDocument
+from blockskip.prompt_bank import write_prompt_bank
+from blockskip.quant import quantize_state
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -69,9 +75,6 @@ def kept_weights(family, plan: SkipPlan, quant: str = "none") -> tuple[dict[str,
     """(base weights of the kept blocks and the head under the full model's key names, safetensors
     metadata): with `quant` int8 / nf4 the kept blocks' Linear weights are quantized
     (blockskip.quant; the metadata describes them), everything else stays in the model's dtype."""
-    from blockskip.host.plan import kept_linears
-    from blockskip.quant import quantize_state
-
     prefixes = [family.block_names()[i] + "." for i in plan.kept]
     heads = family.head_module_names()
     out = {}
@@ -102,9 +105,6 @@ def _shard_complete(path: Path, expected: int) -> bool:
 
 def draw_inputs(model, schedule, images, texts, prompt_count: int, seed: int, index: int):
     """The diffusers-forward inputs of draw `index`, its flow-matching target and its info."""
-    from blockskip.host.patches import to_tensor
-    from blockskip.models.pipeline import add_noise, training_sigmas
-
     digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
     rng = np.random.default_rng(int.from_bytes(digest[8:16], "little"))
@@ -225,8 +225,6 @@ def build_cache(model, plan_doc: PlanDocument, image_paths: list[Path], prompts:
     process group's, or 0 of 1 without one): it computes shards rank, rank + world_size, ... and
     rank 0 writes the shared files once every shard is complete (a barrier when the process group
     is initialised; without one, run ranks 1.. first and rank 0 last)."""
-    from blockskip.host.patches import load_image
-
     if rank is None and world_size is None:
         rank, world_size = dist_rank_world()
     rank, world_size = rank or 0, world_size or 1
@@ -315,8 +313,6 @@ def _write_shared(out: Path, model, plan_doc: PlanDocument, prompts: list[str], 
                   feature_dtype: str, quant: str) -> None:
     """The prompt bank and bundle.json (rank 0, once every shard is complete)."""
     if bank_prompts:
-        from blockskip.prompt_bank import write_prompt_bank
-
         write_prompt_bank(out, model, list(bank_prompts))
     document = plan_doc.to_dict()
     metadata = {
@@ -337,8 +333,6 @@ def _write_shared(out: Path, model, plan_doc: PlanDocument, prompts: list[str], 
 
 
 def run(args: argparse.Namespace) -> int:
-    from blockskip.host.profile import read_prompts, require_text_encoder, resolve_model
-
     plan_doc = PlanDocument.load(args.plan)
     rank, world_size, device = init_distributed(args.device)
     try:

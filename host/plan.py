@@ -26,6 +26,8 @@ import torch
 from blockskip.boards import BOARDS, GIB, budget_from, gib
 from blockskip.errors import ConfigError, InputError
 from blockskip.features import FEATURE_DTYPES, storage_dtype
+from blockskip.host.fit import choose, generation_summary
+from blockskip.host.profile import PIXEL_SIZE, recorded_size, resolve_model
 from blockskip.models.skip import SkipPlan
 from blockskip.plan import LoraSettings, PatchSchedule, PlanDocument
 from blockskip.quant import QUANT_SCHEMES, quantized_bytes
@@ -262,10 +264,12 @@ def register(subparsers) -> None:
                         help="how `blockskip cache` stores the features (default: %(default)s): fp32 (exact), "
                              "bf16 / fp16 (half the bytes), fp8 (e4m3 with a per-token scale: about a quarter at "
                              "FLUX.1-dev's shapes)")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
-    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default: %(default)s)")
-    parser.add_argument("--lora-scope", default="attention", choices=["attention", "all"],
-                        help="LoRA on attention projections only, or on the MLPs too")
+    parser.add_argument("--rank", type=int, help="LoRA rank (default: what the model's blockskip.json records, "
+                                                 "else 16; the built-in model: 8)")
+    parser.add_argument("--alpha", type=float, help="LoRA alpha (default: the model's, else 16; built-in: 8)")
+    parser.add_argument("--lora-scope", choices=["attention", "all"],
+                        help="LoRA on attention projections only, or on the MLPs too (default: the model's, else "
+                             "attention; built-in: all)")
     parser.add_argument("--text-len", type=int,
                         help="text tokens, for the estimates (default: the max_length of the model's text "
                              "encoder, e.g. 16 for the built-in crop model; a diffusers text_encoder/ folder or none: "
@@ -343,8 +347,6 @@ def plan_document(model, plan: SkipPlan, schedule, lora: LoraSettings, samples: 
 
 def default_s_max(model, profile: dict) -> tuple[int, str]:
     """(--s-max, where it comes from) when the user gives none."""
-    from blockskip.host.profile import PIXEL_SIZE, recorded_size
-
     size = recorded_size(model)
     if size:
         return size, "the image_size in the model's blockskip.json"
@@ -379,9 +381,6 @@ def _size(count: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from blockskip.host.fit import choose, generation_summary
-    from blockskip.host.profile import resolve_model
-
     profile_path = Path(args.profile)
     if not profile_path.is_file():
         raise InputError(f"profile {args.profile!r} does not exist (run `blockskip profile` first)")
@@ -404,9 +403,13 @@ def run(args: argparse.Namespace) -> int:
     if text_len is None:
         text_len, source = default_text_len(model)
         taken.append(f"--text-len {text_len} ({source})")
+    recorded, source = LoraSettings.for_model(model)
+    lora = LoraSettings(*(given if given is not None else default for given, default in
+                          ((args.rank, recorded.rank), (args.alpha, recorded.alpha), (args.lora_scope, recorded.scope))))
+    if None in (args.rank, args.alpha, args.lora_scope) and recorded != LoraSettings():
+        taken.append(f"LoRA rank {lora.rank}, alpha {lora.alpha:g}, scope {lora.scope} ({source})")
     if taken:
         print("defaults from the model: " + ", ".join(taken))
-    lora = LoraSettings(args.rank, args.alpha, args.lora_scope)
 
     def make(ratio: float | None, quant: str, side: int) -> PlanDocument:
         blocks = sum(args.split) if args.split else args.skip_blocks

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from blockskip.errors import InputError
+from blockskip.models.pipeline import add_noise, load_model, sample, tiny_model
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,6 @@ def masking_profile(model, encoder, prompts: list[str], seeds: list[int], steps:
     """Dpre, Dsuf and stale (length num_blocks + 1; index 0 is 0 by definition) averaged over
     prompts x seeds (stale: and STALE_SIGMAS; prompt B is the next prompt of the list, the empty
     prompt when there is only one)."""
-    from blockskip.models.pipeline import add_noise, sample
-
     family = model.family
     n_blocks = family.num_blocks
     d_pre = torch.zeros(n_blocks + 1, dtype=torch.float64)
@@ -138,8 +137,6 @@ def register(subparsers) -> None:
 
 def resolve_model(spec: str, text_encoder: bool = True):
     """A model folder, or a built-in tiny model ('tiny-flux', 'tiny-sana')."""
-    from blockskip.models.pipeline import load_model, tiny_model
-
     if spec.startswith("tiny-"):
         return tiny_model(spec.removeprefix("tiny-"))
     return load_model(spec, text_encoder=text_encoder)

@@ -34,7 +34,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
@@ -45,12 +45,18 @@ from blockskip import __version__
 from blockskip.config import load_yaml
 from blockskip.errors import BlockskipError, ConfigError
 from blockskip.files import write_json_atomic
+from blockskip.host.bundle import MANIFEST, _write_tar, verify_bundle
+from blockskip.host.plan import (DEFAULT_FEATURE_DTYPE, DEFAULT_SAMPLES, default_s_max, default_s_min, default_text_len,
+                                 make_plan, skip_budget)
 from blockskip.images import CaptureError, image_format
+from blockskip.models.crops import MODEL_DIR, cached_profile, profile_key
 from blockskip.mqtt import (ID_PATTERN, JOB_ACTIONS, BrokerConfig, check_receive_maximum, connect_properties,
                             device_prefix, login_for, make_client)
+from blockskip.host.cache import list_images
+from blockskip.host.jobs import (DEFAULT_GROUP, MAX_JOB_BYTES, SHA256_PATTERN, STAGES, SUBMIT_TOPIC, events_topic,
+                                 JobError, parse_job, select_captures, share_topic, status_topic, worker_topic)
+from blockskip.host.prepare import PrepareSettings, prepare
 from blockskip.plan import LoraSettings, PatchSchedule, PlanDocument
-from blockskip.host.jobs import (DEFAULT_GROUP, SHA256_PATTERN, STAGES, SUBMIT_TOPIC, JobError, events_topic,
-                                 parse_job, select_captures, share_topic, status_topic, worker_topic)
 from blockskip.transfer import (DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, FileOffer, FileReceiver, FileSender, ReceivePolicy,
                                 TransferError)
 
@@ -160,6 +166,35 @@ def load_config(path: Path) -> HostConfig:
         raise ConfigError(f"config {path}: {err}") from err
 
 
+@dataclass
+class JobState:
+    """What a job has done: state.json in its folder, rewritten atomically after every change, so a
+    killed worker resumes where it stopped. Keys it does not know are kept as they were (`other`)."""
+
+    state: str = "queued"  # queued, running, done, failed
+    stage: str | None = None  # the stage running (or that failed)
+    stages_done: list[str] = field(default_factory=list)
+    received: float = 0.0  # when this worker took the job (resumed jobs run oldest first)
+    commands: dict[str, dict] = field(default_factory=dict)  # step -> {"n", "id", "action", "out"}
+    bundle: str | None = None  # the sealed subject bundle (tar) on the host
+    size: int | None = None  # the plan's largest training crop: the default generation side
+    board_bundle: str | None = None  # where the board installed the bundle
+    adapter: str | None = None  # the adapter folder on the board
+    results: list[dict] = field(default_factory=list)  # image records of the generated images
+    error: str | None = None  # why the job failed
+    other: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "JobState":
+        names = {f.name for f in fields(cls)} - {"other"}
+        return cls(**{k: v for k, v in data.items() if k in names},
+                   other={k: v for k, v in data.items() if k not in names})
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        return {**data.pop("other"), **data}
+
+
 class DeviceLog:
     """What a board said about one job (replies, events, results), kept in memory and appended to
     the job's device.jsonl before the broker's message is acknowledged."""
@@ -224,6 +259,11 @@ class HostWorker:
         self.say = say or (lambda line: None)  # one line per job stage, for a person watching the worker
         self.work = Path(config.work_dir).resolve()
         self.jobs_dir = self.work / "jobs"
+        # the stages a job runs through, in order (host/jobs.py STAGES), each a step over the job's state
+        self.stages: dict[str, Callable[[dict, JobState, DeviceLog], None]] = {
+            "photos": self._stage_photos, "prepare": self._stage_prepare, "deliver": self._stage_deliver,
+            "train": self._stage_train, "generate": self._stage_generate}
+        assert tuple(self.stages) == STAGES, "a worker stage is missing from the table or out of order"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.client = make_client(config.broker, client_id=config.worker_id)
         self.file_sender = FileSender(self._publish_file, self.work / "transfers" / "send")
@@ -261,8 +301,8 @@ class HostWorker:
         pending = []
         for folder in self.jobs_dir.iterdir():
             state = self._read_state(folder.name)
-            if state and state["state"] in ("queued", "running"):
-                pending.append((state.get("received", 0), folder.name))
+            if state and state.state in ("queued", "running"):
+                pending.append((state.received, folder.name))
         for _, job_id in sorted(pending):
             logger.info("job %s was not finished when the worker stopped; it resumes", job_id)
             self._queue.put(job_id)
@@ -303,7 +343,7 @@ class HostWorker:
             except queue.Empty:
                 return
             state = self._read_state(job_id)
-            if not state or state["state"] != "queued" or state.get("stages_done"):
+            if not state or state.state != "queued" or state.stages_done:
                 continue  # begun here: it resumes when this worker starts again
             job = json.loads((self.jobs_dir / job_id / "job.json").read_text())
             info = self.client.publish(SUBMIT_TOPIC, json.dumps(job), qos=1)
@@ -383,8 +423,7 @@ class HostWorker:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         write_json_atomic(tmp / "job.json", job, indent=2)
-        write_json_atomic(tmp / "state.json", {"state": "queued", "stages_done": [], "received": time.time(),
-                                         "commands": {}})
+        write_json_atomic(tmp / "state.json", JobState(received=time.time()).to_dict())
         os.replace(tmp, folder)
         logger.info("job %s taken (device %s)", job["id"], job["device"])
         self._publish_status(job["id"], self._status_body(job, self._read_state(job["id"])))
@@ -437,19 +476,20 @@ class HostWorker:
                        device, problem)
 
     # ---- job status ------------------------------------------------------------------------
-    def _read_state(self, job_id: str) -> dict | None:
+    def _read_state(self, job_id: str) -> JobState | None:
         try:
-            return json.loads((self.jobs_dir / job_id / "state.json").read_text())
+            data = json.loads((self.jobs_dir / job_id / "state.json").read_text())
         except (OSError, ValueError):
             return None
+        return JobState.from_dict(data) if isinstance(data, dict) else None
 
-    def _save_state(self, job_id: str, state: dict) -> None:
-        write_json_atomic(self.jobs_dir / job_id / "state.json", state, indent=2)
+    def _save_state(self, job_id: str, state: JobState) -> None:
+        write_json_atomic(self.jobs_dir / job_id / "state.json", state.to_dict(), indent=2)
 
-    def _status_body(self, job: dict, state: dict, **extra: Any) -> dict:
+    def _status_body(self, job: dict, state: JobState, **extra: Any) -> dict:
         return {"job": job["id"], "device": job["device"], "model": job["model"], "worker": self.config.worker_id,
-                "state": state["state"], "stage": state.get("stage"), "stages_done": state.get("stages_done", []),
-                "results": state.get("results", []), "error": state.get("error"), "version": __version__,
+                "state": state.state, "stage": state.stage, "stages_done": state.stages_done,
+                "results": state.results, "error": state.error, "version": __version__,
                 "ts": time.time(), **extra}
 
     def _publish_status(self, job_id: str, body: dict) -> None:
@@ -486,32 +526,32 @@ class HostWorker:
         folder = self.jobs_dir / job_id
         job = json.loads((folder / "job.json").read_text())
         state = self._read_state(job_id)
-        log = DeviceLog(folder / "device.jsonl", job["device"], _issued(state["commands"], f"generated/{job_id}"))
+        log = DeviceLog(folder / "device.jsonl", job["device"], _issued(state.commands, f"generated/{job_id}"))
         with self._lock:
             self._logs[job_id] = log
             self._running = job_id
         self._watch(job["device"])
         last = STAGES.index(job.get("stop_after", "generate"))
         try:
-            state["state"] = "running"
+            state.state = "running"
             for stage in STAGES[: last + 1]:
-                if stage in state["stages_done"]:
+                if stage in state.stages_done:
                     continue
                 if self._stop.is_set():
                     raise Stopping()  # SIGTERM: the next stage runs when this worker starts again
-                state["stage"] = stage
+                state.stage = stage
                 self._save_state(job_id, state)
                 self._publish_status(job_id, self._status_body(job, state))
                 self._event(job_id, {"type": "stage", "stage": stage})
                 logger.info("job %s: %s", job_id, stage)
                 self.say(f"job {job_id} ({job['device']}): {stage}")
-                getattr(self, f"_stage_{stage}")(job, state, log)
-                state["stages_done"].append(stage)
+                self.stages[stage](job, state, log)
+                state.stages_done.append(stage)
                 self._save_state(job_id, state)
-            state.update(state="done", stage=None)
-            self._event(job_id, {"type": "done", "results": len(state.get("results", []))})
+            state.state, state.stage = "done", None
+            self._event(job_id, {"type": "done", "results": len(state.results)})
             logger.info("job %s done", job_id)
-            self.say(f"job {job_id} ({job['device']}): done, {len(state.get('results', []))} images")
+            self.say(f"job {job_id} ({job['device']}): done, {len(state.results)} images")
         except Stopping:
             self._save_state(job_id, state)
             raise
@@ -519,17 +559,17 @@ class HostWorker:
             if not isinstance(err, (JobFailed, JobError, TransferError, BlockskipError)):
                 logger.exception("job %s crashed", job_id)
                 err = JobFailed(f"internal error: {type(err).__name__}: {err}")
-            state.update(state="failed", error=str(err))
-            self._event(job_id, {"type": "failed", "stage": state.get("stage"), "error": str(err)})
-            logger.error("job %s failed in %s: %s", job_id, state.get("stage"), err)
-            self.say(f"job {job_id} ({job['device']}): failed in {state.get('stage')}: {err}")
+            state.state, state.error = "failed", str(err)
+            self._event(job_id, {"type": "failed", "stage": state.stage, "error": str(err)})
+            logger.error("job %s failed in %s: %s", job_id, state.stage, err)
+            self.say(f"job {job_id} ({job['device']}): failed in {state.stage}: {err}")
         finally:
             with self._lock:
                 self._logs.pop(job_id, None)
                 self._running = None
         for transfer in self.file_receiver.active():  # a failed job's photos still coming: stop them, drop the parts
             if transfer.startswith(job_id + "."):
-                self.file_receiver.abort(transfer, "cancelled", f"job {job_id} ended {state['state']}")
+                self.file_receiver.abort(transfer, "cancelled", f"job {job_id} ended {state.state}")
         self._save_state(job_id, state)
         self._publish_status(job_id, self._status_body(job, state))
 
@@ -559,14 +599,14 @@ class HostWorker:
             with self._lock:
                 self._lock.wait(timeout=min(0.5, max(0.01, deadline - now)))
 
-    def _command(self, job: dict, state: dict, log: DeviceLog, step: str, action: str, args: dict,
+    def _command(self, job: dict, state: JobState, log: DeviceLog, step: str, action: str, args: dict,
                  fresh: bool = False) -> Any:
         """Send a command to the job's board and return its reply's result. The id is derived from
         the job and the step and recorded before sending, so a restarted worker sends the same id
         and the agent answers it from its journal without running anything again. A board busy
         with another job is asked again (with a new id) every busy_retry_s; `fresh` takes a new id
         for a command that is safe to repeat."""
-        attempts = state["commands"].get(step, {"n": 0})
+        attempts = state.commands.get(step, {"n": 0})
         if fresh and attempts.get("id"):
             attempts["n"] += 1
             attempts.pop("id")
@@ -575,7 +615,7 @@ class HostWorker:
             attempts["id"], attempts["action"] = command_id, action
             if action == "generate":
                 attempts["out"] = args.get("out")
-            state["commands"][step] = attempts
+            state.commands[step] = attempts
             self._save_state(job["id"], state)
             with self._lock:  # recorded before it is sent: its reply can only come after
                 log.issued.update(_issued({step: attempts}))
@@ -594,7 +634,7 @@ class HostWorker:
             error = reply.get("error") or {}
             if error.get("code") != "busy":
                 raise JobFailed(f"{action} on {job['device']} refused ({error.get('code')}): {error.get('message')}")
-            self._event(job["id"], {"type": "waiting", "stage": state.get("stage"),
+            self._event(job["id"], {"type": "waiting", "stage": state.stage,
                                     "message": f"{job['device']} is busy: {error.get('message')}"})
             deadline = time.monotonic() + self.config.busy_retry_s
             while time.monotonic() < deadline:
@@ -625,12 +665,10 @@ class HostWorker:
         return end
 
     # ---- stages ----------------------------------------------------------------------------
-    def _stage_photos(self, job: dict, state: dict, log: DeviceLog) -> None:
+    def _stage_photos(self, job: dict, state: JobState, log: DeviceLog) -> None:
         photos = self.jobs_dir / job["id"] / "photos"
         photos.mkdir(exist_ok=True)
         if "photos_dir" in job:
-            from blockskip.host.cache import list_images
-
             try:
                 sources = list_images(job["photos_dir"])
             except BlockskipError as err:
@@ -712,8 +750,6 @@ class HostWorker:
 
             path = self.config.models[name].path
             if path == "builtin":
-                from blockskip.models.crops import MODEL_DIR
-
                 path = str(MODEL_DIR)
             self._models[name] = resolve_model(path)
         return self._models[name]
@@ -722,15 +758,13 @@ class HostWorker:
         settings = self.config.models[name]
         if settings.plan:
             return PlanDocument.load(settings.plan)
-        from blockskip.host.plan import (DEFAULT_FEATURE_DTYPE, DEFAULT_SAMPLES, default_s_max, default_s_min,
-                                         default_text_len, make_plan, skip_budget)
 
         profile = self._profile(name, model)
         s_max, _ = default_s_max(model, profile)
         schedule = PatchSchedule(s_min=default_s_min(s_max, model.granularity), s_max=s_max,
                                  granularity=model.granularity)
         return make_plan(profile, model, skip_budget(model.family.num_blocks, settings.skip_ratio), schedule,
-                         LoraSettings(), settings.samples or DEFAULT_SAMPLES, text_len=default_text_len(model)[0],
+                         LoraSettings.for_model(model)[0], settings.samples or DEFAULT_SAMPLES, text_len=default_text_len(model)[0],
                          feature_dtype=DEFAULT_FEATURE_DTYPE)
 
     def _profile(self, name: str, model) -> dict:
@@ -742,7 +776,6 @@ class HostWorker:
         if kept.is_file():
             return json.loads(kept.read_text())
         if settings.path == "builtin":  # the built-in model's committed profile, while its weights match
-            from blockskip.models.crops import MODEL_DIR, cached_profile, profile_key
 
             profile = cached_profile(profile_key(MODEL_DIR, int(model.meta.get("image_size", 32))))
             if profile is not None:
@@ -758,11 +791,7 @@ class HostWorker:
         write_json_atomic(kept, profile, indent=2)
         return profile
 
-    def _stage_prepare(self, job: dict, state: dict, log: DeviceLog) -> None:
-        from blockskip.host.basepack import build_subject_bundle
-        from blockskip.host.bundle import build_bundle
-        from blockskip.host.cache import build_cache, list_images
-
+    def _stage_prepare(self, job: dict, state: JobState, log: DeviceLog) -> None:
         settings = self.config.models[job["model"]]
         folder = self.jobs_dir / job["id"]
         model = self._model(job["model"])
@@ -771,32 +800,29 @@ class HostWorker:
         photos = list_images(folder / "photos")
         staging = folder / "staging"
         samples = settings.samples or plan.samples
+        key = Path(self.config.signing_key) if self.config.signing_key else None
         watcher = _ShardWatcher(staging / "features", samples, settings.shard_size,
                                 lambda done: self._event(job["id"], {"type": "progress", "stage": "prepare",
                                                                      "step": done, "total": samples,
                                                                      "last": done == samples}))
         watcher.start()
         try:
-            build_cache(model, plan, photos, [job["subject"]], staging, bank_prompts=job["prompts"],
-                        seed=settings.seed, samples=samples, shard_size=settings.shard_size, progress=False)
+            done = prepare(model, plan, photos, [job["subject"]], folder / job["id"], staging=staging,
+                           bank_prompts=job["prompts"], extra={"job": job["id"]},
+                           base_pack=Path(settings.base_pack) if settings.base_pack else None,
+                           single=not settings.base_pack, progress=False,
+                           settings=PrepareSettings(seed=settings.seed, samples=samples,
+                                                    shard_size=settings.shard_size, signing_key=key, tar=True,
+                                                    overwrite=True))
         finally:
             watcher.stop()
-        metadata = json.loads((staging / "bundle.json").read_text())
-        metadata["job"] = job["id"]
-        key = Path(self.config.signing_key) if self.config.signing_key else None
-        out = folder / job["id"]
-        if settings.base_pack:
-            build_subject_bundle(staging, out, metadata, Path(settings.base_pack), signing_key=key, tar=True,
-                                 overwrite=True)
-        else:
-            build_bundle(staging, out, metadata, signing_key=key, tar=True, overwrite=True)
-        tar = out.with_name(out.name + ".tar")
-        state["bundle"] = str(tar)
-        state["size"] = plan.schedule.s_max
+        tar = done.subject.with_name(done.subject.name + ".tar")
+        state.bundle = str(tar)
+        state.size = plan.schedule.s_max
         self._event(job["id"], {"type": "bundle", "bytes": tar.stat().st_size, "signed": key is not None,
                                 "photos": len(photos), "draws": samples})
 
-    def _send(self, job: dict, state: dict, log: DeviceLog, tar: Path, kind: str, step: str) -> str:
+    def _send(self, job: dict, state: JobState, log: DeviceLog, tar: Path, kind: str, step: str) -> str:
         """Offer a tar to the board and wait until it has it, verified; returns its path there."""
         prefix = device_prefix(job["device"])
         transfer = f"{job['id']}.{step}"
@@ -815,35 +841,33 @@ class HostWorker:
         self._event(job["id"], {"type": "delivered", "kind": kind, "path": result["path"], "bytes": offer.size})
         return result["path"]
 
-    def _stage_deliver(self, job: dict, state: dict, log: DeviceLog) -> None:
+    def _stage_deliver(self, job: dict, state: JobState, log: DeviceLog) -> None:
         settings = self.config.models[job["model"]]
         if settings.base_pack and self.config.send_base_pack:
-            from blockskip.host.bundle import verify_bundle
-
             pack = Path(settings.base_pack)
             content = verify_bundle(pack)["content_sha256"]
             status = self._command(job, state, log, "status", "status", {}, fresh=True)
             if not isinstance(status.get("base_packs"), list) or content not in status["base_packs"]:
                 self._send(job, state, log, _as_tar(pack, self.work / "base-packs"), "base-pack", "basepack")
-        state["board_bundle"] = self._send(job, state, log, Path(state["bundle"]), "bundle", "bundle")
+        state.board_bundle = self._send(job, state, log, Path(state.bundle), "bundle", "bundle")
 
-    def _stage_train(self, job: dict, state: dict, log: DeviceLog) -> None:
-        args = {"bundle": state["board_bundle"], "out": f"adapters/{job['id']}", **job.get("train", {})}
+    def _stage_train(self, job: dict, state: JobState, log: DeviceLog) -> None:
+        args = {"bundle": state.board_bundle, "out": f"adapters/{job['id']}", **job.get("train", {})}
         self._command(job, state, log, "train", "train", args)
-        end = self._job_end(job, log, state["commands"]["train"]["id"], "train")
-        state["adapter"] = f"adapters/{job['id']}"
+        end = self._job_end(job, log, state.commands["train"]["id"], "train")
+        state.adapter = f"adapters/{job['id']}"
         self._event(job["id"], {"type": "trained", "result": end.get("result")})
 
-    def _stage_generate(self, job: dict, state: dict, log: DeviceLog) -> None:
+    def _stage_generate(self, job: dict, state: JobState, log: DeviceLog) -> None:
         settings = self.config.models[job["model"]]
-        side = state.get("size")  # default: the plan's largest training crop, the size the subject was seen at
-        args = {"model": settings.board_model, "prompts": job["prompts"], "adapter": state["adapter"],
-                "bundle": state["board_bundle"], "out": f"generated/{job['id']}",
+        side = state.size  # default: the plan's largest training crop, the size the subject was seen at
+        args = {"model": settings.board_model, "prompts": job["prompts"], "adapter": state.adapter,
+                "bundle": state.board_bundle, "out": f"generated/{job['id']}",
                 **({"height": side, "width": side} if side else {}), **job.get("generate", {})}
         self._command(job, state, log, "generate", "generate", args)
-        command_id = state["commands"]["generate"]["id"]
+        command_id = state.commands["generate"]["id"]
         self._job_end(job, log, command_id, "generate")
-        state["results"] = [{k: r.get(k) for k in ("path", "sha256", "prompt", "seed", "thumbnail_png_b64")
+        state.results = [{k: r.get(k) for k in ("path", "sha256", "prompt", "seed", "thumbnail_png_b64")
                              if r.get(k) is not None} for r in log.results.get(command_id, [])]
 
 
@@ -880,7 +904,6 @@ def _as_tar(pack: Path, where: Path) -> Path:
     """A base pack as one tar file (its own, or one written from its folder)."""
     if pack.is_file():
         return pack
-    from blockskip.host.bundle import MANIFEST, _write_tar
 
     manifest = json.loads((pack / MANIFEST).read_text())
     tar = where / f"{pack.name}-{manifest['content_sha256'][:12]}.tar"
@@ -939,8 +962,6 @@ def _readable_id(payload: bytes) -> str | None:
     """The id a refused job names, to publish its refusal under: any string that is one plain MQTT
     topic level (an id parse_job refuses, such as `..`, still hears why). From a payload too deeply
     nested to parse, the id only when it is the first key."""
-    from blockskip.host.jobs import MAX_JOB_BYTES
-
     value: Any = None
     try:
         if len(payload) <= MAX_JOB_BYTES:

@@ -24,7 +24,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
 
+from blockskip.errors import InputError
 from blockskip.models import text
+from blockskip.models.codec import PixelCodec
+from blockskip.models.flux import Flux
+from blockskip.models.pipeline import DEFAULT_SCHEDULERS, load_model, Model, sample
 
 ATTRIBUTES: dict[str, list[str]] = {
     "shape": ["oval", "round", "lance", "heart", "lobed"],
@@ -302,9 +306,6 @@ def new_crop_model(seed: int = 0, **overrides):
     """A freshly initialized crop model (diffusers init) with its word encoder, for pretraining."""
     from diffusers import FluxTransformer2DModel
 
-    from blockskip.models.codec import PixelCodec
-    from blockskip.models.flux import Flux
-    from blockskip.models.pipeline import DEFAULT_SCHEDULERS, Model
 
     config = {**FLUX_CONFIG, **overrides}
     with torch.random.fork_rng(devices=[]):
@@ -325,16 +326,15 @@ def save_crop_model(model, path: str | Path, dtype: torch.dtype = torch.float16)
     text = copy.deepcopy(model.text_encoder).to(dtype)
     text.save(root)
     meta = {"family": model.family.name, "scheduler": model.scheduler_config, "text_encoder": text.config(),
-            "codec": {"kind": "pixel"}, "image_size": 32}
+            "codec": {"kind": "pixel"}, "image_size": 32,
+            # the LoRA that plan, the worker and the demo use on this model (benchmarks/results/quality.md)
+            "lora": {"rank": 8, "alpha": 8.0, "scope": "all"}}
     (root / "blockskip.json").write_text(json.dumps(meta, indent=2))
     return root
 
 
 def load_crop_model(path: str | Path | None = None):
     """The pretrained crop model (fp32): `models/weights/crop-flux/` by default."""
-    from blockskip.errors import InputError
-    from blockskip.models.pipeline import load_model
-
     root = Path(path) if path else MODEL_DIR
     if not (root / "text_encoder.json").is_file():
         raise InputError(f"{root} is not a crop model folder (text_encoder.json missing)")
@@ -388,8 +388,6 @@ def caption_accuracy(model, classifier: AttributeClassifier, n: int = 24, seed: 
                      return_images: bool = False, size: int = 32):
     """Generate `n` images (size x size; classified after upsampling to 32) from captions of random
     non-held-out combos and classify them; returns {attribute: accuracy} (chance: 1 / len(values))."""
-    from blockskip.models.pipeline import sample
-
     rng = np.random.default_rng([seed, 0xCA9])
     combos = [sample_attrs(rng) for _ in range(n)]
     images = torch.cat([sample(model, model.encode_text(caption(a)), seed=seed * 1000 + i, steps=steps,

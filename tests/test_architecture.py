@@ -114,3 +114,27 @@ def test_the_checks_catch_what_they_are_for():
     edges["blockskip.edge.messages"] = edges["blockskip.edge.messages"] | {"blockskip.edge.agent"}
     assert "blockskip.host.serve (host) imports blockskip.edge.agent (edge)" in wrong_direction(edges)
     assert ["blockskip.edge.agent", "blockskip.edge.messages"] in cycles(edges)
+
+
+# The host's per-subject steps have one pipeline (host/prepare.py); the modules that define a step
+# or are a step's own command may call it, nothing else in the product does.
+PIPELINE_STEPS = {"build_cache": {"blockskip.host.cache", "blockskip.host.prepare"},
+                  "build_base_pack": {"blockskip.host.basepack", "blockskip.host.seal", "blockskip.host.prepare"},
+                  "build_subject_bundle": {"blockskip.host.basepack", "blockskip.host.seal", "blockskip.host.prepare"}}
+
+
+def step_calls() -> list[str]:
+    found = []
+    for module, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                if name in PIPELINE_STEPS and module not in PIPELINE_STEPS[name]:
+                    found.append(f"{module} calls {name}")
+    return sorted(found)
+
+
+def test_the_worker_and_the_demo_run_the_one_prepare_pipeline():
+    assert step_calls() == []
+    source = {m: p.read_text() for m, p in modules().items()}
+    assert "prepare(" in source["blockskip.host.serve"] and "prepare(" in source["blockskip.demo"]

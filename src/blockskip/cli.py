@@ -30,6 +30,7 @@ COMMANDS = [
     ("cache", "blockskip.host.cache", "precompute the kept blocks' features with the frozen full model (host)"),
     ("bundle", "blockskip.host.seal", "pack a staging folder into a checksummed (optionally signed) bundle"),
     ("keygen", "blockskip.host.seal", "create an ed25519 key pair for signing bundles"),
+    ("prepare", "blockskip.host.prepare", "one subject from photos to a signed bundle: cache, then bundle (host)"),
     ("verify", "blockskip.verify", "check a bundle's checksums (and signature) before using it"),
     ("deploy", "blockskip.host.deploy",
      "copy a bundle (and the agent config) to a board over SSH and verify it there"),

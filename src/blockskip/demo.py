@@ -211,11 +211,11 @@ def run(args: argparse.Namespace) -> int:
     from blockskip.demo_report import html_page, loss_plot, loss_summary, size_text
     from blockskip.edge.generate import GenerateConfig, generate
     from blockskip.edge.train import TrainConfig, train
-    from blockskip.host.basepack import build_base_pack, build_subject_bundle
     from blockskip.host.bundle import TrustPolicy, generate_keypair, verify_bundle
-    from blockskip.host.cache import build_cache, list_images
+    from blockskip.host.cache import list_images
     from blockskip.host.encoders import EfficientNetLite0
     from blockskip.host.plan import DEFAULT_FEATURE_DTYPE, make_plan, skip_budget
+    from blockskip.host.prepare import PrepareSettings, prepare
     from blockskip.host.profile import masking_profile
     from blockskip.models.pipeline import load_model, save_model, tiny_model
     from blockskip.plan import LoraSettings, PatchSchedule
@@ -261,26 +261,26 @@ def run(args: argparse.Namespace) -> int:
 
     t = _step("plan", 3)
     schedule = PatchSchedule(s_min=args.train_size or args.size, s_max=args.size, granularity=model.granularity)
-    plan = make_plan(profile, model, k, schedule, LoraSettings(rank=8, alpha=8, scope="all"), args.samples,
+    plan = make_plan(profile, model, k, schedule, LoraSettings.for_model(model)[0], args.samples,
                      text_len=model.text_encoder.max_length, precision="fp32", max_last=args.max_last,
                      feature_dtype=DEFAULT_FEATURE_DTYPE)
     plan.save(out / "plan.json")
     _say(f"skip first {plan.choice['n']} and last {plan.choice['m']}; keep {plan.kept}")
     seconds["plan"] = time.perf_counter() - t
 
-    t = _step("cache: frozen full model, one pass per draw", 4)
+    t = _step("prepare: the frozen full model over the photos (cache), then the base pack and the subject "
+              "bundle, signed", 4)
     _say(f"{args.samples} training draws (crop, timestep, noise, prompt) through all "
          f"{model.family.num_blocks} blocks, stored in {plan.feature_dtype}")
-    stage = build_cache(model, plan, subject, [PROMPT], out / "staging", bank_prompts=BANK, seed=args.seed,
-                        shard_size=16)
-    seconds["cache"] = time.perf_counter() - t
-    _say(f"done in {_duration(seconds['cache'])}")
-
-    t = _step("bundle: base pack and subject bundle, checksummed and signed, then verified", 5)
     generate_keypair(out / "host.key", out / "host.pub")
-    metadata = json.loads((stage / "bundle.json").read_text())
-    base_pack = build_base_pack(stage, out / "base-pack", metadata, signing_key=out / "host.key")
-    bundle = build_subject_bundle(stage, out / "bundle", metadata, base_pack, signing_key=out / "host.key")
+    done = prepare(model, plan, subject, [PROMPT], out / "bundle", staging=out / "staging", bank_prompts=BANK,
+                   base_pack_out=out / "base-pack",
+                   settings=PrepareSettings(seed=args.seed, shard_size=16, signing_key=out / "host.key"))
+    base_pack, bundle = done.base_pack, done.subject
+    seconds["prepare"] = time.perf_counter() - t
+    _say(f"done in {_duration(seconds['prepare'])}")
+
+    t = _step("verify: both artifacts' checksums and signature, as the board checks them", 5)
     sizes = {}
     for name, folder in (("base pack", base_pack), ("subject bundle", bundle)):
         manifest = verify_bundle(folder, public_key=out / "host.pub", require_signature=True)
@@ -288,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
     _say(f"base pack {size_text(sizes['base pack'])} (the kept weights: installed once per model and plan), "
          f"subject bundle {size_text(sizes['subject bundle'])} (features and prompt bank)")
     trust = TrustPolicy((out / "host.pub",))  # the board trusts the host's key, as deploy/ sets it up
-    seconds["bundle"] = time.perf_counter() - t
+    seconds["verify"] = time.perf_counter() - t
 
     t = _step("train: LoRA on the kept blocks only (edge)", 6)
     progress = TrainProgress()

@@ -149,6 +149,20 @@ class LoraSettings:
         if self.scope not in ("attention", "all"):
             raise ConfigError(f"lora scope must be 'attention' or 'all', got {self.scope!r}")
 
+    @classmethod
+    def for_model(cls, model) -> tuple["LoraSettings", str]:
+        """(settings, where they come from): what the model folder records (blockskip.json "lora";
+        the built-in crop model: rank 8 on attention and MLPs, the settings its quality table was
+        measured with), else the defaults above. `plan`, the host worker and the demo all start here."""
+        recorded = (getattr(model, "meta", None) or {}).get("lora")
+        if not recorded:
+            return cls(), "blockskip's defaults"
+        try:
+            return cls(**recorded), "the model's blockskip.json"
+        except (TypeError, ConfigError) as err:
+            raise InputError(f"the model's blockskip.json has a 'lora' entry blockskip cannot use ({recorded!r}): "
+                             f"{err}") from err
+
 
 @dataclass(frozen=True)
 class PlanDocument:
