@@ -51,6 +51,7 @@ def test_every_built_in_board_leaves_room_and_an_unknown_one_is_named():
         budget_from(None, 0)
 
 
+@pytest.mark.slow
 def test_plan_for_a_board_takes_the_most_faithful_plan_that_fits(tmp_path):
     """A roomy board keeps 30% unquantized at the full training size; a budget between the 30%
     int8 and the 30% unquantized peaks makes it quantize before skipping more."""
@@ -75,6 +76,7 @@ def test_plan_for_a_board_takes_the_most_faithful_plan_that_fits(tmp_path):
     assert plan.quant == "int8" and plan.estimates["train_memory_bytes"] + RUNTIME_BYTES <= budget * GIB
 
 
+@pytest.mark.slow
 def test_a_given_setting_that_cannot_fit_is_refused_naming_one_that_would(tmp_path):
     full = need(0.3, "none", 16)
     budget = (full - 1) / GIB  # 30% unquantized at 16 px misses by a byte; lighter plans fit
@@ -91,6 +93,7 @@ def test_a_given_setting_that_cannot_fit_is_refused_naming_one_that_would(tmp_pa
     assert result.returncode == 2 and "the lightest, --skip-ratio 0.5 --quant nf4 --s-min 8, needs" in result.stderr
 
 
+@pytest.mark.slow
 def test_plan_without_a_skip_budget_or_a_board_says_what_to_give(tmp_path):
     result = plan_cli("--out", tmp_path / "plan.json")
     assert result.returncode == 2 and "give --skip-ratio, --skip-blocks or --split (or --board / --memory-budget" in result.stderr
@@ -104,6 +107,7 @@ def bundle(tmp_path_factory):
     return plan, folder
 
 
+@pytest.mark.slow
 def test_train_refuses_a_bundle_over_the_budget_before_loading_it(bundle, tmp_path):
     plan, folder = bundle
     planned = plan.estimates["train_memory_bytes"] + RUNTIME_BYTES

@@ -48,6 +48,7 @@ def test_fast_paths_do_not_import_torch(args, rc, stream, text):
     assert not modules & set(HEAVY), f"`blockskip {' '.join(args)}` imported {sorted(modules & set(HEAVY))}"
 
 
+@pytest.mark.slow
 def test_command_help_is_complete():
     proc, modules = imported_modules("train", "--help")
     assert proc.returncode == 0

@@ -26,6 +26,7 @@ def start_and_kill(args: list[str], after: str) -> None:
         proc.wait()
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--samples", "8", "--steps", "12"]
@@ -69,6 +70,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert before != after, "the trained adapter must change the generated images"
 
 
+@pytest.mark.slow
 def test_demo_refuses_a_non_empty_output_folder(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     proc = subprocess.run(["blockskip", "demo", "--out", str(tmp_path)], capture_output=True, text=True)
@@ -76,6 +78,7 @@ def test_demo_refuses_a_non_empty_output_folder(tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_demo_never_overwrites_a_finished_report(tmp_path):
     (tmp_path / "demo-run.json").write_text("{}")
     (tmp_path / "report.html").write_text("an earlier run")
@@ -84,6 +87,7 @@ def test_demo_never_overwrites_a_finished_report(tmp_path):
     assert (tmp_path / "report.html").read_text() == "an earlier run"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option, value, message", [
     ("--steps", "0", "--steps must be >= 1"),
     ("--samples", "0", "--samples must be >= 1"),
@@ -135,6 +139,7 @@ def test_readme_test_command_is_what_ci_runs():
     assert test_command in (ROOT / ".ci" / "run").read_text()
 
 
+@pytest.mark.slow
 def test_demo_on_a_random_tiny_sana(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(["blockskip", "demo", "--model", "tiny-sana", "--out", str(out), "--samples", "4",
@@ -144,6 +149,7 @@ def test_demo_on_a_random_tiny_sana(tmp_path):
     assert report["family"] == "sana" and report["subject_attributes_after"] is None
 
 
+@pytest.mark.slow
 def test_cached_builtin_profile_is_what_the_demo_would_measure():
     """The committed profile belongs to the committed weights and settings, and still measures the same."""
     from blockskip import demo

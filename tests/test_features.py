@@ -76,6 +76,7 @@ def test_fp8_draw_layout_quantizes_states_and_keeps_the_rest_bf16():
     assert torch.equal(stored["3/cond/grid"], rest["3/cond/grid"]), "integers are stored as they are"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("feature_dtype", ["bf16", "fp8"])
 def test_reader_dequantizes_to_the_training_dtype(tmp_path, feature_dtype):
     model = tiny_model("flux")
@@ -94,6 +95,7 @@ def test_reader_dequantizes_to_the_training_dtype(tmp_path, feature_dtype):
             assert (got - want).norm() <= tolerance * want.norm()
 
 
+@pytest.mark.slow
 def test_reader_reads_only_the_shard_of_the_draw_asked_for(tmp_path):
     """The board streams: a draw is read from its own memory-mapped shard, one shard open at a time,
     so the other shards (many GiB on a real bundle) are never loaded, here not even readable."""

@@ -59,6 +59,7 @@ def test_meta_tensors_are_not_memory():
     assert mem.peak_bytes == 0
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_matches_cuda_max_memory_allocated():
     _train(64, 64, steps=1, device="cuda")  # cuBLAS workspaces (forward and autograd threads): not tensors

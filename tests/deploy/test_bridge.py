@@ -9,191 +9,45 @@ drop to the mosquitto user, which cannot read pytest's private temp dir).
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-import queue
+import getpass
 import re
 import shutil
-import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-mqtt = pytest.importorskip("paho.mqtt.client")
-x509 = pytest.importorskip("cryptography.x509")
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import NameOID  # noqa: E402
-from paho.mqtt.packettypes import PacketTypes  # noqa: E402
-from paho.mqtt.properties import Properties  # noqa: E402
+from mqtt_harness import Broker, RawClient, deployed_broker, free_port, make_pki, mosquitto_passwd
 
 pytestmark = pytest.mark.skipif(not shutil.which("mosquitto") or not shutil.which("mosquitto_passwd"),
                                 reason="needs mosquitto (apt-get install mosquitto)")
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
-CENTRAL_CONF = DEPLOY.parent / "mosquitto" / "mosquitto.conf"
 DEVICE = "field-07"
 CAMERAS = {"cam1": "camera-secret", "cam2": "camera2-secret"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cert(subject: str, issuer_key, issuer_name, key, ca: bool, days: int = 2):
-    now = datetime.datetime.now(datetime.timezone.utc)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name or name)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if not ca:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def make_pki(d: Path, name: str) -> dict[str, Path]:
-    """A CA and a server certificate for localhost / 127.0.0.1 signed by it (PEM files in d)."""
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = _cert(f"{name} test CA", ca_key, None, ca_key, ca=True)
-    server = _cert("localhost", ca_key, ca.subject, key, ca=False)
-    paths = {"ca": d / f"{name}-ca.crt", "cert": d / f"{name}-server.crt", "key": d / f"{name}-server.key"}
-    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths["cert"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-    return paths
-
-
-def _passwd(path: Path, users: dict[str, str]) -> None:
-    path.touch()
-    for user, password in users.items():
-        subprocess.run(["mosquitto_passwd", "-b", path, user, password], check=True, capture_output=True)
-
-
-def _start(conf: Path, ports: list[int]):
-    log = open(conf.with_suffix(".log"), "w")
-    proc = subprocess.Popen(["mosquitto", "-c", conf], stdout=log, stderr=subprocess.STDOUT)
-    for port in ports:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, conf.with_suffix(".log").read_text()
-                time.sleep(0.05)
-    return proc
-
-
-class Client:
-    """A paho MQTT v5 client that collects what it receives (and every time it was dropped).
-
-    With a `session_expiry` it keeps a persistent session, like the agent and the cameras; paho's
-    loop reconnects it whenever it is dropped.
-    """
-
-    def __init__(self, port, username=None, password=None, ca=None, client_id="",
-                 clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY, session_expiry=None):
-        self.messages: queue.Queue = queue.Queue()
-        self.subscribed = threading.Event()
-        self.connected = threading.Event()
-        self.disconnects: list = []
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        if ca:
-            self.c.tls_set(ca_certs=str(ca))
-        if username:
-            self.c.username_pw_set(username, password)
-        self.c.reconnect_delay_set(0.1, 0.5)
-        self.c.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload.decode()))
-        self.c.on_subscribe = lambda *a: self.subscribed.set()
-        self.c.on_connect = self._on_connect
-        self.c.on_disconnect = self._on_disconnect
-        properties = None
-        if session_expiry is not None:
-            properties = Properties(PacketTypes.CONNECT)
-            properties.SessionExpiryInterval = session_expiry
-        self.c.connect("localhost" if ca else "127.0.0.1", port, clean_start=clean_start, properties=properties)
-        self.c.loop_start()
-        assert self.connected.wait(5), "no CONNACK"
-
-    def _on_connect(self, client, userdata, flags, reason_code, properties):
-        if not reason_code.is_failure:
-            self.connected.set()
-
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
-        self.connected.clear()
-        self.disconnects.append(reason_code)
-
-    def subscribe(self, topic):
-        self.subscribed.clear()
-        self.c.subscribe(topic, qos=1)
-        assert self.subscribed.wait(5), "no SUBACK"
-
-    def publish(self, topic, payload):
-        self.c.publish(topic, payload, qos=1).wait_for_publish(5)
-
-    def wait_for(self, topic, payload=None, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                got = self.messages.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                break
-            if got[0] == topic and (payload is None or got[1] == payload):
-                return got[1]
-        return None
-
-    def drain(self, seconds):
-        time.sleep(seconds)
-        out = []
-        while not self.messages.empty():
-            out.append(self.messages.get())
-        return out
-
-    def close(self):
-        self.c.loop_stop()
-        self.c.disconnect()
 
 
 @pytest.fixture
 def brokers(tmp_path, request):
     """The central broker (deploy/mosquitto/, server cert from `central_ca`) + the board's broker.
 
-    `brokers(where, ...)` connects a Client to "central", "local" (the agent's listener) or "lan" (the
-    cameras' listener).
+    `brokers(where, ...)` connects a RawClient to "central", "local" (the agent's listener) or "lan"
+    (the cameras' listener).
     """
     rogue = getattr(request, "param", False)
-    pki = make_pki(tmp_path, "central")
-    served = make_pki(tmp_path, "rogue") if rogue else pki  # rogue: the central broker's cert is not from our CA
-    central_port, local_port, lan_port = _free_port(), _free_port(), _free_port()
-    _passwd(tmp_path / "central.passwd", {DEVICE: "device-secret", "operator": "operator-secret"})
-    shutil.copy(CENTRAL_CONF.parent / "acl.example", tmp_path / "central.acl")
-    (tmp_path / "central-db").mkdir()
-    central = CENTRAL_CONF.read_text()
-    for key, value in {"/etc/mosquitto/certs/ca.crt": served["ca"], "/etc/mosquitto/certs/server.crt": served["cert"],
-                       "/etc/mosquitto/certs/server.key": served["key"],
-                       "/etc/mosquitto/passwd": tmp_path / "central.passwd",
-                       "/etc/mosquitto/blockskip.acl": tmp_path / "central.acl",
-                       "/var/lib/mosquitto/": f"{tmp_path / 'central-db'}/",
-                       "listener 8883": f"listener {central_port} 127.0.0.1"}.items():
-        assert key in central, f"deploy/mosquitto/mosquitto.conf no longer has {key!r}"
-        central = central.replace(key, str(value))
-    (tmp_path / "central.conf").write_text("user root\n" + central)
+    pki = make_pki(tmp_path / "central-pki", "central test")
+    served = make_pki(tmp_path / "rogue-pki", "rogue test") if rogue else pki  # rogue: not from our CA
+    central = deployed_broker(tmp_path / "central", served, {DEVICE: "device-secret", "operator": "operator-secret"})
+    local_port, lan_port = free_port(), free_port()
 
     etc = tmp_path / "etc"
     (etc / "tls").mkdir(parents=True)
-    shutil.copy(pki["ca"], etc / "tls" / "ca.crt")
-    _passwd(etc / "cameras.passwd", CAMERAS)
+    shutil.copy(pki / "ca.crt", etc / "tls" / "ca.crt")
+    mosquitto_passwd(etc / "cameras.passwd", CAMERAS)
     (etc / "cameras.acl").write_text((DEPLOY / "cameras.acl").read_text().replace("@DEVICE_ID@", DEVICE))
     conf = (DEPLOY / "mosquitto-bridge.conf").read_text()
-    for key, value in {"@DEVICE_ID@": DEVICE, "@CENTRAL_HOST@": "localhost", "@CENTRAL_PORT@": str(central_port),
+    for key, value in {"@DEVICE_ID@": DEVICE, "@CENTRAL_HOST@": "localhost", "@CENTRAL_PORT@": str(central.port),
                        "@BRIDGE_PASSWORD@": "device-secret", "/etc/blockskip/mosquitto/": f"{etc}/",
                        "/var/lib/blockskip-mosquitto/": f"{tmp_path}/"}.items():
         conf = conf.replace(key, value)
@@ -201,26 +55,26 @@ def brokers(tmp_path, request):
     conf, n = re.subn(r"^listener 1883 ", f"listener {local_port} ", conf, flags=re.M)
     conf, m = re.subn(r"^listener 1884$", f"listener {lan_port} 127.0.0.1", conf, flags=re.M)
     assert n == m == 1, "the shipped config must keep its two listeners"
-    (tmp_path / "board.conf").write_text("user root\n" + conf)
-
-    procs = [_start(tmp_path / "central.conf", [central_port]), _start(tmp_path / "board.conf", [local_port, lan_port])]
+    board = Broker(tmp_path / "board", conf + f"\nuser {getpass.getuser()}\n", port=local_port, also_ports=(lan_port,))
+    central.start()
+    board.start()
     clients = []
+    ports = {"central": central.port, "local": local_port, "lan": lan_port}
 
     def connect(where, *args, **kwargs):
-        port = {"central": central_port, "local": local_port, "lan": lan_port}[where]
-        client = Client(port, *args, ca=served["ca"] if where == "central" else None, **kwargs)
+        client = RawClient(ports[where], *args, ca=served / "ca.crt" if where == "central" else None, **kwargs)
         clients.append(client)
         return client
 
-    connect.ports = {"central": central_port, "local": local_port, "lan": lan_port}
+    connect.ports = ports
     yield connect
     for client in clients:
         client.close()
-    for proc in procs:
-        proc.terminate()
-        proc.wait(timeout=10)
+    board.stop()
+    central.stop()
 
 
+@pytest.mark.slow
 def test_bridge_relays_device_topics_over_tls(brokers):
     central = brokers("central", "operator", "operator-secret")
     central.subscribe("blockskip/#")
@@ -263,6 +117,7 @@ def test_camera_needs_its_password(brokers):
         assert result.returncode != 0 and "not authorised" in result.stderr.lower(), result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("brokers", [True], indirect=True, ids=["central-cert-from-another-ca"])
 def test_bridge_refuses_a_central_broker_it_cannot_verify(brokers):
     # The central broker presents a certificate that our CA did not sign (a man in the middle):
@@ -275,6 +130,7 @@ def test_bridge_refuses_a_central_broker_it_cannot_verify(brokers):
     assert seen == [], seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("owner", ["agent", "camera"])
 def test_a_camera_login_cannot_take_over_the_agents_or_another_cameras_client_id(brokers, owner):
     # Client ids are one namespace across the board broker's listeners. The LAN listener binds them to

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from blockskip.cli import main
+from mqtt_harness import free_port
 
 SSHD = "/usr/sbin/sshd"
 pytestmark = [
@@ -29,12 +30,6 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def board(tmp_path_factory):
     """A real sshd on a free loopback port; yields the ssh arguments for `blockskip deploy`."""
@@ -42,7 +37,7 @@ def board(tmp_path_factory):
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", d / "host_key"], check=True)
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", d / "client_key"], check=True)
     shutil.copy(d / "client_key.pub", d / "authorized_keys")
-    port = _free_port()
+    port = free_port()
     (d / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nPidFile {d / 'sshd.pid'}\n"
         f"AuthorizedKeysFile {d / 'authorized_keys'}\nPermitRootLogin yes\nStrictModes no\nUsePAM no\n"
@@ -90,6 +85,7 @@ def deploy(board, bundle, dest, *extra) -> int:
     return main(["deploy", str(bundle), f"127.0.0.1:{dest}", *board, *extra])
 
 
+@pytest.mark.slow
 def test_fresh_copy_verifies_and_installs(board, tmp_path, capsys):
     bundle = make_bundle(tmp_path / "bundle")
     config = tmp_path / "agent.yaml"
@@ -115,6 +111,7 @@ def test_fresh_copy_verifies_and_installs(board, tmp_path, capsys):
     assert sent < 100_000, out
 
 
+@pytest.mark.slow
 def test_interrupted_copy_resumes(board, tmp_path, capsys):
     bundle = make_bundle(tmp_path / "bundle", sizes=(2_000_000, 2_000_000, 1_000_000), seed=1)
     dest = tmp_path / "board" / "maize"
@@ -141,6 +138,7 @@ def test_interrupted_copy_resumes(board, tmp_path, capsys):
     assert sent <= 5_000_000 - kept + 100_000, (sent, kept, out)
 
 
+@pytest.mark.slow
 def test_corrupt_source_fails_and_keeps_live_bundle(board, tmp_path, capsys):
     bundle = make_bundle(tmp_path / "bundle", seed=2)
     dest = tmp_path / "board" / "maize"
@@ -159,6 +157,7 @@ def test_corrupt_source_fails_and_keeps_live_bundle(board, tmp_path, capsys):
     assert tree(dest) == live
 
 
+@pytest.mark.slow
 def test_corrupt_copy_on_board_fails_then_checksum_repairs(board, tmp_path, capsys):
     bundle = make_bundle(tmp_path / "bundle", seed=4)
     dest = tmp_path / "board" / "maize"
@@ -183,6 +182,7 @@ def test_corrupt_copy_on_board_fails_then_checksum_repairs(board, tmp_path, caps
     assert tree(dest) == tree(bundle)
 
 
+@pytest.mark.slow
 def test_live_lock_refuses_and_stale_lock_proceeds(board, tmp_path, capsys, caplog):
     bundle = make_bundle(tmp_path / "bundle", sizes=(10_000, 20_000), seed=5)
     dest = tmp_path / "board" / "maize"
@@ -208,7 +208,7 @@ def test_live_lock_refuses_and_stale_lock_proceeds(board, tmp_path, capsys, capl
 
 def test_unreachable_board_is_a_clear_error(tmp_path, capsys):
     bundle = make_bundle(tmp_path / "bundle", sizes=(100,))
-    port = str(_free_port())
+    port = str(free_port())
     assert main(["deploy", str(bundle), f"127.0.0.1:{tmp_path}/x", "--port", port,
                  "-o", "ConnectTimeout=2"]) == 2
     assert "cannot reach 127.0.0.1 over ssh" in capsys.readouterr().err

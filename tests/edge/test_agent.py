@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from blockskip.edge.agent import AgentConfig, _import_job, load_config
@@ -111,6 +112,7 @@ def test_clean_shutdown_stops_the_job_then_publishes_offline(broker, start_agent
     assert "cancelled" in [e.get("type") for e in probe.on("/progress")], events
 
 
+@pytest.mark.slow
 def test_messages_produced_while_the_broker_is_down_arrive_after_reconnect(broker, start_agent, probe_factory, wait_until):
     agent = start_agent(jobs={"generate": png_job(delay=0.01)})
     probe = probe_factory(broker.port, [f"blockskip/{DEV}/#"])
@@ -134,6 +136,7 @@ def test_messages_produced_while_the_broker_is_down_arrive_after_reconnect(broke
     assert probe.request(DEV, {"id": "alive", "action": "status"})["result"]["state"] == "online"
 
 
+@pytest.mark.slow
 def test_outbox_survives_an_agent_restart_while_the_broker_is_down(broker, start_agent, probe_factory, wait_until):
     agent = start_agent(jobs={"generate": png_job(delay=0.02)})
     probe = probe_factory(broker.port, [f"blockskip/{DEV}/#"])
@@ -205,3 +208,15 @@ def test_the_example_config_loads(tmp_path):
     assert config.trust_policy().keys and not config.allow_unsigned_bundles
     assert isinstance(config, AgentConfig) and config.broker.ca_file and config.broker.password_file
     assert config.broker.reconnect_max_s > config.broker.reconnect_min_s
+
+
+def test_every_action_of_the_schema_has_one_handler(tmp_path):
+    """The agent's actions are a table: each action the command schema accepts is answered at once
+    (`control_actions`) or run as a job (`DEFAULT_JOBS`), never both, and nothing else is handled."""
+    from blockskip.edge.agent import DEFAULT_JOBS, Agent, AgentConfig
+    from blockskip.edge.messages import ACTIONS, JOB_ACTIONS
+
+    agent = Agent(AgentConfig(device_id="dev-a", data_dir=str(tmp_path / "data")))
+    control = set(agent.control_actions())
+    assert control.isdisjoint(DEFAULT_JOBS) and set(DEFAULT_JOBS) == set(JOB_ACTIONS)
+    assert control | set(DEFAULT_JOBS) == set(ACTIONS)

@@ -15,6 +15,7 @@ from blockskip.edge.messages import ACTIONS, ERROR_CODES, CommandError, parse_co
 DEV = "dev-a"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "payload, code",
     [
@@ -35,6 +36,7 @@ def test_commands_without_a_usable_id_get_an_error_event(broker, start_agent, pr
     assert probe.request(DEV, {"id": "alive", "action": "status"})["result"]["state"] == "online"
 
 
+@pytest.mark.slow
 def test_each_bad_command_gets_its_error_reply_and_the_agent_keeps_serving(broker, start_agent, probe_factory,
                                                                            tmp_path, wait_until):
     agent = start_agent(max_command_bytes=2048)
@@ -97,6 +99,7 @@ commands = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(commands.map(lambda c: json.dumps(c).encode()), st.binary(max_size=200)))
 def test_parser_accepts_only_valid_commands_and_fails_with_documented_codes(payload):

@@ -130,6 +130,7 @@ def test_upload_offers_captures_and_images_and_nothing_else(broker, start_agent,
         assert not reply["ok"] and reply["error"]["code"] == code, (args, reply)
 
 
+@pytest.mark.slow
 def test_receive_installs_only_a_bundle_the_board_trusts(broker, start_agent, host, bundles, wait_until):
     agent = start_agent(trusted_keys=[str(bundles / "host.pub")], transfer_retry_s=0.5)
     data = agent.data_dir
@@ -165,6 +166,7 @@ def test_receive_installs_only_a_bundle_the_board_trusts(broker, start_agent, ho
     assert h.request(wait_until, {"id": "s", "action": "status"})["ok"]
 
 
+@pytest.mark.slow
 def test_a_receive_cut_off_by_an_agent_restart_resumes(broker, start_agent, host, bundles, wait_until):
     agent = start_agent(trusted_keys=[str(bundles / "host.pub")], transfer_retry_s=0.5)
     data = agent.data_dir
@@ -245,6 +247,7 @@ def test_a_sparse_tar_writes_nothing_on_any_path(broker, start_agent, host, bund
     assert h.request(wait_until, {"id": "s", "action": "status"})["ok"]
 
 
+@pytest.mark.slow
 def test_receive_offers_are_bounded_in_sum_against_free_disk_and_expire(broker, start_agent, probe_factory, tmp_path,
                                                                         wait_until):
     """Offers that each fit but not together: the one past max_pending_receive_bytes is refused
@@ -307,6 +310,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_the_agent_receives_verifies_and_trains_with_the_host_code_blocked(broker, host, bundles, tmp_path,
                                                                            probe_factory, wait_until):
     """A board installs no host code: with `blockskip.host` unimportable, `blockskip verify` checks a

@@ -38,6 +38,7 @@ def png_bytes(width: int, height: int) -> bytes:
 
 # ---- 3. job output only in job folders ------------------------------------------------------
 
+@pytest.mark.slow
 def test_jobs_cannot_write_into_the_agents_own_state(broker, start_agent, probe_factory):
     agent = start_agent(jobs={"generate": png_job(), "train": png_job()})
     probe = probe_factory(broker.port, [f"blockskip/{DEV}/#"])
@@ -55,6 +56,7 @@ def test_jobs_cannot_write_into_the_agents_own_state(broker, start_agent, probe_
 
 # ---- 4. a reused command id runs nothing ----------------------------------------------------
 
+@pytest.mark.slow
 def test_a_repeated_command_id_gets_the_first_reply_and_runs_nothing(broker, start_agent, probe_factory, wait_until):
     runs = []
 
@@ -86,6 +88,7 @@ def test_a_repeated_command_id_gets_the_first_reply_and_runs_nothing(broker, sta
     assert runs == ["once"] and len([e for e in probe.on("/progress") if e.get("type") == "done"]) == 1
 
 
+@pytest.mark.slow
 def test_a_command_id_is_forgotten_after_its_window(broker, start_agent, probe_factory, wait_until):
     runs = []
 
@@ -105,6 +108,7 @@ def test_a_command_id_is_forgotten_after_its_window(broker, start_agent, probe_f
 
 # ---- 5. captures ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_huge_image_in_a_small_file_is_refused_before_decoding(broker, start_agent, probe_factory, wait_until):
     agent = start_agent(max_capture_pixels=10_000_000)
     probe = probe_factory(broker.port, [f"blockskip/{DEV}/#"])
@@ -127,6 +131,7 @@ def test_commands_are_answered_while_a_capture_decodes(broker, start_agent, prob
     assert order == ["quick", "ack"], f"the status command waited for the capture: {order}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("props, stored", [
     ({"capture_time": "2026-06-01T10:15:00Z", "gps": "52.37,4.89,3.5"}, True),
     ({"capture_time": "2026-06-01T10:15:00+02:00"}, True),
@@ -195,6 +200,7 @@ def _agent_process(config):
                             env=dict(os.environ, PYTHONUNBUFFERED="1"), stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_a_training_job_killed_with_the_agent_ends_as_interrupted_or_resumes(broker, tmp_path, probe_factory,
                                                                            wait_until):
     from helpers import make_bundle
@@ -251,6 +257,7 @@ def test_the_agents_login_must_be_its_device_id(tmp_path):
     assert AgentConfig(device_id=DEV, data_dir=str(tmp_path), broker=BrokerConfig(username=DEV))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("receive_maximum", [4, 16])
 def test_a_broker_restart_under_load_redelivers_at_most_receive_maximum_and_loses_nothing(
         receive_maximum, broker, start_agent, wait_until):

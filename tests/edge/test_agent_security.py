@@ -55,6 +55,7 @@ def clients():
         c.close()
 
 
+@pytest.mark.slow
 def test_wrong_password_and_plain_tcp_cannot_connect(secure_broker, pki, clients, monkeypatch, mq):
     monkeypatch.setenv("TEST_MQTT_PASSWORD", "not-the-password")
     wrong = clients(mq.settings(secure_broker, pki, "dev-a", "x"), "wrong")
@@ -141,6 +142,7 @@ def within(seconds: float, predicate) -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("intruder", ["dev-b", "dev-a-cam-01"])
 def test_another_login_cannot_kick_the_running_agent(intruder, secure_broker, pki, clients, tmp_path, mq):
     agent = secure_agent(secure_broker, pki, tmp_path, mq)
@@ -190,6 +192,7 @@ def test_another_login_cannot_wipe_the_commands_queued_for_the_offline_agent(int
         agent.stop(flush_timeout_s=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("intruder", ["dev-a-cam-02", "dev-b"])
 def test_another_login_cannot_take_over_a_cameras_session(intruder, secure_broker, pki, clients, mq):
     camera_login = mq.login(secure_broker, pki, "dev-a-cam-01")

@@ -64,6 +64,7 @@ def worker(tmp_path_factory):
     host.file_receiver.close()
 
 
+@pytest.mark.slow
 @BUDGET
 @given(payload=payloads)
 def test_the_worker_refuses_any_bad_job_with_a_status_and_raises_nothing(worker, payload):
@@ -79,6 +80,7 @@ def test_the_worker_refuses_any_bad_job_with_a_status_and_raises_nothing(worker,
         assert all(body["state"] == "failed" and body["error"].startswith("bad job: ") for _, body in host.published)
 
 
+@pytest.mark.slow
 @BUDGET
 @given(device=st.sampled_from([DEV, "dev-b"]), kind=st.sampled_from(["reply/j1.train", "progress", "result", "files/x/chunk",
                                                                     "files/x/want", "status", "x"]),
@@ -95,6 +97,7 @@ def test_the_worker_takes_only_the_jobs_own_boards_word_and_raises_nothing(worke
     assert set(log.replies) <= {"j1.train", "j1.generate"} and set(log.events) <= {"j1.train", "j1.generate"}
 
 
+@pytest.mark.slow
 @BUDGET
 @given(event=st.dictionaries(st.sampled_from(["type", "stage", "bytes", "total_bytes", "loss", "step", "total",
                                               "count", "source", "result", "kept", "why", "message", "draws"]),

@@ -33,6 +33,7 @@ def content_hash(folder):
     return json.loads((folder / "manifest.json").read_text())["content_sha256"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["flux", "sana"])
 def test_subject_bundle_trains_bit_for_bit_the_adapter_of_the_single_bundle(tmp_path, name):
     single, base, subject = split(tmp_path, name)

@@ -7,6 +7,7 @@ import io
 import threading
 from pathlib import Path
 
+import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from PIL import Image
@@ -39,6 +40,7 @@ def camera(broker, camera_id: str, **kw) -> CaptureConfig:
     return CaptureConfig(**fields)
 
 
+@pytest.mark.slow
 def test_520_captures_from_two_cameras_survive_a_broker_restart(broker, start_agent, tmp_path, wait_until):
     agent = start_agent()
     folders = {"cam-1": tmp_path / "cam-1", "cam-2": tmp_path / "cam-2"}

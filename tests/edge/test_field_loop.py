@@ -60,7 +60,7 @@ def host_side(tmp_path: Path) -> dict:
                "d_suf": [0.0 if i <= 1 else 9.0 for i in range(size + 1)]}
     plan = make_plan(profile, model, 2, PatchSchedule(s_min=16, s_max=32, granularity=model.granularity),
                      LoraSettings(rank=4, alpha=8), 8)
-    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    plan.save(tmp_path / "plan.json")
     stage = build_cache(model, plan, subject_photos(tmp_path / "any-photos", 1), ["a photo"], tmp_path / "bp-stage",
                         samples=1, progress=False)
     build_base_pack(stage, tmp_path / "base-pack", json.loads((stage / "bundle.json").read_text()),
@@ -103,6 +103,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_captures_to_images_through_two_host_workers(broker, start_agent, probe_factory, host_side, tmp_path,
                                                       wait_until, capsys):
     agent = board(start_agent, host_side)
@@ -169,6 +170,7 @@ def start_worker_process(tmp_path: Path, config: dict) -> subprocess.Popen:
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 def test_a_killed_worker_and_a_broker_restart_mid_transfer_still_end_the_job_once(
         broker, start_agent, probe_factory, host_side, tmp_path, wait_until):
     """Two workers; the broker restarts while the board receives the base pack in 1 KiB chunks,
@@ -226,6 +228,7 @@ def test_a_killed_worker_and_a_broker_restart_mid_transfer_still_end_the_job_onc
     assert "resumes" in log
 
 
+@pytest.mark.slow
 def test_two_workers_split_the_jobs_and_run_each_once(broker, probe_factory, host_side, tmp_path, wait_until):
     """Eight host-only jobs (photos from a folder, ending after the bundle) through the shared
     subscription: each ends once, and each worker takes about half."""
@@ -260,6 +263,7 @@ def test_two_workers_split_the_jobs_and_run_each_once(broker, probe_factory, hos
     assert {final[j][0]["worker"] for j in taken[0]} == {"host-0"}
 
 
+@pytest.mark.slow
 def test_bad_jobs_end_with_a_reason_and_the_worker_keeps_serving(broker, start_agent, probe_factory, host_side,
                                                                   tmp_path, wait_until):
     board(start_agent, host_side)
@@ -309,6 +313,7 @@ def test_bad_jobs_end_with_a_reason_and_the_worker_keeps_serving(broker, start_a
     assert not (worker.jobs_dir.parent / "job.json").exists()
 
 
+@pytest.mark.slow
 def test_the_example_host_and_operator_configs_load(tmp_path, host_side):
     from blockskip.host import fleet, serve
 
@@ -329,6 +334,7 @@ def test_the_example_host_and_operator_configs_load(tmp_path, host_side):
         serve.load_config(tmp_path / "bad.yaml")
 
 
+@pytest.mark.slow
 def test_a_stopping_worker_hands_back_the_jobs_it_has_not_begun(broker, probe_factory, host_side, tmp_path,
                                                                  wait_until):
     """Worker A took three jobs; SIGTERM (stop) while it runs the first: the two it had not begun go
@@ -366,6 +372,7 @@ def test_a_stopping_worker_hands_back_the_jobs_it_has_not_begun(broker, probe_fa
     assert sorted(p.name for p in a.jobs_dir.iterdir()) == ["first"]
 
 
+@pytest.mark.slow
 def test_fleet_says_when_no_worker_took_a_job_and_follow_exits_1_on_a_failed_one(broker, host_side, tmp_path,
                                                                                   wait_until, capsys):
     operator = operator_config(tmp_path, broker)
@@ -405,6 +412,7 @@ def _forge(client, job: str, stop) -> None:
         stop.wait(0.1)
 
 
+@pytest.mark.slow
 def test_a_second_board_cannot_finish_fail_or_fill_another_boards_job(secure_broker, pki, tmp_path, host_side, mq,
                                                                       caplog):
     """The broker as shipped (TLS, passwords, acl.example); dev-b holds a valid login of its own and
@@ -556,6 +564,7 @@ def bomb_png(path: Path, side: int = 12000) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["huge-offers", "pixel-bomb", "trickle", "garbage"])
 def test_a_hostile_board_cannot_fill_the_workers_disk_or_memory(case, broker, host_side, tmp_path, wait_until):
     """Five 40 GiB photo offers are refused before a byte (too_large); three 12000 x 12000 PNGs of a

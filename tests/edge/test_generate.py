@@ -57,6 +57,7 @@ def test_config_rejects_bad_values_naming_the_field(models, tmp_path, field, val
         config(models, "flux", tmp_path, **{field: value})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["flux", "sana"])
 def test_same_seed_same_image_twice_torch(models, tmp_path, family):
     first = generate(config(models, family, tmp_path / "a", count=2))
@@ -65,6 +66,7 @@ def test_same_seed_same_image_twice_torch(models, tmp_path, family):
     assert first[0]["sha256"] != first[1]["sha256"], "seed and seed + 1 must give different images"
 
 
+@pytest.mark.slow
 def test_same_seed_same_image_twice_onnxruntime(models, tmp_path):
     first = generate(config(models, "flux", tmp_path / "a", backend="onnxruntime", seed=7))
     second = generate(config(models, "flux", tmp_path / "b", backend="onnxruntime", seed=7))
@@ -73,6 +75,7 @@ def test_same_seed_same_image_twice_onnxruntime(models, tmp_path):
     assert report["backends"][0]["backend"] == "onnxruntime"
 
 
+@pytest.mark.slow
 def test_pngs_carry_metadata_and_a_contact_sheet_is_written(models, tmp_path):
     events = []
     results = generate(config(models, "sana", tmp_path, prompts=BANK, count=2, seed=5), on_event=events.append)
@@ -102,6 +105,7 @@ def test_adapter_hash_in_metadata_and_adapter_changes_the_image(models, tmp_path
         assert image.text["adapter_hash"] == adapter_hash(adapter)
 
 
+@pytest.mark.slow
 def test_should_stop_ends_at_the_next_step_not_after_the_image(models, tmp_path):
     """A 300-step image takes minutes on a board: a stop must not wait for it to finish."""
     steps = []
@@ -155,6 +159,7 @@ def test_command_line_generate_and_list_prompts(models, tmp_path, capsys):
     assert "multiple" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_command_line_export_writes_a_carryable_onnx(models, tmp_path, capsys):
     code = main(["export", "--model", models["sana"], "--height", "16", "--width", "16",
                  "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "carry")])
@@ -188,6 +193,7 @@ def test_tensorrt_without_tensorrt_is_a_clear_error(models, tmp_path):
         generate(config(models, "flux", tmp_path, backend="tensorrt"))
 
 
+@pytest.mark.slow
 def test_sana_uses_classifier_free_guidance_with_the_banks_negative(tmp_path):
     """SANA samples with CFG (scale 4.5) against the empty prompt stored in the prompt bank;
     scale 1 turns it off, and the two differ."""

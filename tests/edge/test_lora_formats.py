@@ -85,6 +85,7 @@ def single_attention(tmp_path_factory):
     return train_adapter(tmp_path_factory.mktemp("single-attention"), 2, 0, "attention")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup", ["double_all", "single_attention"])
 @pytest.mark.parametrize("form", list(FORMS))
 def test_equivalence_every_loading_form_gives_the_trained_model(request, setup, form):
@@ -156,6 +157,7 @@ def test_equivalence_kohya_modulation_and_partial_qkv(tmp_path):
     torch.testing.assert_close(output(transformer), want, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_equivalence_kohya_single_block_at_flux1_width(tmp_path):
     """diffusers' converter splits `linear1` at FLUX.1's widths (3 x 3072 + 12288), so the single
     block is checked on a one-block FLUX of that width (~180 M parameters): q, k, v into linear1

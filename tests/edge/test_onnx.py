@@ -49,6 +49,7 @@ def setup(request, tmp_path_factory):
             "shapes": Shapes(SIZE, SIZE, text_len), "cache": root / "cache"}
 
 
+@pytest.mark.slow
 def test_equivalence_onnxruntime_matches_torch_without_adapter(setup):
     path = cached_onnx(setup["dir"], None, setup["shapes"], setup["cache"])
     ort_backend = OrtBackend(path)
@@ -68,6 +69,7 @@ def test_equivalence_onnxruntime_matches_torch_without_adapter(setup):
     assert meta["shapes"] == setup["shapes"].to_dict()
 
 
+@pytest.mark.slow
 def test_equivalence_onnxruntime_matches_torch_with_adapter_merged(setup):
     out = setup["root"] / "fresh_a"
     path = export_onnx(load_model(setup["dir"], text_encoder=False), setup["a"], out, setup["shapes"])
@@ -82,6 +84,7 @@ def test_equivalence_onnxruntime_matches_torch_with_adapter_merged(setup):
                                want, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_equivalence_changed_adapter_refits_onnx_and_matches_torch(setup):
     shapes, cache = setup["shapes"], setup["cache"]
     path_a = cached_onnx(setup["dir"], setup["a"], shapes, cache)
@@ -127,6 +130,7 @@ def test_export_refuses_non_finite_adapter(setup, tmp_path):
         export_onnx(load_model(setup["dir"], text_encoder=False), str(bad), tmp_path / "x", setup["shapes"])
 
 
+@pytest.mark.slow
 def test_a_bare_transformer_folder_exports_to_onnx(tmp_path, capsys):
     """`load_model` takes a folder with config.json at its root; export (and so generate) takes it too."""
     from blockskip.cli import main

@@ -44,6 +44,7 @@ def setup(request, tmp_path_factory):
             "int8": cached_onnx(model_dir, adapter, shapes, cache, "int8")}
 
 
+@pytest.mark.slow
 def test_int8_export_is_quantized_and_its_images_are_close_to_fp32(setup):
     meta = read_sidecar(setup["int8"])
     assert meta["precision"] == "int8" and meta["adapter_hash"] == read_sidecar(setup["fp32"])["adapter_hash"]
@@ -100,6 +101,7 @@ def test_bad_precision_combinations_are_one_line_errors(tmp_path, capsys):
     assert not (tmp_path / "cache").exists(), "a refused combination must not export anything"
 
 
+@pytest.mark.slow
 def test_int8_export_on_the_command_line_prints_only_its_result(tmp_path):
     """ONNX Runtime's optimizer and quantizer print and warn a lot; none of it reaches the console."""
     model_dir = str(save_model(tiny_model("sana"), tmp_path / "model"))

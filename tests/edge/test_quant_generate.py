@@ -46,6 +46,7 @@ def images(setup, backend) -> torch.Tensor:
                   negative=negative)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["int8", "nf4"])
 def test_quantized_torch_generation_stays_close_to_full_precision_with_the_adapter(setup, scheme, tmp_path):
     full = images(setup, TorchBackend(load_model(setup["dir"], text_encoder=False).family.model, setup["adapter"]))

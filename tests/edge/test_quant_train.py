@@ -42,6 +42,7 @@ def mean_loss(subject, base, adapter_dir=None):
     return bundle_loss(subject, adapter_dir, weights=base / WEIGHTS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", ["int8", "nf4"])
 def test_quantized_training_lowers_the_loss_and_resumes_to_the_same_adapter(tmp_path, quant):
     base, subject = split(tmp_path, quant)
@@ -71,6 +72,7 @@ def test_quantized_training_lowers_the_loss_and_resumes_to_the_same_adapter(tmp_
     assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", ["int8", "nf4"])
 def test_a_quantized_base_pack_verifies_and_its_adapter_loads_into_the_unquantized_diffusers_model(tmp_path, quant):
     generate_keypair(tmp_path / "host.key", tmp_path / "host.pub")
@@ -109,6 +111,7 @@ def test_a_quantized_base_pack_verifies_and_its_adapter_loads_into_the_unquantiz
         verify_bundle(base)
 
 
+@pytest.mark.slow
 def test_quantized_reduced_forward_matches_its_dequantized_weights_and_stays_close_to_full_precision(tmp_path):
     bases = {q: split(tmp_path / q, q) for q in ("none", "int8", "nf4")}
     subject_none, base_none = bases["none"][1], bases["none"][0]
@@ -142,6 +145,7 @@ def test_quantized_reduced_forward_matches_its_dequantized_weights_and_stays_clo
     assert error["int8"] < error["nf4"], error
 
 
+@pytest.mark.slow
 def test_the_tensor_counter_shows_quantized_training_holds_less(tmp_path):
     peaks = {}
     for quant in ("none", "int8", "nf4"):

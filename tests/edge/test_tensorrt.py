@@ -15,6 +15,7 @@ from blockskip.models.pipeline import load_model, save_model, tiny_model
 
 pytestmark = [
     pytest.mark.tensorrt,
+    pytest.mark.gpu,
     pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
                        reason="TensorRT and a CUDA GPU are needed"),
 ]

@@ -21,6 +21,7 @@ from blockskip.models.skip import reduced_forward
 from helpers import PROMPTS, UNSIGNED_OK, bundle_loss, make_bundle
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,n,m", [("flux", 3, 0), ("sana", 2, 0)])
 def test_adapter_loads_into_full_model_and_matches_reduced_training(tmp_path, name, n, m):
     model, plan_doc, bundle = make_bundle(tmp_path, name, n, m)
@@ -83,6 +84,7 @@ def test_reduced_model_holds_no_skipped_weights(tmp_path):
     assert materialized_bytes(reduced.model) < 0.6 * materialized_bytes(model.family.model)
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_one_subject(tmp_path):
     _, _, bundle = make_bundle(tmp_path, "flux", 2, 1, samples=4, images=1)
 
@@ -102,6 +104,7 @@ def _run_train(bundle, out, *extra):
                              "--allow-unsigned", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_to_the_same_adapter(tmp_path):
     _, _, bundle = make_bundle(tmp_path, "flux", 1, 1, samples=6)
     straight = _run_train(bundle, tmp_path / "straight")
@@ -134,6 +137,7 @@ def test_killed_training_resumes_to_the_same_adapter(tmp_path):
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
 
 
+@pytest.mark.slow
 def test_tampered_bundle_is_refused_and_nothing_is_written(tmp_path):
     _, _, bundle = make_bundle(tmp_path, "sana", 1, 1, samples=2)
     shard = bundle / "features" / "shard-00000.safetensors"
@@ -148,6 +152,7 @@ def test_tampered_bundle_is_refused_and_nothing_is_written(tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_tracked_tensor_peak_falls_with_the_blocks_skipped(tmp_path):
     """What a user reads off --track-memory: skipping half the blocks needs clearly less memory,
     and the peak holds at least the kept weights and the LoRA state."""
@@ -166,6 +171,7 @@ def test_tracked_tensor_peak_falls_with_the_blocks_skipped(tmp_path):
     assert peaks[(3, 1)] < 0.8 * peaks[(0, 0)], peaks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,n,m", [("flux", 2, 1), ("sana", 1, 1)])
 def test_training_from_bf16_and_fp8_features_follows_fp32(tmp_path, name, n, m):
     """Same draws, seed and steps from features stored three ways: every step's loss within 1% of

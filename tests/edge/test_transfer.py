@@ -147,6 +147,7 @@ def test_partial_file_has_a_temporary_name(tmp_path, sides, wait_until):
     assert receiver.pending() == [(PREFIX, offer, dest)]
 
 
+@pytest.mark.slow
 def test_200mb_file_survives_a_broker_restart(tmp_path, broker, sides, wait_until):
     src = random_file(tmp_path / "big.bin", 200 * 1024 * 1024)
     sender = sides("host", lambda pub: FileSender(pub, tmp_path / "send")).end
@@ -216,6 +217,7 @@ def test_sender_restart_serves_again(tmp_path, sides, wait_until):
     assert FileSender(lambda *a: None, tmp_path / "send").result("s1") == {"ok": True, "sha256": offer.sha256}
 
 
+@pytest.mark.slow
 def test_corrupted_chunks_are_refused_and_asked_again(tmp_path, broker, sides, probe_factory, wait_until):
     src = random_file(tmp_path / "c.bin", 4 * 1024)
     offer = offer_for(src, "c1", chunk_size=1024)
@@ -359,6 +361,7 @@ def test_empty_file_and_a_finished_transfer_offered_again(tmp_path):
         receiver.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("limit", ["idle_timeout", "deadline"])
 def test_a_receive_that_stalls_or_runs_late_ends_with_its_code_and_leaves_nothing(tmp_path, limit):
     """A sender that stops sending (idle_timeout) or trickles past the deadline: the receive ends

@@ -38,6 +38,7 @@ def exported(request, tmp_path_factory):
     return {"model": model, "shapes": shapes, "source": source, "prepared": cached_trt_onnx(source)}
 
 
+@pytest.mark.slow
 def test_prepared_onnx_is_valid_smaller_and_keeps_every_weight_by_name(exported):
     onnx.checker.check_model(str(exported["prepared"]))
     source = onnx.load(str(exported["source"]))

@@ -244,6 +244,7 @@ def test_agent_config_refuses_a_key_it_cannot_read(tmp_path):
         AgentConfig(device_id=DEV, data_dir=str(tmp_path), trusted_keys=[str(tmp_path / "missing.pub")])
 
 
+@pytest.mark.slow
 def test_agent_trains_and_generates_only_from_trusted_bundles(made, broker, start_agent, probe_factory,
                                                               wait_until):
     agent = start_agent(trusted_keys=[str(made / "host.pub")])

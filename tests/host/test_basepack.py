@@ -46,6 +46,7 @@ def split(made, tmp_path, which="a", key="host"):
     return base, subject
 
 
+@pytest.mark.slow
 def test_base_pack_holds_the_weights_and_the_subject_bundle_everything_else(made, tmp_path):
     base, subject = split(made, tmp_path)
     pub = made / "host.pub"

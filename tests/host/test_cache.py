@@ -16,6 +16,7 @@ from blockskip.models.skip import reduced_forward
 from helpers import plan_for, subject_images
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,n,m", [("flux", 2, 2), ("flux", 1, 0), ("sana", 2, 1), ("sana", 0, 3)])
 def test_equivalence_cached_features_reproduce_full_model(tmp_path, name, n, m):
     model = tiny_model(name)
@@ -39,6 +40,7 @@ def test_equivalence_cached_features_reproduce_full_model(tmp_path, name, n, m):
         assert torch.equal(target, expected_target)
 
 
+@pytest.mark.slow
 def test_cache_resumes_and_encodes_each_prompt_once(tmp_path):
     model = tiny_model("flux")
     calls = []
@@ -61,6 +63,7 @@ def test_cache_resumes_and_encodes_each_prompt_once(tmp_path):
         assert a == b, f"{shard} differs after resume"
 
 
+@pytest.mark.slow
 def test_cache_holds_kept_weights_only_and_image_only_final_residual(tmp_path):
     model = tiny_model("flux")
     plan_doc = plan_for(model, 2, 2)
@@ -82,6 +85,7 @@ def test_cache_holds_kept_weights_only_and_image_only_final_residual(tmp_path):
     assert meta["plan"]["kept"] == [2, 3] and meta["samples"] == 6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("feature_dtype,tolerance", [("fp16", 1e-3), ("bf16", 1e-2), ("fp8", 0.08)])
 @pytest.mark.parametrize("name,n,m", [("flux", 2, 2), ("sana", 2, 1)])
 def test_compressed_features_reproduce_full_model_within_tolerance(tmp_path, name, n, m, feature_dtype, tolerance):
@@ -121,6 +125,7 @@ def test_cache_stores_what_the_plan_says_unless_told(tmp_path):
     assert json.loads((out / "bundle.json").read_text())["feature_dtype"] == "bf16"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("feature_dtype", ["fp32", "bf16", "fp16", "fp8"])
 @pytest.mark.parametrize("name,n,m", [("flux", 2, 2), ("flux", 0, 1), ("sana", 1, 2)])
 def test_plan_estimate_is_the_bytes_the_cache_writes(tmp_path, name, n, m, feature_dtype):

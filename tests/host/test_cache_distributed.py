@@ -4,7 +4,6 @@ trains, and a rank restarted alone skips its complete shards."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,14 +18,9 @@ from blockskip.host.bundle import TrustPolicy, verify_bundle
 from blockskip.host.cache import build_cache
 from blockskip.models.pipeline import tiny_model
 from helpers import plan_for, subject_images
+from mqtt_harness import free_port
 
 PROMPTS = ["a photo of sks leaf", "sks leaf on soil"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def staged(root):
@@ -54,7 +48,7 @@ def assert_same_draws(a, b, prompt_keys):
 def test_torchrun_two_ranks_stage_what_one_process_stages_and_the_bundle_trains(tmp_path):
     model = tiny_model("flux")
     images = subject_images(tmp_path / "images")[0].parent
-    (tmp_path / "plan.json").write_text(json.dumps(plan_for(model, 2, 1, samples=7)))
+    plan_for(model, 2, 1, samples=7).save(tmp_path / "plan.json")
     # 7 draws in shards of 2: rank 0 computes shards 0 and 2 (4 draws), rank 1 shards 1 and 3 (3 draws)
     args = ["cache", "--model", "tiny-flux", "--plan", str(tmp_path / "plan.json"), "--images", str(images),
             *[word for prompt in PROMPTS for word in ("--prompt", prompt)], "--bank-prompt", "sks leaf in the rain",
@@ -94,6 +88,7 @@ def test_torchrun_two_ranks_stage_what_one_process_stages_and_the_bundle_trains(
     assert losses and all(loss == loss for loss in losses), "finite training losses"
 
 
+@pytest.mark.slow
 def test_a_rank_writes_only_its_shards_and_rank_0_finishes_once_all_are_complete(tmp_path):
     """The library form without a process group: ranks run one after the other."""
     model = tiny_model("sana")

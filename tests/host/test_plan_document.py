@@ -78,6 +78,7 @@ def test_a_newer_or_foreign_file_is_refused_with_what_to_do(tmp_path, content, s
         PlanDocument.load(path)
 
 
+@pytest.mark.slow
 def test_cache_refuses_a_broken_plan_on_the_command_line_naming_the_field(written, tmp_path):
     """The CLI's path: exit 2 and one line naming the field, before any model is loaded."""
     _, path = written

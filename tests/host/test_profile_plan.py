@@ -22,6 +22,7 @@ def encoder():
     return EfficientNetLite0()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["flux", "sana"])
 def test_profile_is_finite_and_covers_every_block(name, encoder):
     model = tiny_model(name)
@@ -116,6 +117,7 @@ def _reduced_vs_full_after_training(model, n: int, m: int) -> float:
     return ((full - reduced).norm() / (full - frozen).norm()).item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["harmless", "hurting"])
 def test_the_plan_skips_the_last_blocks_only_where_their_cached_residual_stays_true(kind, encoder):
     """On a model whose last blocks add a residual independent of their input, skipping them costs
@@ -163,6 +165,7 @@ def test_split_scores_add_the_staleness_term():
         split_scores(d_pre, d_suf, 2, [0.0, 0.1])
 
 
+@pytest.mark.slow
 def test_the_built_in_profile_moves_the_50_percent_plan_to_the_front_and_keeps_30_percent(tmp_path):
     """The committed profile of the built-in crop model: the paper's argmin at 50% is (1, 3), which
     kept 0.51 of LoRA's fidelity gain against 0.81 for (4, 0) (benchmarks/results/quality.md); the
@@ -218,6 +221,7 @@ def test_infeasible_budgets_are_errors(kwargs):
         skip_budget(57, **kwargs)
 
 
+@pytest.mark.slow
 def test_plan_cli_rejects_infeasible_ratio(tmp_path):
     profile = tmp_path / "profile.json"
     model = tiny_model("flux")
@@ -237,6 +241,7 @@ def _plan_cli(*args):
     return subprocess.run(["blockskip", "plan", *map(str, args)], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_plan_on_the_built_in_model_takes_its_sizes_and_text_length(tmp_path):
     """A newcomer's first plan: the built-in 32 px model, the committed profile, no size flags.
     The FLUX paper's 256/512 px and 512 text tokens would estimate over 20 GiB for 2.8 M params."""
@@ -261,6 +266,7 @@ def test_plan_on_the_built_in_model_takes_its_sizes_and_text_length(tmp_path):
     assert (plan.samples, plan.feature_dtype) == (300, "bf16")  # the defaults measured in feature-storage/
 
 
+@pytest.mark.slow
 def test_plan_flags_override_the_model_defaults(tmp_path):
     from blockskip.models.crops import MODEL_DIR
 
@@ -274,6 +280,7 @@ def test_plan_flags_override_the_model_defaults(tmp_path):
     assert plan.estimates["assumes"] == "batch 1 at 12x12, 8 text tokens" and plan.estimates["precision"] == "bf16"
 
 
+@pytest.mark.slow
 def test_plan_on_a_latent_flux_without_a_recorded_size_takes_the_papers_sizes(tmp_path):
     from diffusers import AutoencoderKL
 
@@ -295,6 +302,7 @@ def test_plan_on_a_latent_flux_without_a_recorded_size_takes_the_papers_sizes(tm
     assert "--text-len 16 (the max_length of the model's text encoder)" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_profile_on_the_built_in_model_generates_at_its_size(tmp_path):
     """At the old fixed 256 px the 32 px model ran 64x the tokens and took many minutes."""
@@ -310,6 +318,7 @@ def test_profile_on_the_built_in_model_generates_at_its_size(tmp_path):
     assert json.loads(out.read_text())["size"] == 32
 
 
+@pytest.mark.slow
 def test_profile_without_a_text_encoder_says_it_needs_one(tmp_path):
     from blockskip.models.pipeline import save_model
 
@@ -341,6 +350,7 @@ def test_cache_without_a_text_encoder_says_it_needs_one(tmp_path, capsys):
     assert not (tmp_path / "stage").exists()
 
 
+@pytest.mark.slow
 def test_plan_prints_the_subject_bundle_for_the_storage_chosen(tmp_path):
     from blockskip.models.crops import MODEL_DIR
 
@@ -361,6 +371,7 @@ def test_plan_prints_the_subject_bundle_for_the_storage_chosen(tmp_path):
     assert sizes["fp8"]["cache_bytes_per_draw"] < 0.75 * sizes["bf16"]["cache_bytes_per_draw"]
 
 
+@pytest.mark.slow
 def test_plan_quant_is_recorded_and_shrinks_the_base_pack_and_the_estimate(tmp_path):
     """`--quant` goes into the plan JSON (what `cache` and `bundle` honour) and the estimates count
     the kept Linear weights as stored: int8 about half, NF4 about a quarter of bf16's bytes."""

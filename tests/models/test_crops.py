@@ -126,6 +126,7 @@ def test_pretrain_log_is_committed():
 MIN_ACCURACY = {"shape": 0.5, "colour": 0.85, "pattern": 0.4, "background": 0.85}
 
 
+@pytest.mark.slow
 def test_model_follows_captions_better_than_chance(model, classifier):
     torch.manual_seed(0)
     acc = crops.caption_accuracy(model, classifier, n=24, seed=0, steps=10)

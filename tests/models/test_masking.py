@@ -1,10 +1,12 @@
 """Image-query -> text-key masking, the switch behind the sensitivity profile."""
 
+import pytest
 import torch
 
 from blockskip.models import Flux
 
 
+@pytest.mark.slow
 def test_masking_one_block_changes_output_in_every_block(family):
     inputs = family.example_inputs(seed=5)
     with torch.no_grad():

@@ -57,6 +57,7 @@ def test_not_a_model_folder_is_a_clear_error(tmp_path):
     assert "a bare transformer folder with config.json at its root" in str(info.value)
 
 
+@pytest.mark.slow
 def test_bare_transformer_folder_is_a_model_folder(tmp_path):
     """What `FluxTransformer2DModel.from_pretrained(folder)` reads: config.json at the root."""
     model = tiny_model("flux")
@@ -74,6 +75,7 @@ def test_bare_transformer_folder_is_a_model_folder(tmp_path):
     assert json.loads((tmp_path / "plan.json").read_text())["model"]["config_hash"] == model.family.config_hash()
 
 
+@pytest.mark.slow
 def test_pixel_space_model_with_latent_in_channels_is_a_clear_error(tmp_path):
     """A latent-space transformer (in_channels 16 = 4 latent channels x 2 x 2) without its vae/."""
     model = tiny_model("flux")
