@@ -406,10 +406,10 @@ def run(args: argparse.Namespace) -> int:
     recorded, source = LoraSettings.for_model(model)
     lora = LoraSettings(*(given if given is not None else default for given, default in
                           ((args.rank, recorded.rank), (args.alpha, recorded.alpha), (args.lora_scope, recorded.scope))))
-    if None in (args.rank, args.alpha, args.lora_scope) and recorded != LoraSettings():
-        taken.append(f"LoRA rank {lora.rank}, alpha {lora.alpha:g}, scope {lora.scope} ({source})")
     if taken:
         print("defaults from the model: " + ", ".join(taken))
+    if None in (args.rank, args.alpha, args.lora_scope) and recorded != LoraSettings():
+        print(f"LoRA from {source}: rank {lora.rank}, alpha {lora.alpha:g}, scope {lora.scope}")
 
     def make(ratio: float | None, quant: str, side: int) -> PlanDocument:
         blocks = sum(args.split) if args.split else args.skip_blocks

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from blockskip.errors import ConfigError
+from blockskip.errors import ConfigError, InputError
 from blockskip.host.encoders import EfficientNetLite0
 from blockskip.host.patches import PatchSchedule
 from blockskip.host.plan import LoraSettings, choose_split, make_plan, skip_budget, split_scores
@@ -399,3 +399,27 @@ def test_plan_quant_is_recorded_and_shrinks_the_base_pack_and_the_estimate(tmp_p
     bad = subprocess.run([sys.executable, "-m", "blockskip", "plan", "--profile", "p", "--model", "m",
                           "--skip-ratio", "0.5", "--out", "o", "--quant", "int4"], capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice: 'int4'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_the_lora_settings_default_to_what_the_model_records(tmp_path):
+    """One source of LoRA defaults for plan, the worker and the demo: the model folder's
+    blockskip.json (the built-in model: rank 8 on attention and MLPs), else rank 16 on attention;
+    a flag given overrides only itself."""
+    from blockskip.models.crops import MODEL_DIR
+    from blockskip.models.pipeline import load_model, save_model
+    from blockskip.plan import LoraSettings
+
+    assert LoraSettings.for_model(load_model(MODEL_DIR)) == (LoraSettings(8, 8.0, "all"), "the model's blockskip.json")
+    assert LoraSettings.for_model(tiny_model("flux")) == (LoraSettings(), "blockskip's defaults")
+    args = ["--profile", MODEL_DIR.parent / "crop-profile.json", "--model", MODEL_DIR, "--skip-ratio", "0.5"]
+    result = _plan_cli(*args, "--out", tmp_path / "a.json")
+    assert result.returncode == 0 and "LoRA from the model's blockskip.json: rank 8, alpha 8, scope all" in result.stdout
+    assert PlanDocument.load(tmp_path / "a.json").lora == LoraSettings(8, 8.0, "all")
+    result = _plan_cli(*args, "--rank", "4", "--out", tmp_path / "b.json")
+    assert result.returncode == 0 and PlanDocument.load(tmp_path / "b.json").lora == LoraSettings(4, 8.0, "all")
+    save_model(tiny_model("flux"), tmp_path / "m")
+    (tmp_path / "m" / "blockskip.json").write_text(json.dumps(
+        {**json.loads((tmp_path / "m" / "blockskip.json").read_text()), "lora": {"rank": 0}}))
+    with pytest.raises(InputError, match="blockskip.json has a 'lora' entry blockskip cannot use"):
+        LoraSettings.for_model(load_model(tmp_path / "m"))
