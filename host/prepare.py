@@ -83,7 +83,9 @@ def register(subparsers) -> None:
                     "again after an interruption), then seal the base pack and the subject bundle (what "
                     "`blockskip bundle` does). The cache stays in --staging (default: OUT.staging) for a later "
                     "re-seal. The worker (`blockskip serve`) and the demo run this same pipeline.")
-    parser.add_argument("--model", required=True, help="local diffusers folder of the model, or 'builtin'")
+    parser.add_argument("--model", required=True,
+                        help="local model folder with its text encoder (diffusers pipeline layout), or tiny-flux / "
+                             "tiny-sana")
     parser.add_argument("--plan", required=True, type=Path, help="plan JSON from `blockskip plan`")
     parser.add_argument("--images", required=True, type=Path, help="folder of subject photos")
     parser.add_argument("--prompt", required=True, action="append",
@@ -130,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         if folder is not None:
             files = json.loads((folder / "manifest.json").read_text())["files"]
             size = sum(entry["size"] for entry in files.values())
-            print(f"wrote {label} {folder}: {len(files)} files, {size / 2**20:.1f} MiB, "
+            print(f"wrote {label} {folder}: {len(files)} file{'s' * (len(files) != 1)}, {size / 2**20:.1f} MiB, "
                   f"{'signed' if args.sign else 'unsigned'}")
     if done.base_pack is not None and not done.base_pack_written:
         print(f"names base pack {done.base_pack} (not rewritten)")
