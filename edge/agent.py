@@ -168,7 +168,7 @@ def train_job() -> JobFn:
     mod = _import_job("blockskip.edge.train", "training")
 
     def run(ctx: JobContext) -> Any:
-        keys = ("steps", "grad_accum", "lr", "seed", "checkpoint_every", "resume")
+        keys = ("steps", "grad_accum", "lr", "seed", "checkpoint_every", "resume", "prior_weight")
         config = mod.TrainConfig(**{k: ctx.args[k] for k in keys if k in ctx.args}, **ctx.budget)
         return mod.train(ctx.args["bundle"], ctx.args["out"], config, on_event=ctx.emit, should_stop=ctx.should_stop,
                          trust=ctx.trust, base_pack=ctx.base_packs)

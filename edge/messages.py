@@ -84,6 +84,7 @@ ACTIONS: dict[str, dict[str, Arg]] = {
         "seed": Arg((int,), min=0, max=2**63 - 1),
         "checkpoint_every": Arg((int,), min=1, max=1_000_000),
         "resume": Arg((bool,)),
+        "prior_weight": Arg((float, int), min=0, max=100),
     },
     "generate": {
         "model": Arg((str,), required=True, min=1, max=4096),

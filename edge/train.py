@@ -8,6 +8,10 @@ single bundle carries its own); puts LoRA on them with peft; trains with
 the flow-matching loss on the cached features (entry state -> kept blocks -> + span residual ->
 ... -> head). Checkpoints atomically every N steps; `--resume` continues from the last one and
 ends with the same adapter as an uninterrupted run.
+
+Prior preservation: a bundle made with `prepare --prior-prompt` carries draws of the class images
+the host generated (prior/features/); each micro-step then adds `--prior-weight` x the same loss on
+a prior draw (DreamBooth's class-prior loss), in its own backward pass, so the peak is one draw's.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from blockskip.quant import register_with_peft
 
 logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
+PRIOR_DIR = "prior"  # the prior draws inside a bundle (host/prior.py writes them)
+PRIOR_SEED = 7919  # offsets the prior draws' order from the subject's
 
 
 @dataclass
@@ -62,6 +68,7 @@ class TrainConfig:
     track_memory: bool = False  # count live tensor bytes per op (blockskip.memory): exact peak on CPU, slower
     board: str | None = None  # refuse at start a bundle whose planned peak does not fit this board (blockskip.boards)
     memory_budget_gib: float | None = None  # ... or this many GiB (wins over the board's)
+    prior_weight: float = 1.0  # weight of the class-prior loss where the bundle carries prior draws (0: off)
 
     def __post_init__(self):
         for name in ("steps", "grad_accum"):
@@ -73,6 +80,8 @@ class TrainConfig:
             raise ConfigError("checkpoint_every and warmup must be >= 0 and prefetch >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if not (self.prior_weight >= 0 and math.isfinite(self.prior_weight)):
+            raise ConfigError(f"prior_weight must be a number >= 0, got {self.prior_weight}")
         if self.output_format not in ("diffusers", "comfy"):
             raise ConfigError(f"output_format must be diffusers or comfy, got {self.output_format!r}")
 
@@ -221,6 +230,9 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / config.warmup) if config.warmup else 1.0)
     reader = FeatureReader(bundle_dir, family.prompt_cond_keys)
+    prior_reader = None
+    if manifest.get("prior") and config.prior_weight > 0:
+        prior_reader = FeatureReader(bundle_dir / PRIOR_DIR, family.prompt_cond_keys)
     step, losses = 0, []
     checkpoint_path = out_dir / CHECKPOINT
     if config.resume and checkpoint_path.is_file():
@@ -246,6 +258,13 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
     positions = (draw_order(count, config.seed, p)
                  for p in range(step * config.grad_accum, config.steps * config.grad_accum))
     prefetch = Prefetcher(reader, positions, config.prefetch)
+    prior_prefetch = None
+    if prior_reader is not None:  # its own order: the same seed, another stream
+        prior_prefetch = Prefetcher(prior_reader, (draw_order(len(prior_reader), config.seed + PRIOR_SEED, p)
+                                                   for p in range(step * config.grad_accum,
+                                                                  config.steps * config.grad_accum)),
+                                    config.prefetch)
+    prior_losses: list[float] = []
     locks = [_bundle_lock(folder, str(out_dir)) for folder in (bundle_dir, base_dir) if folder is not None]
     started, start_step, stopped = time.perf_counter(), step, False
     tracker = TensorMemory() if config.track_memory else None
@@ -257,22 +276,29 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
                 cleanup.callback(lock.unlink, missing_ok=True)
         if tracker:
             cleanup.enter_context(tracker)
+        def backward(draw, weight: float) -> torch.Tensor:
+            entry, residuals, cond, target, _ = draw
+            if not config.use_residuals:
+                residuals = {span: {k: torch.zeros_like(v) for k, v in r.items()} for span, r in residuals.items()}
+            to = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                output = reduced_forward(family, plan, to(entry),
+                                         {s: to(r) for s, r in residuals.items()}, to(cond),
+                                         checkpointing=config.gradient_checkpointing)
+                prediction = family.output_to_latents(output, target.shape[2], target.shape[3])
+                loss = torch.nn.functional.mse_loss(prediction.float(), target.to(device).float())
+            scaled = loss / config.grad_accum
+            if weight != 1.0:
+                scaled = scaled * weight
+            (scaler.scale(scaled) if scaler else scaled).backward()
+            return loss.detach() / config.grad_accum
+
         while step < config.steps:
-            loss_sum = 0.0
+            loss_sum, prior_sum = 0.0, 0.0
             for _ in range(config.grad_accum):
-                entry, residuals, cond, target, _ = prefetch.next()
-                if not config.use_residuals:
-                    residuals = {span: {k: torch.zeros_like(v) for k, v in r.items()} for span, r in residuals.items()}
-                to = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    output = reduced_forward(family, plan, to(entry),
-                                             {s: to(r) for s, r in residuals.items()}, to(cond),
-                                             checkpointing=config.gradient_checkpointing)
-                    prediction = family.output_to_latents(output, target.shape[2], target.shape[3])
-                    loss = torch.nn.functional.mse_loss(prediction.float(), target.to(device).float())
-                loss = loss / config.grad_accum
-                (scaler.scale(loss) if scaler else loss).backward()
-                loss_sum += loss.detach()
+                loss_sum += backward(prefetch.next(), 1.0)
+                if prior_prefetch is not None:
+                    prior_sum += backward(prior_prefetch.next(), config.prior_weight)
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -282,8 +308,11 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
             optimizer.zero_grad(set_to_none=True)
             step += 1
             losses.append(float(loss_sum))
+            if prior_prefetch is not None:
+                prior_losses.append(float(prior_sum))
             rate = (step - start_step) / max(time.perf_counter() - started, 1e-9)
             emit({"type": "progress", "step": step, "total": config.steps, "loss": losses[-1],
+                  **({"prior_loss": prior_losses[-1]} if prior_losses else {}),
                   "steps_per_s": rate, "peak_mem_bytes": peak_memory_bytes(device),
                   **({"peak_tensor_bytes": tracker.peak_bytes} if tracker else {}),
                   "eta_s": (config.steps - step) / rate if rate > 0 else None})
@@ -306,7 +335,8 @@ def train(bundle: Path, out_dir: Path, config: TrainConfig, on_event: Callable[[
     else:
         adapter = None
     result = {"adapter": str(adapter) if adapter else None, "steps": step,
-              "final_loss": losses[-1] if losses else None, "stopped": stopped}
+              "final_loss": losses[-1] if losses else None, "stopped": stopped,
+              "prior_weight": config.prior_weight if prior_reader is not None else 0.0}
     if tracker:
         result["peak_tensor_bytes"] = tracker.peak_bytes
     emit({"type": "done", **result})
@@ -332,6 +362,10 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed (default: %(default)s)")
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
                         help="steps between checkpoints (default: %(default)s)")
+    parser.add_argument("--prior-weight", type=float, default=defaults.prior_weight,
+                        help="weight of the class-prior loss on the bundle's prior draws (made with `prepare "
+                             "--prior-prompt`; ignored for a bundle without them); 0 turns it off "
+                             "(default: %(default)s)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute kept blocks in backward (less memory, more time)")
@@ -355,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
                          checkpoint_every=args.checkpoint_every, resume=args.resume,
                          gradient_checkpointing=args.gradient_checkpointing, device=args.device,
                          output_format=args.output_format, track_memory=args.track_memory, board=args.board,
-                         memory_budget_gib=args.memory_budget)
+                         memory_budget_gib=args.memory_budget, prior_weight=args.prior_weight)
     if not args.bundle.exists():
         raise InputError(f"bundle {args.bundle} does not exist")
     trust = trust_from_args(args)

@@ -71,6 +71,39 @@ def list_images(folder: str | Path) -> list[Path]:
     return images
 
 
+def read_captions(photos: list[Path], captions_file: str | Path | None = None) -> dict[str, str]:
+    """Each photo's own caption (file name -> text): a sidecar `NAME.txt` beside the photo (the
+    kohya / SimpleTuner convention: its first line), and/or `captions_file`, JSON Lines of
+    {"file_name": ..., "text": ...} (Hugging Face's imagefolder metadata.jsonl), which wins.
+    Photos with neither have none."""
+    captions = {}
+    for photo in photos:
+        sidecar = photo.with_suffix(".txt")
+        if sidecar.is_file():
+            text = sidecar.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            if text and text[0].strip():
+                captions[photo.name] = text[0].strip()
+    if captions_file is not None:
+        path = Path(captions_file)
+        if not path.is_file():
+            raise InputError(f"captions file {str(captions_file)!r} does not exist")
+        names = {p.name for p in photos}
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path}, line {number}: not JSON ({err.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) \
+                    or not isinstance(row.get("text"), str) or not row["text"].strip():
+                raise InputError(f"{path}, line {number}: needs \"file_name\" and a non-empty \"text\" (strings)")
+            if row["file_name"] not in names:
+                raise InputError(f"{path}, line {number}: no photo named {row['file_name']!r} in the image folder")
+            captions[row["file_name"]] = row["text"].strip()
+    return captions
+
+
 def kept_weights(family, plan: SkipPlan, quant: str = "none") -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
     """(base weights of the kept blocks and the head under the full model's key names, safetensors
     metadata): with `quant` int8 / nf4 the kept blocks' Linear weights are quantized
@@ -103,13 +136,17 @@ def _shard_complete(path: Path, expected: int) -> bool:
         return False
 
 
-def draw_inputs(model, schedule, images, texts, prompt_count: int, seed: int, index: int):
-    """The diffusers-forward inputs of draw `index`, its flow-matching target and its info."""
+def draw_inputs(model, schedule, images, texts, prompt_count: int, seed: int, index: int,
+                image_prompts: list[int | None] | None = None):
+    """The diffusers-forward inputs of draw `index`, its flow-matching target and its info. The
+    draw's prompt is its image's own (`image_prompts[i]`, a caption's index in `texts`) where the
+    image has one, else the training prompts in turn."""
     digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
     rng = np.random.default_rng(int.from_bytes(digest[8:16], "little"))
     image_index = index % len(images)
-    prompt_index = index % prompt_count
+    own = image_prompts[image_index] if image_prompts else None
+    prompt_index = own if own is not None else index % prompt_count
     sigma = training_sigmas(gen, 1, model.shift_for(schedule.s_min, schedule.s_min))
     patch, crop = schedule.sample_patch(images[image_index][1], float(sigma), rng)
     x0 = model.codec.encode(to_tensor(patch)[None]).cpu()  # (1, C, h, w)
@@ -122,11 +159,11 @@ def draw_inputs(model, schedule, images, texts, prompt_count: int, seed: int, in
 
 
 def make_draw(model, plan: SkipPlan, schedule, images, texts, prompt_count: int, seed: int, index: int,
-              feature_dtype: str):
+              feature_dtype: str, image_prompts: list[int | None] | None = None):
     """One training draw through the frozen full model -> (tensors stored as `feature_dtype`,
     per-prompt cond, info)."""
     family = model.family
-    inputs, target, info = draw_inputs(model, schedule, images, texts, prompt_count, seed, index)
+    inputs, target, info = draw_inputs(model, schedule, images, texts, prompt_count, seed, index, image_prompts)
     device = next(family.model.parameters()).device  # the inputs are made on the CPU, from CPU generators
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     entry, residuals, cond, _ = compute_features(family, plan, inputs)
@@ -217,9 +254,14 @@ def _save_prompt_cond(prompt_cond: dict, path: Path, feature_dtype: str) -> None
 def build_cache(model, plan_doc: PlanDocument, image_paths: list[Path], prompts: list[str], out: Path,
                 bank_prompts: list[str] = (), seed: int = 0, samples: int | None = None,
                 shard_size: int = 32, feature_dtype: str | None = None, progress: bool = True,
-                rank: int | None = None, world_size: int | None = None) -> Path:
+                rank: int | None = None, world_size: int | None = None, captions: dict[str, str] | None = None,
+                features_only: bool = False, desc: str = "cache") -> Path:
     """Cache `samples` draws (default: the plan's) in `feature_dtype` (default: the plan's, fp32
     for a plan that names none), on the device of the model's transformer.
+
+    `captions` (image file name -> its own caption) gives a photo its own training prompt: its
+    draws use the caption, the photos without one take `prompts` in turn. `features_only` writes
+    only features/ (the prior draws of host/prior.py: no kept weights, prompt bank or bundle.json).
 
     With `world_size` > 1 this process is `rank` of that many (default: the torch.distributed
     process group's, or 0 of 1 without one): it computes shards rank, rank + world_size, ... and
@@ -241,9 +283,19 @@ def build_cache(model, plan_doc: PlanDocument, image_paths: list[Path], prompts:
     if feature_dtype not in FEATURE_DTYPES:
         raise InputError(f"feature dtype must be one of {', '.join(FEATURE_DTYPES)}, got {feature_dtype!r}")
     quant = plan_doc.quant
+    captions = {name: text for name, text in (captions or {}).items() if text}
+    unknown = sorted(set(captions) - {p.name for p in image_paths})
+    if unknown:
+        raise InputError(f"captions name photos that are not among the images: {', '.join(unknown[:5])}")
+    if not prompts and len(captions) < len(image_paths):
+        raise InputError("no training prompt, and not every photo has a caption: give a prompt for the others")
+    prompts = list(prompts)
+    train_prompts = prompts + sorted(set(captions.values()) - set(prompts))
+    image_prompts = [train_prompts.index(captions[p.name]) if p.name in captions else None for p in image_paths]
     document = plan_doc.to_dict()
     job = {**({"quant": quant} if quant != "none" else {}), "plan": document["plan"],
-           "patch_schedule": document["patch_schedule"], "prompts": prompts,
+           "patch_schedule": document["patch_schedule"], "prompts": train_prompts,
+           **({"captions": captions} if captions else {}),
            "seed": seed, "samples": samples, "shard_size": shard_size, "feature_dtype": feature_dtype,
            "images": [p.name for p in image_paths], "model": family.config_hash()}
     out.mkdir(parents=True, exist_ok=True)
@@ -253,9 +305,9 @@ def build_cache(model, plan_doc: PlanDocument, image_paths: list[Path], prompts:
     if rank == 0:
         write_atomic(job_file, json.dumps(job, indent=2).encode())
     images = [(p.name, load_image(p, min_side=schedule.s_min)) for p in image_paths]
-    texts = [model.encode_text(p) for p in prompts]  # once per prompt
+    texts = [model.encode_text(p) for p in train_prompts]  # once per prompt
     weights = out / WEIGHTS_FILE
-    if rank == 0 and not weights.exists():
+    if rank == 0 and not weights.exists() and not features_only:
         tensors, quant_metadata = kept_weights(family, plan, quant)
         _atomic_save(tensors, weights, quant_metadata)
     features = out / "features"
@@ -272,7 +324,7 @@ def build_cache(model, plan_doc: PlanDocument, image_paths: list[Path], prompts:
         return range(shard * shard_size, min(samples, (shard + 1) * shard_size))
 
     bar = tqdm(total=sum(len(draws_of(shard)) for shard in mine), unit="draw", disable=not progress or rank != 0,
-               desc="cache" if world_size == 1 else f"cache (rank 0 of {world_size})")
+               desc=desc if world_size == 1 else f"{desc} (rank 0 of {world_size})")
     for shard in mine:
         indices = draws_of(shard)
         path = features / SHARD_PATTERN.format(shard)
@@ -281,8 +333,8 @@ def build_cache(model, plan_doc: PlanDocument, image_paths: list[Path], prompts:
             continue
         tensors, draws = {}, []
         for index in indices:
-            draw, cond, info = make_draw(model, plan, schedule, images, texts, len(prompts), seed, index,
-                                         feature_dtype)
+            draw, cond, info = make_draw(model, plan, schedule, images, texts, max(len(prompts), 1), seed, index,
+                                         feature_dtype, image_prompts)
             tensors.update(draw)
             prompt_cond.setdefault(info["prompt"], cond)
             draws.append(info)
@@ -303,14 +355,15 @@ def build_cache(model, plan_doc: PlanDocument, image_paths: list[Path], prompts:
             _save_prompt_cond(_all_prompt_cond(features), features / PROMPTS_FILE, feature_dtype)
             for path in rank_files:
                 path.unlink()
-        _write_shared(out, model, plan_doc, prompts, bank_prompts, samples, feature_dtype, quant)
+        if not features_only:
+            _write_shared(out, model, plan_doc, train_prompts, bank_prompts, samples, feature_dtype, quant, captions)
         job_file.unlink()
     _barrier(world_size)  # every rank returns a complete staging folder
     return out
 
 
 def _write_shared(out: Path, model, plan_doc: PlanDocument, prompts: list[str], bank_prompts: list[str], samples: int,
-                  feature_dtype: str, quant: str) -> None:
+                  feature_dtype: str, quant: str, captions: dict[str, str]) -> None:
     """The prompt bank and bundle.json (rank 0, once every shard is complete)."""
     if bank_prompts:
         write_prompt_bank(out, model, list(bank_prompts))
@@ -323,6 +376,7 @@ def _write_shared(out: Path, model, plan_doc: PlanDocument, prompts: list[str], 
         "lora": document["lora"],
         "samples": samples,
         "train_prompts": prompts,
+        **({"captions": captions} if captions else {}),
         "bank_prompts": list(bank_prompts),
         "feature_dtype": feature_dtype,
         "quant": quant,

@@ -35,7 +35,8 @@ SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 STAGES = ("photos", "prepare", "deliver", "train", "generate")
 MAX_JOB_BYTES = 256 * 1024
 
-TRAIN_KEYS = {"steps": int, "grad_accum": int, "lr": (float, int), "seed": int, "checkpoint_every": int}
+TRAIN_KEYS = {"steps": int, "grad_accum": int, "lr": (float, int), "seed": int, "checkpoint_every": int,
+              "prior_weight": (float, int)}
 GENERATE_KEYS = {"steps": int, "count": int, "seed": int, "height": int, "width": int, "backend": str,
                  "precision": str}
 

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from blockskip.errors import InputError
 from blockskip.host.basepack import _source_files, build_base_pack, build_subject_bundle
 from blockskip.host.bundle import build_bundle
-from blockskip.host.cache import build_cache, list_images
+from blockskip.host.cache import build_cache, list_images, read_captions
+from blockskip.host.prior import PRIOR_DIR, PriorSettings, build_prior, images_dir
 from blockskip.host.profile import read_prompts, require_text_encoder, resolve_model
 from blockskip.plan import PlanDocument
 
@@ -32,6 +34,7 @@ class PrepareSettings:
     shard_size: int = 32  # draws per feature shard (the unit of resuming and of progress)
     feature_dtype: str | None = None  # how the features are stored (None: the plan's)
     signing_key: Path | None = None  # ed25519 private key: every artifact written is signed
+    prior: PriorSettings | None = None  # class images and prior draws for prior preservation (host/prior.py)
     tar: bool = False  # also write FOLDER.tar of each artifact
     overwrite: bool = False  # replace artifacts that exist
 
@@ -48,10 +51,12 @@ class Prepared:
 def prepare(model, plan: PlanDocument, photos: list[Path], prompts: list[str], out: Path, *,
             staging: Path | None = None, bank_prompts: list[str] = (), base_pack: Path | None = None,
             base_pack_out: Path | None = None, single: bool = False, settings: PrepareSettings = PrepareSettings(),
-            extra: dict | None = None, progress: bool = True) -> Prepared:
+            extra: dict | None = None, progress: bool = True, captions: dict[str, str] | None = None) -> Prepared:
     """Cache `photos` for `prompts` under `plan` into `staging` (default: OUT.staging), then seal the
     subject bundle `out` with its base pack: written to `base_pack_out`, or the existing `base_pack`,
-    or (`single`) the weights inside. `extra` is merged into the bundle's metadata (the worker's job id)."""
+    or (`single`) the weights inside. `extra` is merged into the bundle's metadata (the worker's job id).
+    `captions` (photo file name -> caption) gives photos their own training prompts; `settings.prior`
+    adds the class images' draws for prior preservation."""
     forms = sum(x is not None and x is not False for x in (base_pack, base_pack_out, single))
     if forms != 1:
         raise InputError("say where the kept weights go, one of: base_pack_out (write the base pack: the first "
@@ -60,10 +65,17 @@ def prepare(model, plan: PlanDocument, photos: list[Path], prompts: list[str], o
         raise InputError(f"base pack {str(base_pack)!r} does not exist (write one with --base-pack-out)")
     out = Path(out)
     staging = Path(staging) if staging is not None else out.with_name(out.name + ".staging")
+    _drop_stale_prior(staging, settings.prior)
     build_cache(model, plan, list(photos), list(prompts), staging, bank_prompts=list(bank_prompts),
                 seed=settings.seed, samples=settings.samples, shard_size=settings.shard_size,
-                feature_dtype=settings.feature_dtype, progress=progress)
-    metadata = {**json.loads((staging / "bundle.json").read_text()), **(extra or {})}
+                feature_dtype=settings.feature_dtype, progress=progress, captions=captions)
+    shared = json.loads((staging / "bundle.json").read_text())
+    if settings.prior is not None:
+        shared["prior"] = build_prior(model, plan, settings.prior, staging, shared["samples"],
+                                      feature_dtype=settings.feature_dtype, shard_size=settings.shard_size,
+                                      progress=progress)
+        (staging / "bundle.json").write_text(json.dumps(shared, indent=2))
+    metadata = {**shared, **(extra or {})}
     common = dict(signing_key=settings.signing_key, tar=settings.tar, overwrite=settings.overwrite)
     if single:
         subject = build_bundle(staging, out, metadata, files=_source_files(staging), **common)
@@ -73,6 +85,20 @@ def prepare(model, plan: PlanDocument, photos: list[Path], prompts: list[str], o
         base_pack = build_base_pack(staging, Path(base_pack_out), metadata, **common)
     subject = build_subject_bundle(staging, out, metadata, Path(base_pack), **common)
     return Prepared(staging, subject, Path(base_pack), written, metadata)
+
+
+def _drop_stale_prior(staging: Path, prior: PriorSettings | None) -> None:
+    """A staging folder reused with other prior settings (or none) loses the old prior draws and
+    class images; the same settings resume them."""
+    previous = None
+    if (staging / "bundle.json").is_file():
+        previous = json.loads((staging / "bundle.json").read_text()).get("prior")
+    wanted = None if prior is None else asdict(prior)
+    if previous is not None and wanted is not None and all(previous.get(k) == v for k, v in wanted.items()):
+        return
+    if previous is not None or prior is None:
+        shutil.rmtree(staging / PRIOR_DIR, ignore_errors=True)
+        shutil.rmtree(images_dir(staging), ignore_errors=True)
 
 
 def register(subparsers) -> None:
@@ -88,8 +114,13 @@ def register(subparsers) -> None:
                              "tiny-sana")
     parser.add_argument("--plan", required=True, type=Path, help="plan JSON from `blockskip plan`")
     parser.add_argument("--images", required=True, type=Path, help="folder of subject photos")
-    parser.add_argument("--prompt", required=True, action="append",
-                        help="training prompt with the subject's identifier (repeat for several)")
+    parser.add_argument("--prompt", action="append", default=[],
+                        help="training prompt with the subject's identifier (repeat for several); photos with their "
+                             "own caption train on it instead, so with a caption for every photo none is needed")
+    parser.add_argument("--captions", type=Path, metavar="JSONL",
+                        help="per-photo captions: JSON Lines of {\"file_name\": ..., \"text\": ...} (Hugging Face "
+                             "imagefolder metadata.jsonl). A sidecar NAME.txt beside a photo is read too; this "
+                             "file wins over it")
     parser.add_argument("--bank-prompt", action="append", default=[],
                         help="a prompt the board may generate with, encoded into the prompt bank (repeatable)")
     parser.add_argument("--bank-file", type=Path, help="text file of bank prompts, one per line")
@@ -109,6 +140,18 @@ def register(subparsers) -> None:
     parser.add_argument("--samples", type=int, help="unique training draws (default: the plan's)")
     parser.add_argument("--shard-size", type=int, default=defaults.shard_size,
                         help="draws per feature shard (default: %(default)s)")
+    prior = parser.add_argument_group(
+        "prior preservation", "DreamBooth's class-prior loss, paid on the host: the frozen full model generates "
+        "class images from --prior-prompt, their draws are cached like the photos' and go into the subject bundle; "
+        "`blockskip train --prior-weight` mixes them in (host/prior.py)")
+    prior.add_argument("--prior-prompt", metavar="TEXT",
+                       help="the class prompt, without the identifier, e.g. 'a photo of a leaf' (default: no prior)")
+    prior.add_argument("--prior-images", type=int, default=PriorSettings.images,
+                       help="class images to generate (default: %(default)s)")
+    prior.add_argument("--prior-samples", type=int,
+                       help="prior draws to cache (default: as many as the subject's)")
+    prior.add_argument("--prior-steps", type=int, default=PriorSettings.steps,
+                       help="sampling steps per class image (default: %(default)s)")
     parser.set_defaults(func=run)
 
 
@@ -121,12 +164,23 @@ def run(args: argparse.Namespace) -> int:
     model = resolve_model(args.model)
     require_text_encoder(model, args.model, "prepare encodes the training and prompt-bank prompts")
     bank = list(args.bank_prompt) + (read_prompts(args.bank_file) if args.bank_file else [])
+    captions = read_captions(photos, args.captions)
+    if not args.prompt and len(captions) < len(photos):
+        raise InputError(f"{len(photos) - len(captions)} of {len(photos)} photos have no caption: give --prompt "
+                         f"(the training prompt with the subject's identifier) for them")
+    prior = None
+    if args.prior_prompt is not None:
+        prior = PriorSettings(prompt=args.prior_prompt, images=args.prior_images, samples=args.prior_samples,
+                              steps=args.prior_steps, seed=args.seed)
     settings = PrepareSettings(seed=args.seed, samples=args.samples, shard_size=args.shard_size,
-                               signing_key=args.sign, tar=args.tar, overwrite=args.overwrite)
+                               signing_key=args.sign, tar=args.tar, overwrite=args.overwrite, prior=prior)
     print(f"caching {len(photos)} photos for {plan.samples if args.samples is None else args.samples} draws "
-          f"(skipping {plan.skip.num_blocks - len(plan.kept)} of {plan.skip.num_blocks} blocks)")
+          f"(skipping {plan.skip.num_blocks - len(plan.kept)} of {plan.skip.num_blocks} blocks)"
+          + (f"; {len(captions)} with their own caption" if captions else "")
+          + (f"; prior: {prior.images} class images of {prior.prompt!r}" if prior else ""))
     done = prepare(model, plan, photos, args.prompt, args.out, staging=args.staging, bank_prompts=bank,
-                   base_pack=args.base_pack, base_pack_out=args.base_pack_out, single=args.single, settings=settings)
+                   base_pack=args.base_pack, base_pack_out=args.base_pack_out, single=args.single, settings=settings,
+                   captions=captions)
     for label, folder in (("base pack", done.base_pack if done.base_pack_written else None),
                           ("single bundle" if args.single else "subject bundle", done.subject)):
         if folder is not None:

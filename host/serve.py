@@ -56,6 +56,7 @@ from blockskip.host.cache import list_images
 from blockskip.host.jobs import (DEFAULT_GROUP, MAX_JOB_BYTES, SHA256_PATTERN, STAGES, SUBMIT_TOPIC, events_topic,
                                  JobError, parse_job, select_captures, share_topic, status_topic, worker_topic)
 from blockskip.host.prepare import PrepareSettings, prepare
+from blockskip.host.prior import PriorSettings
 from blockskip.plan import LoraSettings, PatchSchedule, PlanDocument
 from blockskip.transfer import (DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, FileOffer, FileReceiver, FileSender, ReceivePolicy,
                                 TransferError)
@@ -84,6 +85,9 @@ class ModelConfig:
     samples: int | None = None  # draws cached per subject (default: the plan's)
     seed: int = 0  # seed of the cache draws
     shard_size: int = 32
+    prior_prompt: str | None = None  # class prompt for prior preservation ('a photo of a leaf'; host/prior.py)
+    prior_images: int = 8  # class images generated per subject when prior_prompt is set
+    prior_samples: int | None = None  # prior draws cached (default: as many as the subject's)
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
@@ -805,6 +809,10 @@ class HostWorker:
                                 lambda done: self._event(job["id"], {"type": "progress", "stage": "prepare",
                                                                      "step": done, "total": samples,
                                                                      "last": done == samples}))
+        prior = None
+        if settings.prior_prompt:
+            prior = PriorSettings(prompt=settings.prior_prompt, images=settings.prior_images,
+                                  samples=settings.prior_samples, seed=settings.seed)
         watcher.start()
         try:
             done = prepare(model, plan, photos, [job["subject"]], folder / job["id"], staging=staging,
@@ -813,7 +821,7 @@ class HostWorker:
                            single=not settings.base_pack, progress=False,
                            settings=PrepareSettings(seed=settings.seed, samples=samples,
                                                     shard_size=settings.shard_size, signing_key=key, tar=True,
-                                                    overwrite=True))
+                                                    overwrite=True, prior=prior))
         finally:
             watcher.stop()
         tar = done.subject.with_name(done.subject.name + ".tar")

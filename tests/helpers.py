@@ -48,9 +48,10 @@ def make_bundle(tmp, name, n, m, samples=8, images=2, lora=None, feature_dtype=N
     return model, plan, bundle
 
 
-def bundle_loss(bundle, adapter_dir=None, weights=None):
+def bundle_loss(bundle, adapter_dir=None, weights=None, part=""):
     """The flow-matching loss over every cached draw of `bundle` (its kept weights, or `weights`:
-    a base pack's), with the trained adapter in `adapter_dir` or at LoRA's zero init."""
+    a base pack's), with the trained adapter in `adapter_dir` or at LoRA's zero init; `part`
+    "prior": over its prior draws instead."""
     from peft import set_peft_model_state_dict
 
     from blockskip.edge.reduced import build_reduced
@@ -64,7 +65,7 @@ def bundle_loss(bundle, adapter_dir=None, weights=None):
     if adapter_dir:
         set_peft_model_state_dict(family.model, {k.removeprefix("transformer."): v for k, v in tensors.items()},
                                   adapter_name="default")
-    reader = FeatureReader(bundle, family.prompt_cond_keys)
+    reader = FeatureReader(bundle / part if part else bundle, family.prompt_cond_keys)
     losses = []
     with torch.no_grad():
         for i in range(len(reader)):

@@ -118,7 +118,8 @@ def test_the_checks_catch_what_they_are_for():
 
 # The host's per-subject steps have one pipeline (host/prepare.py); the modules that define a step
 # or are a step's own command may call it, nothing else in the product does.
-PIPELINE_STEPS = {"build_cache": {"blockskip.host.cache", "blockskip.host.prepare"},
+PIPELINE_STEPS = {"build_cache": {"blockskip.host.cache", "blockskip.host.prepare", "blockskip.host.prior"},
+                  "build_prior": {"blockskip.host.prior", "blockskip.host.prepare"},
                   "build_base_pack": {"blockskip.host.basepack", "blockskip.host.seal", "blockskip.host.prepare"},
                   "build_subject_bundle": {"blockskip.host.basepack", "blockskip.host.seal", "blockskip.host.prepare"}}
 
