@@ -7,7 +7,10 @@
 #      same deploy/pi/install.sh a Pi user runs, from this checkout, inside it;
 #   2. `blockskip verify` of the signed bundle and base pack made on x86; a tampered copy refused;
 #   3. `blockskip train` fp32 and NF4 on both sides; the adapters compared (.ci/arm64_check.py);
-#   4. `blockskip generate` with ONNX Runtime fp32 and int8 and with torch; PSNR arm64 vs x86.
+#   4. `blockskip generate` with ONNX Runtime fp32 and int8 and with torch; PSNR arm64 vs x86;
+#   5. the agent, started as the installed systemd unit starts it, connected to mosquitto (as
+#      deployed: TLS, passwords, ACL) on the x86 side, runs a train + generate job sent by
+#      `blockskip fleet submit` through a host worker; the images come back with `fleet fetch`.
 # Emulated times say nothing about a board's speed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,8 +70,10 @@ board() {  # a command in the emulated root, as the board runs it (clean environ
     env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 QEMU_CPU=cortex-a76 chroot "$ROOT" "$@"
 }
 
+# the x86 side's mosquitto listens here in step 5; install.sh writes it into agent.yaml
+PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 step "deploy/pi/install.sh (the command a Pi user runs)"
-board /opt/src/deploy/pi/install.sh --device-id ci-pi --broker-host 127.0.0.1
+board /opt/src/deploy/pi/install.sh --device-id ci-pi --broker-host 127.0.0.1 --broker-port "$PORT"
 board /opt/blockskip/venv/bin/python -c "import importlib.metadata as m
 names = sorted(d.metadata['Name'] for d in m.distributions())
 assert not [n for n in names if n.lower().startswith(('nvidia-', 'triton'))], names
@@ -105,4 +110,7 @@ done
 
 step "compare"
 python .ci/arm64_check.py compare "$CI"
+
+step "the agent over MQTT: fleet submit (train + generate) through a host worker, fleet fetch"
+python .ci/arm64_check.py fleet "$CI" "$ROOT" "$PORT"
 step "done"

@@ -2,19 +2,31 @@
 
     python .ci/arm64_check.py make DIR      # a tiny FLUX model, a key pair, signed bundles (fp32, NF4)
     python .ci/arm64_check.py compare DIR   # arm64 results against the x86 ones: assertions, exit 1 on a miss
+    python .ci/arm64_check.py fleet DIR ROOT PORT   # the agent over MQTT: a job from `fleet submit`, its images back
 
 `make` writes into DIR (inside the emulated root, so the board sees the same files):
 model/, host.key/.pub, plan-fp32.json / plan-nf4.json, base-fp32/, base-nf4/, bundle-fp32/,
 bundle-nf4/ (signed, made by `prepare`, the host's one pipeline) and a tampered copy of bundle-fp32.
 The same `blockskip train` / `generate` commands then run on both sides (.ci/arm64.sh) into
 DIR/x86/ and DIR/arm64/, and `compare` checks them with the tolerances below.
+
+`fleet` is the field loop with the board in the emulated root ROOT: mosquitto as deployed
+(deploy/mosquitto/mosquitto.conf: TLS, passwords, the shipped ACL) on 127.0.0.1:PORT on the x86 side
+(the port install.sh was given), the board's CA, password and host.pub put where install.sh's
+closing message says, the agent started as the installed systemd unit starts it (its User, Group,
+WorkingDirectory, UMask, Environment and ExecStart, read from the unit; chroot stands in for
+systemd, which does not run there), a host worker (`blockskip host serve`) on x86, then `blockskip
+fleet submit --follow` of a train + generate job and `blockskip fleet fetch` of its images.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -113,9 +125,152 @@ def compare(out: Path) -> int:
     return 0
 
 
+DEVICE = "ci-pi"
+
+
+def _unit(root: Path) -> dict[str, list[str]]:
+    """The installed unit's [Service] settings, every value of each key."""
+    values: dict[str, list[str]] = {}
+    text = (root / "etc/systemd/system/blockskip-agent.service").read_text()
+    for line in text.split("[Service]", 1)[1].split("\n[", 1)[0].splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            key, value = line.split("=", 1)
+            values.setdefault(key.strip(), []).append(value.strip())
+    return values
+
+
+def _in_root(root: Path, *command: str) -> None:
+    subprocess.run(["chroot", str(root), *command], check=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                                                                    "QEMU_CPU": "cortex-a76"})
+
+
+def _start_agent(root: Path, log: Path) -> subprocess.Popen:
+    unit = _unit(root)
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "QEMU_CPU": "cortex-a76",
+           "HOME": unit["WorkingDirectory"][0]}
+    for setting in unit.get("Environment", []):
+        for pair in shlex.split(setting):
+            key, value = pair.split("=", 1)
+            env[key] = value
+    script = (f"cd {shlex.quote(unit['WorkingDirectory'][0])} && umask {unit['UMask'][0]} && "
+              f"exec {unit['ExecStart'][0]}")
+    user = f"{unit['User'][0]}:{unit['Group'][0]}"
+    print(f"agent: chroot --userspec={user} ... sh -c {script!r}", flush=True)
+    return subprocess.Popen(["chroot", f"--userspec={user}", str(root), "sh", "-c", script], env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def _online(table: str, name: str) -> bool:
+    """Whether `fleet devices` / `fleet workers` lists `name` as online."""
+    return any(line.split()[:2] == [name, "online"] for line in table.splitlines())
+
+
+def _blockskip(*args: str, **kw) -> subprocess.CompletedProcess:
+    print("$ blockskip " + " ".join(shlex.quote(a) for a in args), flush=True)
+    return subprocess.run(["blockskip", *args], text=True, **kw)
+
+
+def fleet(out: Path, root: Path, port: int) -> int:
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from mqtt_harness import deployed_broker, make_pki  # noqa: E402  (the tests' copy of the deployed broker)
+
+    work = out / "fleet"
+    shutil.rmtree(work, ignore_errors=True)
+    pki = make_pki(work / "pki", "blockskip ci")
+    passwords = {DEVICE: "ci-pi-pass", "host-01": "host-01-pass", "operator": "operator-pass"}
+    broker = deployed_broker(work / "broker", pki, passwords, port=port)
+    # what install.sh's closing message asks a user to put on the board
+    etc = root / "etc/blockskip"
+    shutil.copy(pki / "ca.crt", etc / "ca.crt")
+    (etc / "mqtt-password").write_text(passwords[DEVICE] + "\n")
+    shutil.copy(out / "host.pub", etc / "host.pub")
+    for name in ("ca.crt", "mqtt-password", "host.pub"):
+        _in_root(root, "chown", "root:blockskip", f"/etc/blockskip/{name}")
+        _in_root(root, "chmod", "0640", f"/etc/blockskip/{name}")
+    # the model the board generates with (`blockskip deploy` puts it there on a real board)
+    shutil.rmtree(root / "var/lib/blockskip/models", ignore_errors=True)
+    shutil.copytree(out / "model", root / "var/lib/blockskip/models/tiny-flux")
+    _in_root(root, "chown", "-R", "blockskip:blockskip", "/var/lib/blockskip/models")
+    for name, password in passwords.items():
+        (work / f"{name}.password").write_text(password + "\n")
+
+    def broker_settings(user: str) -> dict:
+        return {"host": "127.0.0.1", "port": port, "ca_file": str(pki / "ca.crt"), "username": user,
+                "password_file": str(work / f"{user}.password")}
+
+    (work / "host.yaml").write_text(yaml.safe_dump({
+        "worker_id": "host-01", "work_dir": str(work / "host"), "signing_key": str(out / "host.key"),
+        "broker": broker_settings("host-01"), "progress_interval_s": 5, "command_resend_s": 30,
+        "device_timeout_s": 1200,
+        "models": {"tiny": {"path": str(out / "model"), "board_model": "models/tiny-flux",
+                            "plan": str(out / "plan-fp32.json"), "base_pack": str(out / "base-fp32"),
+                            "samples": 8}}}))
+    operator = work / "operator.yaml"
+    operator.write_text(yaml.safe_dump({"client_id": "operator", "broker": broker_settings("operator")}))
+
+    broker.start()
+    agent = _start_agent(root, work / "agent.log")
+    worker = subprocess.Popen(["blockskip", "host", "serve", "--config", str(work / "host.yaml")],
+                              stdout=(work / "worker.log").open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300  # the emulated agent imports torch (10-20 s) and connects
+        while True:
+            devices = _blockskip("fleet", "--config", str(operator), "devices", capture_output=True).stdout
+            workers = _blockskip("fleet", "--config", str(operator), "workers", capture_output=True).stdout
+            if _online(devices, DEVICE) and _online(workers, "host-01"):
+                break
+            for name, proc in (("agent", agent), ("worker", worker)):
+                if proc.poll() is not None:
+                    print(f"FAILED: the {name} exited ({proc.returncode}):\n" + (work / f"{name}.log").read_text()[-3000:],
+                          file=sys.stderr)
+                    return 1
+            if time.monotonic() > deadline:
+                print("FAILED: the agent or the worker never came online\n" + devices + workers, file=sys.stderr)
+                return 1
+            time.sleep(3)
+        print(devices + workers, flush=True)
+        job = "ci-arm64"
+        submit = _blockskip("fleet", "--config", str(operator), "submit", "--device", DEVICE, "--model", "tiny",
+                            "--subject", "a photo of sks leaf", "--prompt", "a photo of sks leaf on soil",
+                            "--photos-dir", str(out / "photos"), "--steps", "10", "--gen-steps", "2",
+                            "--size", "32", "--count", "2", "--seed", "0", "--job-id", job, "--follow",
+                            "--timeout", "1500")
+        if submit.returncode != 0:
+            print(f"FAILED: the job did not finish (exit {submit.returncode})", file=sys.stderr)
+            return 1
+        fetched = work / "images"
+        if _blockskip("fleet", "--config", str(operator), "fetch", job, "--out", str(fetched),
+                      "--timeout", "300").returncode != 0:
+            print("FAILED: fleet fetch", file=sys.stderr)
+            return 1
+        images = sorted(fetched.glob("*.png"))
+        sizes = {Image.open(p).size for p in images}
+        adapter = root / "var/lib/blockskip/adapters" / job / "pytorch_lora_weights.safetensors"
+        print(f"agent over MQTT: {len(images)} images fetched ({sizes}); adapter on the board: {adapter.is_file()}")
+        if len(images) != 2 or sizes != {(32, 32)} or not adapter.is_file():
+            print("FAILED: expected 2 images of 32x32 and the job's adapter on the board", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        for proc in (worker, agent):
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        broker.stop()
+        for name in ("agent", "worker"):
+            log = (work / f"{name}.log").read_text()
+            print(f"--- {name} log (last 40 lines)\n" + "\n".join(log.splitlines()[-40:]))
+
+
 if __name__ == "__main__":
     command, folder = sys.argv[1], Path(sys.argv[2])
     if command == "make":
         make(folder)
         sys.exit(0)
+    if command == "fleet":
+        sys.exit(fleet(folder, Path(sys.argv[3]), int(sys.argv[4])))
     sys.exit(compare(folder))
