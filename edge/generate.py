@@ -192,6 +192,73 @@ class _Stopped(Exception):
     """Raised from the step callback when the caller asks to stop: ends the image being sampled."""
 
 
+class Sampler:
+    """Everything one generation sets up once: the prompts' text conditioning (bank or text
+    encoder), the sampling model, the negative conditioning, and a backend per text length
+    (exports have static shapes), for `config`'s model, adapter, size and backend. `image(prompt,
+    seed)` then samples one image."""
+
+    def __init__(self, config: GenerateConfig, trust: TrustPolicy | None = None):
+        if config.bundle:
+            config = replace(config, bundle=str(open_bank(config.bundle, trust or TrustPolicy())))
+        self.config = config
+        texts, loaded = resolve_texts(config)
+        self.texts = dict(texts)
+        self.order = [prompt for prompt, _ in texts]
+        full = loaded if loaded is not None else (load_model(config.model, text_encoder=False)
+                                                  if config.backend == "torch" else None)
+        self.full = full
+        self.model = sampling_model(config.model, full)
+        check_generation_budget(config, self.model, texts)
+        self.negative = negative_text(config, self.model, loaded)
+        g = self.model.granularity
+        if config.height % g or config.width % g:
+            raise ConfigError(f"height and width must be multiples of {g} for this model, got "
+                              f"{config.width}x{config.height}")
+        self.adapter_id = adapter_hash(config.adapter) if config.adapter else None
+        self.backends = {}
+
+    def backend_for(self, text_len: int):
+        if text_len not in self.backends:
+            config = self.config
+            shapes = Shapes(config.height, config.width, text_len)
+            load = (lambda: self.full) if self.full is not None else None
+            self.backends[text_len] = pick_backend(config.backend, config.model, config.adapter, shapes,
+                                                   config.cache_dir, config.precision, load=load)
+        return self.backends[text_len]
+
+    def image(self, prompt: str, seed: int, on_step: Callable[[int, int], None] | None = None):
+        """(PIL image, backend name) of `prompt` (one of the config's) from `seed`."""
+        config, text = self.config, self.texts[prompt]
+        backend = self.backend_for(text["encoder_hidden_states"].shape[1])
+        images = sample(self.model, text, seed=seed, steps=config.steps, height=config.height, width=config.width,
+                        predict=backend.predict, on_step=on_step, negative=self.negative,
+                        guidance_scale=config.guidance_scale)
+        return to_pil(images[0]), backend.name
+
+    def describe(self) -> list[dict]:
+        return [b.describe() for b in self.backends.values()]
+
+
+class StepProgress:
+    """Progress events over sampling steps (the agent's `progress`, the CLI's bar): counts steps,
+    asks `should_stop` after each one (raising _Stopped), reports rate, peak memory and ETA."""
+
+    def __init__(self, total: int, on_event: Callable[[dict], None] | None,
+                 should_stop: Callable[[], bool] | None, done: int = 0):
+        self.total, self.on_event, self.should_stop = total, on_event, should_stop
+        self.done, self.start_done, self.start = done, done, time.perf_counter()
+
+    def __call__(self, step: int, steps: int) -> None:
+        if self.should_stop and self.should_stop():
+            raise _Stopped
+        self.done += 1
+        rate = (self.done - self.start_done) / max(time.perf_counter() - self.start, 1e-9)
+        if self.on_event:
+            self.on_event({"type": "progress", "step": self.done, "total": self.total, "steps_per_s": rate,
+                           "peak_mem_bytes": peak_memory_bytes(), "eta_s": (self.total - self.done) / rate})
+
+
 def generate(config: GenerateConfig, on_event: Callable[[dict], None] | None = None,
              should_stop: Callable[[], bool] | None = None, trust: TrustPolicy | None = None) -> list[dict]:
     """Render every prompt `count` times; returns [{"path", "sha256", "prompt", "seed"}].
@@ -199,57 +266,23 @@ def generate(config: GenerateConfig, on_event: Callable[[dict], None] | None = N
     A `bundle` (its prompt bank) is opened under `trust`, the board's TrustPolicy; the default
     trusts nothing. `should_stop()` is asked after every sampling step: when true, the image being
     sampled is dropped and generation ends (the report says `stopped`)."""
-    if config.bundle:
-        config = replace(config, bundle=str(open_bank(config.bundle, trust or TrustPolicy())))
-    texts, loaded = resolve_texts(config)
-    chosen_torch = config.backend == "torch"
-    full = loaded if loaded is not None else (load_model(config.model, text_encoder=False) if chosen_torch else None)
-    model = sampling_model(config.model, full)
-    check_generation_budget(config, model, texts)
-    negative = negative_text(config, model, loaded)
-    g = model.granularity
-    if config.height % g or config.width % g:
-        raise ConfigError(f"height and width must be multiples of {g} for this model, got {config.width}x{config.height}")
-    adapter_id = adapter_hash(config.adapter) if config.adapter else None
+    sampler = Sampler(config, trust)
+    config = sampler.config
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-
-    backends = {}  # one per text length (exports have static shapes)
-    def backend_for(text_len: int):
-        if text_len not in backends:
-            shapes = Shapes(config.height, config.width, text_len)
-            load = (lambda: full) if full is not None else None
-            backends[text_len] = pick_backend(config.backend, config.model, config.adapter, shapes,
-                                              config.cache_dir, config.precision, load=load)
-        return backends[text_len]
-
-    total = len(texts) * config.count * config.steps
-    done, start, results = 0, time.perf_counter(), []
-
-    def on_step(step: int, steps: int) -> None:
-        nonlocal done
-        if should_stop and should_stop():
-            raise _Stopped
-        done += 1
-        rate = done / max(time.perf_counter() - start, 1e-9)
-        if on_event:
-            on_event({"type": "progress", "step": done, "total": total, "steps_per_s": rate,
-                      "peak_mem_bytes": peak_memory_bytes(), "eta_s": (total - done) / rate})
-
+    start, results = time.perf_counter(), []
+    progress = StepProgress(len(sampler.order) * config.count * config.steps, on_event, should_stop)
     stopped = False
     try:
-        for prompt, text in texts:
-            backend = backend_for(text["encoder_hidden_states"].shape[1])
+        for prompt in sampler.order:
             for k in range(config.count):
                 seed = config.seed + k
-                images = sample(model, text, seed=seed, steps=config.steps, height=config.height,
-                                width=config.width, predict=backend.predict, on_step=on_step,
-                                negative=negative, guidance_scale=config.guidance_scale)
+                image, backend = sampler.image(prompt, seed, progress)
                 path = out / f"{len(results):03d}-seed{seed}.png"
-                meta = {"prompt": prompt, "seed": seed, "adapter_hash": adapter_id, "steps": config.steps,
-                        "backend": backend.name, "height": config.height, "width": config.width,
+                meta = {"prompt": prompt, "seed": seed, "adapter_hash": sampler.adapter_id, "steps": config.steps,
+                        "backend": backend, "height": config.height, "width": config.width,
                         "model": config.model}
-                digest = save_png(to_pil(images[0]), path, meta)
+                digest = save_png(image, path, meta)
                 results.append({"path": str(path), "sha256": digest, "prompt": prompt, "seed": seed})
                 logger.info("wrote %s", path)
     except _Stopped:
@@ -257,15 +290,15 @@ def generate(config: GenerateConfig, on_event: Callable[[dict], None] | None = N
         logger.info("generation stopped after %d image(s)", len(results))
     if results:
         contact_sheet([Path(r["path"]) for r in results], out / "contact_sheet.png")
-    report = {"config": asdict(config), "backends": [b.describe() for b in backends.values()],
-              "adapter_hash": adapter_id, "stopped": stopped, "images": results,
+    report = {"config": asdict(config), "backends": sampler.describe(),
+              "adapter_hash": sampler.adapter_id, "stopped": stopped, "images": results,
               "seconds": time.perf_counter() - start, "peak_mem_bytes": peak_memory_bytes()}
     (out / "generate.json").write_text(json.dumps(report, indent=2))
     return results
 
 
 # ---- command line ----------------------------------------------------------------------------
-def register(subparsers) -> None:
+def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "generate", help="generate images offline (TensorRT / ONNX Runtime / torch)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -297,6 +330,7 @@ def register(subparsers) -> None:
     add_trust_arguments(parser)
     add_budget_arguments(parser, "the generation's estimated peak")
     parser.set_defaults(func=run)
+    return parser
 
 
 def run(args: argparse.Namespace) -> int:

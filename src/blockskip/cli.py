@@ -37,7 +37,7 @@ COMMANDS = [
     ("train", "blockskip.edge.train", "train LoRA on the kept blocks from a bundle (edge)"),
     ("export", "blockskip.edge.export",
      "export the transformer (adapter merged) to ONNX; build/refit a TensorRT engine"),
-    ("generate", "blockskip.edge.generate", "generate images offline (TensorRT / ONNX Runtime / torch)"),
+    ("generate", "blockskip.edge.dataset", "generate images offline (TensorRT / ONNX Runtime / torch)"),
     ("agent", "blockskip.edge.agent", "run the edge MQTT agent (commands, progress, captures, results)"),
     ("capture", "blockskip.edge.capture",
      "camera side: publish a folder of images to a device's agent and wait for acks"),
