@@ -33,6 +33,7 @@ from blockskip.edge import messages
 from blockskip.edge.messages import Command, CommandError
 from blockskip.edge.outbox import Outbox, OutboxSender
 from blockskip.edge.spool import CaptureError, Spool, capture_meta
+from blockskip.edge.dataset_spec import spec_from_data
 from blockskip.edge.journal import Journal
 from blockskip.files import sha256_file
 from blockskip.errors import BlockskipError, BundleError, ConfigError, InputError, NotAvailableError
@@ -191,11 +192,29 @@ def generate_job() -> JobFn:
     return run
 
 
-DEFAULT_JOBS: dict[str, JobFactory] = {"train": train_job, "generate": generate_job}
+def dataset_job() -> JobFn:
+    """The `dataset` action over blockskip.edge.dataset (`generate --dataset`): renders the spec into
+    `out` (resumed when the same command id runs again), then publishes one `result` with the counts."""
+    mod = _import_job("blockskip.edge.dataset", "dataset generation")
+
+    def run(ctx: JobContext) -> Any:
+        spec = spec_from_data(ctx.args["spec"])
+        fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in ctx.args.items() if k not in ("out", "spec")}
+        config = mod.GenerateConfig(out_dir=str(ctx.args["out"]), prompts=spec.prompts(), **fields, **ctx.budget)
+        result = mod.generate_dataset(spec, config, on_event=lambda e: e["type"] != "image" and ctx.emit(e),
+                                      should_stop=ctx.should_stop, trust=ctx.trust)  # per image: `progress` says it
+        summary = {k: result[k] for k in ("out", "images", "made", "kept", "stopped", "classes")}
+        ctx.publish_result({**summary, "metadata": str(Path(result["out"]) / mod.METADATA)})
+        return summary
+
+    return run
+
+
+DEFAULT_JOBS: dict[str, JobFactory] = {"train": train_job, "generate": generate_job, "dataset": dataset_job}
 # The only folders a job writes into (relative to the data directory): `out` must name a folder
 # inside its action's root, and defaults to <root>/<command id>. The spool, the outbox, the
 # journal, engines and config are never a job's output.
-DEFAULT_OUT = {"train": "adapters", "generate": "generated"}
+DEFAULT_OUT = {"train": "adapters", "generate": "generated", "dataset": "datasets"}
 
 
 def thumbnail_b64(path: str, side: int = 64) -> str | None:
@@ -563,9 +582,19 @@ class Agent:
         if out.exists() and not out.is_dir():
             raise CommandError("bad_path", f"`out` {args.get('out')!r} exists and is not a folder")
         args["out"] = out
-        if cmd.action == "generate":  # engines and exports stay in the data directory
+        if cmd.action in ("generate", "dataset"):  # engines and exports stay in the data directory
             args.setdefault("backend", self.config.backend)
             args.setdefault("cache_dir", str(self.data_dir / "engines"))
+        if cmd.action == "dataset":  # the spec is checked now (bad_args), its adapters kept inside the data dir
+            try:
+                spec = spec_from_data(args["spec"])
+            except InputError as err:
+                raise CommandError("bad_args", str(err)) from err
+            classes = [dict(c) for c in args["spec"]["classes"]]
+            for entry, checked in zip(classes, spec.classes):
+                if checked.adapter is not None:
+                    entry["adapter"] = str(messages.resolve_in(self.data_dir, checked.adapter, must_exist=True))
+            args["spec"] = {**args["spec"], "classes": classes}
         return args
 
     def _start_job(self, cmd: Command) -> dict[str, Any]:

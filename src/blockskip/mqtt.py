@@ -24,7 +24,7 @@ from blockskip.errors import ConfigError
 # Ids that become part of a topic (device ids, command ids, transfer ids): no wildcards, no separators.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 # The agent's actions that run as a job: their end comes as a `progress` event, their images on `result`.
-JOB_ACTIONS = ("train", "generate")
+JOB_ACTIONS = ("train", "generate", "dataset")
 
 
 def device_prefix(device_id: str) -> str:

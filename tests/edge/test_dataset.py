@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from blockskip.edge.dataset import generate_dataset, load_spec
+from blockskip.edge.dataset import generate_dataset
+from blockskip.edge.dataset_spec import load_spec
 from blockskip.edge.generate import GenerateConfig
 from blockskip.errors import InputError
 
@@ -144,3 +145,39 @@ def test_the_cli_refuses_a_bad_spec_and_prompts_beside_it_in_one_line(tmp_path):
                           text=True, timeout=120)
     assert both.returncode == 2 and "--dataset takes its prompts and counts from the spec" in both.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_the_agent_makes_a_dataset_over_mqtt_and_refuses_a_bad_spec_or_an_adapter_outside(
+        broker, start_agent, probe_factory, wait_until):
+    import shutil
+
+    datasets = pytest.importorskip("datasets")
+    agent = start_agent(progress_interval_s=0.0)
+    shutil.copytree(CROP, agent.data_dir / "models" / "crop")
+    probe = probe_factory(broker.port, ["blockskip/dev-a/#"])
+    spec = {"seed": 1, "variables": {"background": ["soil", "sky"]},
+            "classes": [{"name": "sks_leaf", "prompt": "a photo of sks leaf on {background}"},
+                        {"name": "green", "prompt": "a photo of a green leaf"}]}
+    args = {"model": "models/crop", "steps": 2, "height": 32, "width": 32, "backend": "torch"}
+
+    bad = probe.request("dev-a", {"id": "d0", "action": "dataset",
+                                  "args": {**args, "spec": {**spec, "classes": [{"name": "x", "prompt": "{rain}"}]}}})
+    assert not bad["ok"] and bad["error"]["code"] == "bad_args"
+    assert "classes[0].prompt: {rain} is not a variable" in bad["error"]["message"]
+    outside = probe.request("dev-a", {"id": "d1", "action": "dataset", "args": {**args, "spec": {
+        "classes": [{"name": "x", "prompt": "a leaf", "adapter": "/etc"}]}}})
+    assert not outside["ok"] and outside["error"]["code"] == "bad_path"
+
+    reply = probe.request("dev-a", {"id": "d2", "action": "dataset", "args": {**args, "spec": spec}})
+    assert reply["ok"], reply
+    ended = wait_until(lambda: [e for e in probe.on("/progress")
+                                if e.get("job") == "d2" and e.get("type") in ("done", "failed")], 180)
+    assert ended[-1]["type"] == "done", ended
+    assert [e for e in probe.on("/progress") if e.get("job") == "d2" and e.get("type") == "progress"]
+    result = wait_until(lambda: [r for r in probe.on("/result") if r.get("job") == "d2"])[0]
+    assert result["classes"] == {"sks_leaf": 2, "green": 1} and result["made"] == 3
+    out = agent.data_dir / "datasets" / "d2"
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
+    assert loaded.num_rows == 3 and sorted(set(loaded["label"])) == ["green", "sks_leaf"]
+    assert probe.request("dev-a", {"id": "s1", "action": "status", "args": {}})["ok"]
