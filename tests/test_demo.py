@@ -30,13 +30,13 @@ def start_and_kill(args: list[str], after: str) -> None:
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--samples", "8", "--steps", "12"]
-    start_and_kill(args, "[4/7]")  # an interrupted run must not block the next one
+    start_and_kill(args, "[4/8]")  # an interrupted run must not block the next one
     assert (out / "demo-run.json").is_file() and not (out / "report.html").exists()
     proc = subprocess.run(["blockskip", *args], capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "clearing the unfinished demo run" in proc.stdout
-    for step in range(1, 8):
-        assert f"[{step}/7]" in proc.stdout
+    for step in range(1, 9):
+        assert f"[{step}/8]" in proc.stdout
     assert "cached for the built-in model" in proc.stdout
     assert re.search(r"step +6/12 +loss [0-9.]+ .*ETA", proc.stdout), "training shows progress with an ETA"
     assert re.search(r"loss [0-9.]+ -> [0-9.]+ \(mean of the first and of the last 1 steps\)", proc.stdout)
@@ -51,6 +51,12 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (out / "base-pack" / "manifest.sig").is_file() and not (out / "bundle" / "weights").exists()
     assert report["model"] == "builtin" and report["family"] == "flux"
     assert len(report["losses"]) == 12 and len(report["images_after"]) == 6
+    # step 8: a small dataset with the adapter, in the image-folder form generate --dataset writes
+    rows = report["dataset"]["rows"]
+    assert len(rows) == 6 and {r["label"] for r in rows} == {"subject"} and all(r["adapter_sha256"] for r in rows)
+    assert all((out / "dataset" / r["file_name"]).is_file() and
+               (out / "dataset" / r["file_name"]).with_suffix(".txt").read_text().strip() == r["prompt"] for r in rows)
+    assert "A generated dataset" in (out / "report.html").read_text()
     blocks = crops.FLUX_CONFIG["num_layers"] + crops.FLUX_CONFIG["num_single_layers"]
     assert report["plan"]["num_blocks"] == blocks
     assert report["plan"]["n"] + report["plan"]["m"] == blocks // 2, "the demo's default skips 50% of the blocks"
@@ -60,7 +66,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert all({"before", "after", "photos"} <= set(s) for s in scores.values()), "scores come with baselines"
     html = (out / "report.html").read_text()
     shown = re.findall(r"<img src='data:image/png;base64,[^']*' width=(\d+) height=(\d+)", html)
-    assert len(shown) == 5 + 2 * 6, "subject photos and every sample before and after"
+    assert len(shown) == 5 + 2 * 6 + 6, "subject photos, every sample before and after, the dataset's images"
     assert len(set(shown)) == 1, "every photo and sample is shown at the same scale"
     for sample in report["samples"]:
         assert f"&ldquo;{sample['prompt']}&rdquo;, seed {sample['seed']}" in html, "each sample shows its prompt"
@@ -100,7 +106,7 @@ def test_demo_checks_its_arguments_before_any_work(tmp_path, option, value, mess
     proc = subprocess.run(["blockskip", "demo", "--out", str(out), option, value], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
-    assert "[1/7]" not in proc.stdout and not out.exists(), "nothing ran, nothing was written"
+    assert "[1/8]" not in proc.stdout and not out.exists(), "nothing ran, nothing was written"
 
 
 def test_loss_plot_has_axis_values(tmp_path):

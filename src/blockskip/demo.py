@@ -42,7 +42,7 @@ MARKER = "demo-run.json"  # written first: marks a folder as the demo's own, fin
 # What a demo run writes into its folder: an unfinished run's folder holding only these is cleared.
 DEMO_ENTRIES = {MARKER, "model", "subject", "profile.json", "plan.json", "staging", "host.key", "host.pub",
                 "bundle", "bundle.inuse", "base-pack", "base-pack.inuse", "adapter", "before", "after", "engines",
-                "report.json", "loss.png", "report.html.tmp"}
+                "dataset", "report.json", "loss.png", "report.html.tmp"}
 
 
 def register(subparsers) -> None:
@@ -144,7 +144,7 @@ def unfinished_run(out: Path) -> list[Path]:
 
 
 # ---- progress --------------------------------------------------------------------------------
-def _step(name: str, number: int, total: int = 7) -> float:
+def _step(name: str, number: int, total: int = 8) -> float:
     print(f"[{number}/{total}] {name}", flush=True)
     return time.perf_counter()
 
@@ -209,6 +209,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
 
     from blockskip.demo_report import html_page, loss_plot, loss_summary, size_text
+    from blockskip.edge.dataset import METADATA, generate_dataset
+    from blockskip.edge.dataset_spec import spec_from_data
     from blockskip.edge.generate import GenerateConfig, generate
     from blockskip.edge.train import TrainConfig, train
     from blockskip.host.bundle import TrustPolicy, generate_keypair, verify_bundle
@@ -315,6 +317,18 @@ def run(args: argparse.Namespace) -> int:
     backend = json.loads((out / "after" / "generate.json").read_text())["backends"][0].get("backend", args.backend)
     seconds["generate"] = time.perf_counter() - t
 
+    t = _step("dataset: a small image-folder dataset of the subject (generate --dataset)", 8)
+    spec = spec_from_data({"seed": args.seed, "images_per_combination": SAMPLE_COUNT,
+                           "classes": [{"name": "subject", "prompts": BANK}]})
+    on_image = _generate_progress("dataset", images, SAMPLE_STEPS)
+    made = generate_dataset(spec, GenerateConfig(**{**common, "prompts": spec.prompts(), "count": 1},
+                                                 out_dir=str(out / "dataset"), adapter=str(out / "adapter")),
+                            on_event=lambda e: e["type"] == "progress" and on_image(e), trust=trust)
+    rows = [json.loads(line) for line in (out / "dataset" / METADATA).read_text().splitlines()]
+    _say(f"{sum(made['classes'].values())} images in {out / 'dataset'} (one folder per class, metadata.jsonl, a "
+         f"caption .txt per image): datasets.load_dataset(\"imagefolder\", data_dir=\"{out / 'dataset'}\")")
+    seconds["dataset"] = time.perf_counter() - t
+
     samples = [{"prompt": b["prompt"], "seed": b["seed"], "before": b["path"], "after": a["path"]}
                for b, a in zip(before, after)]
     scores = None
@@ -351,6 +365,7 @@ def run(args: argparse.Namespace) -> int:
             "peak process memory while training (RSS: interpreter and libraries included)": f"{peak / 2**20:.0f} MiB",
         },
         "images_before": [r["path"] for r in before], "images_after": [r["path"] for r in after],
+        "dataset": {"folder": str(out / "dataset"), "rows": rows},
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     page = html_page(out, report, [Path(p) for p in subject], loss_plot(losses, out / "loss.png"), SUBJECT)

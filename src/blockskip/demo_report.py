@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import io
 import math
 from pathlib import Path
@@ -165,6 +166,23 @@ def _samples(report: dict, subject: dict) -> str:
     return f"<table class=pairs>{head}{''.join(body)}</table>"
 
 
+def _dataset(report: dict) -> str:
+    """The small dataset `generate --dataset` made with the adapter: its images and how to load it."""
+    dataset = report.get("dataset")
+    if not dataset or not dataset["rows"]:
+        return ""
+    folder = Path(dataset["folder"])
+    figures = "".join(_figure(folder / row["file_name"], [html.escape(row["file_name"]),
+                                                           f"&ldquo;{html.escape(row['prompt'])}&rdquo;, seed {row['seed']}"])
+                      for row in dataset["rows"][:8])
+    first = html.escape(json.dumps(dataset["rows"][0], sort_keys=True))
+    return (f"<h2>A generated dataset</h2><p>{len(dataset['rows'])} images of the subject made with the adapter by "
+            f"<code>blockskip generate --dataset SPEC</code> into <code>{html.escape(folder.name)}/</code>: one folder "
+            f"per class, a caption <code>.txt</code> beside each image and <code>metadata.jsonl</code>, which "
+            f"<code>datasets.load_dataset(\"imagefolder\", data_dir=...)</code> loads as is. Its first line:</p>"
+            f"<pre class=note style='white-space:pre-wrap'>{first}</pre>{figures}")
+
+
 def html_page(out: Path, report: dict, subject_photos: list[Path], loss_png: Path, subject: dict) -> Path:
     plan, loss = report["plan"], report["loss"]
     photos = "".join(_figure(p, [html.escape(Path(p).name)]) for p in subject_photos)
@@ -213,6 +231,7 @@ plan), both verified before training. Images were generated through {report['bac
 <p class=note>One row per prompt, the same seeds on both sides. Under each image: its prompt and
 seed, and what the attribute classifier sees in it (the subject's values in bold, others struck
 out).</p>{_samples(report, subject)}
+{_dataset(report)}
 <h2>Training loss</h2>
 <p>Loss {loss['first']:.4f} &rarr; {loss['last']:.4f}: mean of the first and of the last {loss['window']}
 of {loss['steps']} steps (single steps vary a lot with the random timestep of each draw).</p>
