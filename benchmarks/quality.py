@@ -54,9 +54,18 @@ import torch
 from PIL import Image
 
 IDENTIFIER = "a photo of sks leaf"
-# Personalization subjects: attribute combinations held out of pretraining (models/crops.py HELD_OUT).
+CLASS_PROMPT = "a photo of a leaf"  # prior preservation's class prompt (no identifier)
+# Personalization subjects: every shape / colour / pattern combination held out of pretraining
+# (models/crops.py HELD_OUT_RULES: the red heart leaf with stripes, and purple leaves with rings in
+# each of the five shapes). The first two are the ones the plan choice was tuned on (benchmarks/
+# results/plan-choice); the other four were never used to tune anything.
 SUBJECTS = [{"shape": "heart", "colour": "red", "pattern": "stripes"},
-            {"shape": "oval", "colour": "purple", "pattern": "rings"}]
+            {"shape": "oval", "colour": "purple", "pattern": "rings"},
+            {"shape": "round", "colour": "purple", "pattern": "rings"},
+            {"shape": "lance", "colour": "purple", "pattern": "rings"},
+            {"shape": "heart", "colour": "purple", "pattern": "rings"},
+            {"shape": "lobed", "colour": "purple", "pattern": "rings"}]
+TUNED_ON = (0, 1)  # subjects the plan choice was tuned on
 # name: (plan kind, skip ratio, patch schedule (s_min, s_max, schedule), use residuals)
 METHODS = {
     "LoRA (full model, 32 px)": ("none", 0.0, (32, 32, "resize"), True),
@@ -107,27 +116,31 @@ def skip_plan(kind: str, ratio: float, num_blocks: int, profile: dict):
 
 
 def train_adapter(model, plan, schedule, photos, work: Path, seed: int, args, use_residuals: bool,
-                  feature_dtype: str = "fp32", samples: int = 64, quant: str = "none") -> dict:
-    from blockskip.host.bundle import build_bundle
-    from blockskip.host.cache import build_cache
+                  feature_dtype: str = "fp32", samples: int = 64, quant: str = "none", prior_weight: float = 0.0,
+                  captions: dict[str, str] | None = None, track_memory: bool = True) -> dict:
+    """Plan -> `prepare` (the host's pipeline: cache, class images and their draws when
+    `prior_weight` > 0, a single bundle) -> `train` in its own process."""
     from blockskip.host.plan import LoraSettings, plan_document
+    from blockskip.host.prepare import PrepareSettings, prepare
+    from blockskip.host.prior import PriorSettings
 
     plan_doc = plan_document(model, plan, schedule, LoraSettings(rank=args.rank, alpha=args.rank, scope="all"),
                              samples, text_len=model.text_encoder.max_length, precision="fp32",
                              feature_dtype=feature_dtype, quant=quant)
-    stage = build_cache(model, plan_doc, photos, [IDENTIFIER], work / "stage", seed=seed, shard_size=64,
-                        progress=False)
-    bundle = build_bundle(stage, work / "bundle", json.loads((stage / "bundle.json").read_text()))
+    prior = PriorSettings(CLASS_PROMPT, images=args.prior_images, steps=args.sample_steps) if prior_weight else None
+    done = prepare(model, plan_doc, photos, [IDENTIFIER], work / "bundle", single=True, captions=captions,
+                   settings=PrepareSettings(seed=seed, shard_size=64, prior=prior), progress=False)
     config = {"steps": args.steps, "grad_accum": args.grad_accum, "lr": args.lr, "seed": seed,
-              "checkpoint_every": 0, "use_residuals": use_residuals, "track_memory": True, "device": "cpu"}
+              "checkpoint_every": 0, "use_residuals": use_residuals, "track_memory": track_memory, "device": "cpu",
+              "prior_weight": prior_weight}
     proc = subprocess.run([sys.executable, "-c", TRAIN_CHILD,
-                           json.dumps({"bundle": str(bundle), "out": str(work / "adapter"), "config": config,
+                           json.dumps({"bundle": str(done.subject), "out": str(work / "adapter"), "config": config,
                                        "threads": args.threads})],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     child = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {**child, "peak_tensor_bytes": child["result"]["peak_tensor_bytes"], "adapter": work / "adapter",
+    return {**child, "peak_tensor_bytes": child["result"].get("peak_tensor_bytes"), "adapter": work / "adapter",
             "kept": len(plan.kept), "estimate": plan_doc.estimates["train_memory_bytes"]}
 
 
@@ -143,8 +156,22 @@ def context_prompts(subject: dict, backgrounds: list[str]) -> list[tuple[str, di
     return [(f"a photo of sks {a['colour']} leaf with {a['pattern']} on {a['background']}", a) for a in asked]
 
 
+def diversity(embeddings: torch.Tensor) -> float:
+    """Mean pairwise cosine distance (1 - cos) between the embeddings of one prompt's images."""
+    normed = torch.nn.functional.normalize(embeddings, dim=-1)
+    cos = normed @ normed.T
+    n = cos.shape[0]
+    return float((1 - cos)[~torch.eye(n, dtype=torch.bool)].mean()) if n > 1 else 0.0
+
+
 @torch.no_grad()
 def evaluate(new_model, adapter, subject: dict, photos, encoder, classifier, backgrounds, args) -> dict:
+    """Fidelity and attributes over the identifier prompt and it on each background; the context
+    columns, scored apart: recontextualization (the subject on the background the prompt names:
+    "a photo of sks leaf on sky"), property change (the colour and pattern the prompt names:
+    "a photo of sks green leaf with spots on soil", see context_prompts), and the old combined
+    context accuracy (colour, pattern and background all as prompted); diversity: mean pairwise
+    embedding distance within each prompt's images."""
     from blockskip.edge.lora import load_adapter
     from blockskip.models.crops import ATTRIBUTES
     from blockskip.models.pipeline import sample
@@ -160,7 +187,8 @@ def evaluate(new_model, adapter, subject: dict, photos, encoder, classifier, bac
         return torch.cat([sample(model, text, seed=1000 * p + i, steps=args.sample_steps, height=32, width=32)
                           for i in range(args.images)])
 
-    batch = torch.cat([generate(prompt, p) for p, prompt in enumerate(prompts)])
+    sets = [generate(prompt, p) for p, prompt in enumerate(prompts)]
+    batch = torch.cat(sets)
     references = torch.cat([_to_tensor(Image.open(path)) for path in photos])
     gen_emb = encoder.embed(batch)
     ref_emb = encoder.embed(references)
@@ -170,15 +198,25 @@ def evaluate(new_model, adapter, subject: dict, photos, encoder, classifier, bac
     for attr in ("shape", "colour", "pattern"):
         target = ATTRIBUTES[attr].index(subject[attr])
         attribute_hits.append((predicted[attr] == target).float().mean().item())
-    context_hits = []
+    recontext_hits = []
+    for p, (prompt, images) in enumerate(zip(prompts[1:], sets[1:])):
+        seen = classifier.predict(images)["background"]
+        recontext_hits += (seen == ATTRIBUTES["background"].index(backgrounds[p])).tolist()
+    context_hits, property_hits, context_sets = [], [], []
     for c, (prompt, asked) in enumerate(contexts):
-        seen = classifier.predict(generate(prompt, len(prompts) + c))
-        hit = torch.ones(args.images, dtype=torch.bool)
-        for attr, value in asked.items():
-            hit &= seen[attr] == ATTRIBUTES[attr].index(value)
-        context_hits += hit.tolist()
+        images = generate(prompt, len(prompts) + c)
+        context_sets.append(images)
+        seen = classifier.predict(images)
+        prop = torch.ones(args.images, dtype=torch.bool)
+        for attr in ("colour", "pattern"):
+            prop &= seen[attr] == ATTRIBUTES[attr].index(asked[attr])
+        property_hits += prop.tolist()
+        context_hits += (prop & (seen["background"] == ATTRIBUTES["background"].index(asked["background"]))).tolist()
+    spread = [diversity(encoder.embed(images)) for images in sets + context_sets]
     return {"fidelity": fidelity, "attributes": sum(attribute_hits) / 3,
-            "context": sum(context_hits) / len(context_hits), "images": batch}
+            "recontext": sum(recontext_hits) / len(recontext_hits), "property": sum(property_hits) / len(property_hits),
+            "context": sum(context_hits) / len(context_hits), "diversity": sum(spread) / len(spread),
+            "images": batch, "context_images": torch.cat(context_sets)}
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
@@ -187,7 +225,11 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return to_tensor(image.convert("RGB").resize((32, 32), Image.Resampling.LANCZOS))[None]
 
 
-def _grid(rows: dict[str, torch.Tensor], out: Path, per_row: int = 8, scale: int = 2) -> Path:
+def _grid(rows: dict[str, torch.Tensor], out: Path, per_row: int = 8, scale: int = 2,
+          headers: list[str] | None = None) -> Path:
+    """A sheet of the rows' images, each row named on its left; `headers` name equal groups of columns."""
+    from PIL import ImageDraw
+
     from blockskip.edge.generate import to_pil
 
     cell = 32 * scale
@@ -195,7 +237,17 @@ def _grid(rows: dict[str, torch.Tensor], out: Path, per_row: int = 8, scale: int
     for r, images in enumerate(rows.values()):
         for c, image in enumerate(images[:per_row]):
             sheet.paste(to_pil(image).resize((cell, cell), Image.Resampling.NEAREST), (c * cell, r * cell))
-    label_rows(sheet, list(rows), cell).save(out)
+    labelled = label_rows(sheet, list(rows), cell)
+    if headers:
+        band = 16
+        framed = Image.new("RGB", (labelled.width, labelled.height + band), "white")
+        framed.paste(labelled, (0, band))
+        draw = ImageDraw.Draw(framed)
+        group = sheet.width // len(headers)
+        for i, text in enumerate(headers):
+            draw.text((labelled.width - sheet.width + i * group + 4, 2), text, fill="black")
+        labelled = framed
+    labelled.save(out)
     return out
 
 
@@ -239,19 +291,161 @@ def storage_table(variants: dict, scores: dict, reference: tuple, base_fidelity:
     return lines
 
 
+def paired_interval(rows: list[dict], lora_rows: list[dict], base: dict[int, float], draws: int = 2000,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """The fidelity gain vs LoRA, mean(method - base) / mean(LoRA - base) over the (subject, seed)
+    units both ran, and its 95% paired bootstrap interval (units resampled with replacement)."""
+    import numpy as np
+
+    lora = {(r["subject"], r["seed"]): r["fidelity"] for r in lora_rows}
+    units = [(r["fidelity"] - base[r["subject"]], lora[(r["subject"], r["seed"])] - base[r["subject"]])
+             for r in rows if (r["subject"], r["seed"]) in lora]
+    if not units:
+        return float("nan"), float("nan"), float("nan")
+    gains = np.array(units)
+    point = gains[:, 0].mean() / gains[:, 1].mean()
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(gains), size=(draws, len(gains)))
+    sampled = gains[picks].mean(axis=1)
+    ratios = sampled[:, 0] / sampled[:, 1]
+    return float(point), float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
+
+
+def per_subject_vs_base(rows: list[dict], base_rows: list[dict], key: str) -> tuple[float, float]:
+    """(mean, worst) over subjects of the method's `key` score / the base model's on the same prompts."""
+    base = {r["subject"]: r[key] for r in base_rows}
+    ratios = []
+    for subject in sorted({r["subject"] for r in rows}):
+        mine = statistics.mean(r[key] for r in rows if r["subject"] == subject)
+        ratios.append(mine / base[subject] if base[subject] > 0 else float("nan"))
+    return statistics.mean(ratios), min(ratios)
+
+
+def report(scores: dict[str, list[dict]], variants: dict[str, tuple], args, subjects: list[dict], num_blocks: int,
+           storages: list[tuple]) -> tuple[list[str], dict]:
+    """The table (markdown lines) and its JSON from the scored rows; the same for one run and for
+    `--merge` of several."""
+    from blockskip.models.crops import caption
+
+    lora_name = "LoRA (full model, 32 px)"
+    chosen = {i: x for i, x in enumerate(subjects)}
+    base_rows = scores["base model (no adapter)"]
+    base_by_subject = {r["subject"]: r["fidelity"] for r in base_rows}
+    base_fidelity = statistics.mean(r["fidelity"] for r in base_rows)
+    
+    def lora_of(row: str) -> str:
+        """The LoRA row trained with the same recipe (prior weight, captions) as `row`."""
+        _, _, _, weight, captioned = variants[row]
+        return next((r for r, v in variants.items() if v[0] == lora_name and v[3:] == (weight, captioned)), lora_name)
+    
+    def mean_memory(rows):
+        values = [r["memory"] for r in rows if r.get("memory")]
+        return statistics.mean(values) if values else None
+    
+    lines = [f"Model: {args.model or 'the built-in crop model (models/weights/crop-flux)'}, "
+             f"{num_blocks} blocks. Subjects ({len(chosen)}, every combination held out of pretraining; "
+             f"the plan choice was tuned on the first two only): "
+             f"{', '.join(caption(s) for s in chosen.values())}; {args.photos} photos each; {args.seeds} training "
+             f"seeds ({args.first_seed}-{args.first_seed + args.seeds - 1}); {args.steps} steps x {args.grad_accum}; "
+             f"features {', '.join(args.feature_dtypes)}, {', '.join(map(str, args.samples))} cached draws; "
+             f"{args.images} images per prompt. Prior: {args.prior_images} class images of {CLASS_PROMPT!r} from the "
+             f"frozen model, as many prior draws as subject draws. Captions: 'a photo of sks leaf on <its "
+             f"background>' per photo.", "",
+             "Columns: fidelity = mean EfficientNet-Lite0 cosine to the subject photos over the identifier prompt and "
+             "it on each background; gain vs LoRA = mean(method - base) / mean(LoRA - base) over subjects x seeds, "
+             "paired with the LoRA run of the same subject and seed (trained with the same prior weight and captions "
+             "where that row exists, else plain LoRA), with its 95% paired bootstrap interval; "
+             "recontext. = the background as prompted ('a photo of sks leaf on sky'); property = colour and pattern "
+             "as prompted ('a photo of sks green leaf with spots on soil'); each also as the method's score / the "
+             "base model's on the same subject's prompts, mean and worst subject; diversity = mean pairwise "
+             "embedding distance within a prompt's images; peak train MiB = live tensors (first subject, first "
+             "seed).", "",
+             "| method | kept blocks | fidelity | gain vs LoRA [95% CI] | fidelity vs LoRA | attribute acc. | "
+             "recontext. | vs base (mean / worst) | property | vs base (mean / worst) | diversity | "
+             "peak train MiB | vs LoRA |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    table = {}
+    for name, rows in scores.items():
+        if not rows:
+            continue
+        fidelity = statistics.mean(r["fidelity"] for r in rows)
+        kept = rows[0].get("kept", num_blocks)
+        if name in variants:
+            reference = scores[lora_of(name)]
+            gain, low, high = paired_interval(rows, reference, base_by_subject)
+            ratio = fidelity / statistics.mean(r["fidelity"] for r in reference)
+            memory, lora_memory = mean_memory(rows), mean_memory(scores[lora_name])
+        else:
+            gain = low = high = 0.0
+            ratio = fidelity / statistics.mean(r["fidelity"] for r in scores[lora_name]) if scores.get(lora_name) \
+                else float("nan")
+            memory = lora_memory = None
+        recontext_vs, recontext_worst = per_subject_vs_base(rows, base_rows, "recontext")
+        property_vs, property_worst = per_subject_vs_base(rows, base_rows, "property")
+        lines.append(
+            f"| {name} | {kept} | {summarize(rows, 'fidelity')} | {gain:.2f} [{low:.2f}, {high:.2f}] | {ratio:.2f} | "
+            f"{summarize(rows, 'attributes')} | {summarize(rows, 'recontext')} | {recontext_vs:.2f} / "
+            f"{recontext_worst:.2f} | {summarize(rows, 'property')} | {property_vs:.2f} / {property_worst:.2f} | "
+            f"{summarize(rows, 'diversity')} | {memory / 2**20 if memory else 0:.1f} | "
+            f"{memory / lora_memory if memory and lora_memory else 0:.2f} |")
+        table[name] = {"fidelity": fidelity, "gain_vs_lora": gain, "gain_interval": [low, high],
+                       "fidelity_vs_lora": ratio, "memory": memory,
+                       "recontext": statistics.mean(r["recontext"] for r in rows),
+                       "property": statistics.mean(r["property"] for r in rows),
+                       "recontext_vs_base": [recontext_vs, recontext_worst],
+                       "property_vs_base": [property_vs, property_worst],
+                       "diversity": statistics.mean(r["diversity"] for r in rows),
+                       "rows": [{k: v for k, v in r.items() if k not in ("images", "context_images")} for r in rows]}
+    if len(storages) > 1 and scores.get(lora_name):
+        lora_gain = statistics.mean(r["fidelity"] for r in scores[lora_name]) - base_fidelity
+        storage_variants = {row: v[:3] for row, v in variants.items()}
+        lines += storage_table(storage_variants, scores, storages[0], base_fidelity, lora_gain)
+    return lines, table
+
+
+def merge(paths: list[Path], out: Path) -> int:
+    """quality.md / quality.json over the subjects of several runs' quality.json."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    scores: dict[str, list[dict]] = {}
+    variants: dict[str, tuple] = {}
+    for run in runs:
+        variants.update({row: tuple(v) for row, v in run["variants"].items()})
+        for row, entry in run["table"].items():
+            scores.setdefault(row, []).extend(entry["rows"])
+    subjects = sorted({s for run in runs for s in run["subjects"]})
+    first = runs[0]
+    args = argparse.Namespace(**{**first["args"], "seeds": first["args"]["seeds"]})
+    lines, table = report(scores, variants, args, [SUBJECTS[i] for i in subjects], first["num_blocks"],
+                          [tuple(x) for x in first["storages"]])
+    lines[0] = lines[0].replace("Model:", f"Merged from {', '.join(str(p) for p in paths)}. Model:", 1)
+    untuned = [s for s in subjects if s not in TUNED_ON]
+    if untuned and len(untuned) < len(subjects):  # the same table on the subjects nothing was tuned on
+        only = {row: [r for r in rows if r["subject"] in untuned] for row, rows in scores.items()}
+        more, table["untuned"] = report(only, variants, args, [SUBJECTS[i] for i in untuned], first["num_blocks"],
+                                        [tuple(x) for x in first["storages"]])
+        start = next(i for i, line in enumerate(more) if line.startswith("| method"))
+        lines += ["", f"### Only the subjects nothing was tuned on ({', '.join(map(str, untuned))})", ""] + more[start:]
+    (out / "quality.md").write_text("\n".join(lines) + "\n")
+    (out / "quality.json").write_text(json.dumps({"args": first["args"], "merged": [str(p) for p in paths],
+                                                  "table": table, "variants": variants, "subjects": subjects},
+                                                 indent=2, default=str))
+    print("\n".join(lines))
+    return 0
+
+
 def main() -> int:
     from blockskip.errors import InputError
     from blockskip.features import FEATURE_DTYPES
     from blockskip.host.encoders import EfficientNetLite0
     from blockskip.host.patches import PatchSchedule
     from blockskip.host.profile import masking_profile
-    from blockskip.models.crops import ATTRIBUTES, caption, load_classifier, load_crop_model, render
+    from blockskip.models.crops import ATTRIBUTES, caption, is_held_out, load_classifier, load_crop_model, render
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results", help="folder for quality.md, quality.png, quality.json")
     parser.add_argument("--model", type=Path, help="a crop model folder from benchmarks/pretrain_crops.py "
                         "(default: the built-in models/weights/crop-flux)")
-    parser.add_argument("--seeds", type=int, default=2, help="training seeds per subject and method")
+    parser.add_argument("--seeds", type=int, default=4, help="training seeds per subject and method (default: 4)")
     parser.add_argument("--first-seed", type=int, default=0, help="the first training seed (default: %(default)s)")
     parser.add_argument("--photos", type=int, default=5, help="subject photos (4-6)")
     parser.add_argument("--samples", type=int, nargs="+", default=[64],
@@ -261,6 +455,16 @@ def main() -> int:
                         help="feature storage (default: fp32). Several values: a row per value for every method "
                              "but LoRA, which runs once, with the first --feature-dtypes and --samples values, as "
                              "the reference of the gain column")
+    parser.add_argument("--prior-weights", type=float, nargs="+", default=[0.0],
+                        help="prior preservation weights (`train --prior-weight`; 0: none): a row per method and "
+                             "weight (default: 0)")
+    parser.add_argument("--prior-methods", nargs="*",
+                        help="the methods that get the --prior-weights rows above 0 (default: every method)")
+    parser.add_argument("--prior-images", type=int, default=8,
+                        help=f"class images of {CLASS_PROMPT!r} the host generates for the prior (default: 8)")
+    parser.add_argument("--captions", choices=["off", "on", "both"], default="off",
+                        help="per-photo captions naming each photo's background ('a photo of sks leaf on soil') "
+                             "instead of the one identifier prompt: off, on, or both as separate rows")
     parser.add_argument("--steps", type=int, default=120, help="training steps")
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -273,6 +477,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads here and in each training process (default: %(default)s; 1 where other "
                              "jobs share the cores: two threads on two busy cores ran 20x slower than one)")
+    parser.add_argument("--memory-all", action="store_true",
+                        help="track training memory on every run (default: the first subject's first seed per row; "
+                             "the peak depends on shapes, not on data, and tracking triples training time)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="no training: one table from the quality.json of several runs with the same settings "
+                             "over other subjects (e.g. two processes, --subjects 0 1 2 and 3 4 5), into --out")
     parser.add_argument("--quick", action="store_true", help="1 seed, few steps: a smoke run")
     parser.add_argument("--no-patch-sampling", action="store_true",
                         help="every method trains on whole images at 32 px: block skipping alone")
@@ -282,10 +492,15 @@ def main() -> int:
         parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     if any(not 0 <= i < len(SUBJECTS) for i in args.subjects or ()):
         parser.error(f"--subjects takes indices 0 to {len(SUBJECTS) - 1}, got {args.subjects}")
+    if any(w < 0 for w in args.prior_weights):
+        parser.error("--prior-weights must be >= 0")
+    assert all(is_held_out({**x, "background": "soil"}) for x in SUBJECTS), "a subject is not held out"
     if args.quick:
         args.seeds, args.steps, args.samples, args.images, args.sample_steps = 1, 10, [8], 2, 4
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        return merge(args.merge, out)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
@@ -301,7 +516,7 @@ def main() -> int:
     encoder, classifier = EfficientNetLite0(), load_classifier()
     backgrounds = list(ATTRIBUTES["background"])
     print("profiling the base model ...", flush=True)
-    profile = masking_profile(base, encoder, [caption(s) for s in SUBJECTS] + ["a green oval leaf on soil"],
+    profile = masking_profile(base, encoder, [caption(s) for s in SUBJECTS[:2]] + ["a green oval leaf on soil"],
                               [0], steps=8, size=32, progress=False)
     methods = {k: v for k, v in METHODS.items() if (k in args.methods if args.methods else k not in QUANT)}
     if args.no_patch_sampling:
@@ -309,92 +524,81 @@ def main() -> int:
                    for k, (kind, ratio, _, residuals) in methods.items() if k != "patch sampling only"}
     lora_name = "LoRA (full model, 32 px)"
     storages = [(d, n) for d in args.feature_dtypes for n in args.samples]
-    variants = {}  # row name: (method name, feature dtype, cached draws)
-    for name, method in methods.items():
-        for feature_dtype, samples in storages[:1] if name == lora_name else storages:
-            row = name if len(storages) == 1 or name == lora_name else f"{name} ({feature_dtype}, {samples} draws)"
-            variants[row] = (name, feature_dtype, samples)
+    recipes = [(w, c) for c in ({"off": [False], "on": [True], "both": [False, True]}[args.captions])
+               for w in args.prior_weights]
+    variants = {}  # row name: (method name, feature dtype, cached draws, prior weight, captions)
+    for weight, captioned in recipes:
+        suffix = (f", prior {weight:g}" if weight else "") + (", captions" if captioned else "")
+        for name, method in methods.items():
+            if weight and args.prior_methods is not None and name not in args.prior_methods:
+                continue
+            for feature_dtype, samples in storages[:1] if name == lora_name else storages:
+                row = name if len(storages) == 1 or name == lora_name else f"{name} ({feature_dtype}, {samples} draws)"
+                variants[row + suffix] = (name, feature_dtype, samples, weight, captioned)
     scores: dict[str, list[dict]] = {"base model (no adapter)": [], **{row: [] for row in variants}}
     grid_rows: dict[str, torch.Tensor] = {}
+    context_grids: dict[str, torch.Tensor] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for s, subject in chosen.items():
             photo_dir = Path(tmp) / f"subject{s}"
             photo_dir.mkdir()
-            photos = []
+            photos, captions = [], {}
             for i in range(args.photos):
                 attrs = {**subject, "background": backgrounds[i % len(backgrounds)]}
                 photos.append(photo_dir / f"{i}.png")
                 render(attrs, seed=100 * s + i, size=32).save(photos[-1])
+                captions[photos[-1].name] = f"{IDENTIFIER} on {attrs['background']}"
             result = evaluate(fresh_base, None, subject, photos, encoder, classifier, backgrounds, args)
+            result.update(subject=s)
             scores["base model (no adapter)"].append(result)
             grid_rows.setdefault("subject photos", torch.cat([_to_tensor(Image.open(p)) for p in photos]))
             grid_rows.setdefault("base model (no adapter)", result["images"])
-            for name, (method, feature_dtype, samples) in variants.items():
+            context_grids.setdefault("base model (no adapter)", result["context_images"])
+            for name, (method, feature_dtype, samples, weight, captioned) in variants.items():
                 kind, ratio, (s_min, s_max, schedule_name), use_residuals = methods[method]
                 plan = skip_plan(kind, ratio, base.family.num_blocks, profile)
                 schedule = PatchSchedule(s_min=s_min, s_max=s_max, granularity=base.granularity,
                                          schedule=schedule_name)
                 for seed in range(args.first_seed, args.first_seed + args.seeds):
                     work = Path(tmp) / f"s{s}-{abs(hash(name))}-{seed}"
+                    track = args.memory_all or (s == min(chosen) and seed == args.first_seed)
                     trained = train_adapter(base, plan, schedule, photos, work, seed, args, use_residuals,
-                                            feature_dtype, samples, QUANT.get(method, "none"))
+                                            feature_dtype, samples, QUANT.get(method, "none"), weight,
+                                            captions if captioned else None, track)
                     result = evaluate(fresh_base, trained["adapter"], subject, photos, encoder, classifier,
                                       backgrounds, args)
                     result.update(memory=trained["peak_tensor_bytes"], kept=trained["kept"], plan=plan.skipped,
                                   estimate=trained["estimate"], feature_dtype=feature_dtype, samples=samples,
-                                  subject=s, seed=seed)
+                                  subject=s, seed=seed, prior_weight=weight, captions=captioned)
                     scores[name].append(result)
                     if seed == args.first_seed and name not in grid_rows:  # the first subject run
                         grid_rows[name] = result["images"]
-                    print(f"{name:34s} subject {s} seed {seed}: fidelity {result['fidelity']:.3f} "
-                          f"attributes {result['attributes']:.2f} context {result['context']:.2f} "
-                          f"memory {result['memory'] / 2**20:.0f} MiB  [{time.perf_counter() - started:.0f}s]",
-                          flush=True)
-    base_fidelity = statistics.mean(r["fidelity"] for r in scores["base model (no adapter)"])
-    lora_memory = statistics.mean(r["memory"] for r in scores[lora_name]) if scores.get(lora_name) else None
-    lora_gain = (statistics.mean(r["fidelity"] for r in scores[lora_name]) - base_fidelity) if lora_memory else None
-    lora_estimate = statistics.mean(r["estimate"] for r in scores[lora_name]) if lora_memory else None
-    lora_fidelity = statistics.mean(r["fidelity"] for r in scores[lora_name]) if lora_memory else None
-    lines = [f"Model: {args.model or 'the built-in crop model (models/weights/crop-flux)'}, "
-             f"{base.family.num_blocks} blocks. Subjects: {', '.join(caption(s) for s in chosen.values())} (held out of pretraining); "
-             f"{args.photos} photos each; {args.seeds} training seeds "
-             f"({args.first_seed}-{args.first_seed + args.seeds - 1}); {args.steps} steps x {args.grad_accum}; "
-             f"features {', '.join(args.feature_dtypes)}, {', '.join(map(str, args.samples))} cached draws; "
-             f"{args.images} images per prompt x {1 + len(backgrounds)} prompts for fidelity and attributes, "
-             f"x {len(backgrounds)} context prompts. Fidelity gain vs LoRA: (method - base) / (LoRA - base); "
-             "fidelity vs LoRA: method / LoRA (the paper's measure).", "",
-             "| method | skipped | kept blocks | subject fidelity (EffNet cos) | fidelity gain vs LoRA | "
-             "fidelity vs LoRA | attribute acc. | context acc. | peak train MiB (tensors) | vs LoRA | planned MiB | "
-             "vs LoRA |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    table = {}
-    for name, rows in scores.items():
-        if not rows:
-            continue
-        fidelity = statistics.mean(r["fidelity"] for r in rows)
-        gain = (fidelity - base_fidelity) / lora_gain if lora_gain else float("nan")
-        memory = statistics.mean(r["memory"] for r in rows) if "memory" in rows[0] else None
-        kept = rows[0].get("kept", base.family.num_blocks)
-        estimate = statistics.mean(r["estimate"] for r in rows) if "estimate" in rows[0] else None
-        ratio = fidelity / lora_fidelity if lora_fidelity else float("nan")
-        skipped = ", ".join(f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in rows[0].get("plan", ())) or "-"
-        lines.append(f"| {name} | {skipped} | {kept} | {summarize(rows, 'fidelity')} | {gain:.2f} | {ratio:.2f} | "
-                     f"{summarize(rows, 'attributes')} | {summarize(rows, 'context')} | "
-                     f"{memory / 2**20 if memory else 0:.1f} | {memory / lora_memory if memory and lora_memory else 0:.2f} | "
-                     f"{estimate / 2**20 if estimate else 0:.1f} | "
-                     f"{estimate / lora_estimate if estimate and lora_estimate else 0:.2f} |")
-        table[name] = {"fidelity": fidelity, "gain_vs_lora": gain, "fidelity_vs_lora": ratio, "memory": memory,
-                       "estimate": estimate,
-                       "rows": [{k: v for k, v in r.items() if k != "images"} for r in rows]}
-    if len(storages) > 1 and lora_gain:
-        lines += storage_table(variants, scores, storages[0], base_fidelity, lora_gain)
+                        context_grids[name] = result["context_images"]
+                    memory = f"memory {result['memory'] / 2**20:.1f} MiB  " if result["memory"] else ""
+                    print(f"{name:40s} subject {s} seed {seed}: fidelity {result['fidelity']:.3f} "
+                          f"attributes {result['attributes']:.2f} recontext {result['recontext']:.2f} "
+                          f"property {result['property']:.2f} diversity {result['diversity']:.3f} "
+                          f"{memory}[{time.perf_counter() - started:.0f}s]", flush=True)
+            # what is done so far, after every subject: a run stopped later still leaves its rows
+            done = [i for i in chosen if i <= s]
+            _, partial = report(scores, variants, args, [SUBJECTS[i] for i in done], base.family.num_blocks, storages)
+            (out / "quality.partial.json").write_text(json.dumps(
+                {"args": vars(args), "table": partial, "variants": variants, "subjects": done, "storages": storages,
+                 "num_blocks": base.family.num_blocks}, indent=2, default=str))
+    lines, table = report(scores, variants, args, [SUBJECTS[i] for i in chosen], base.family.num_blocks, storages)
     text = "\n".join(lines)
     (out / "quality.md").write_text(text + "\n")
-    (out / "quality.json").write_text(json.dumps({"args": vars(args), "profile": profile, "table": table},
+    (out / "quality.json").write_text(json.dumps({"args": vars(args), "profile": profile, "table": table,
+                                                  "variants": variants, "subjects": sorted(chosen),
+                                                  "storages": storages, "num_blocks": base.family.num_blocks},
                                                  indent=2, default=str))
     _grid(grid_rows, out / "quality.png")
+    contexts = context_prompts(next(iter(chosen.values())), backgrounds)
+    _grid(context_grids, out / "quality-context.png", per_row=len(contexts) * args.images,
+          headers=[f"{a['colour']}, {a['pattern']}, {a['background']}" for _, a in contexts])
     print(text)
-    print(f"grid: {out / 'quality.png'}  ({time.perf_counter() - started:.0f} s)")
+    print(f"grids: {out / 'quality.png'}, {out / 'quality-context.png'} (context prompts of the first subject, "
+          f"first seed: {'; '.join(p for p, _ in contexts)})  ({time.perf_counter() - started:.0f} s)")
     return 0
 
 
