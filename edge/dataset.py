@@ -44,8 +44,9 @@ from typing import Callable
 from blockskip.bundle import TrustPolicy
 from blockskip.edge.dataset_spec import DatasetSpec, load_spec
 from blockskip.edge.generate import GenerateConfig, Sampler, StepProgress, _Stopped, save_png
-from blockskip.edge.lora import CONFIG_FILE
+from blockskip.edge.lora import CONFIG_FILE, adapter_file
 from blockskip.errors import ConfigError, InputError
+from blockskip.files import sha256_file
 
 logger = logging.getLogger(__name__)
 METADATA = "metadata.jsonl"
@@ -74,6 +75,11 @@ def _append(path: Path, row: dict) -> None:
         handle.write(json.dumps(row, sort_keys=True) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def adapter_sha256(adapter: str | None) -> str | None:
+    """The adapter file's full sha256 (the PNG text keeps generate's short form)."""
+    return sha256_file(adapter_file(adapter)) if adapter else None
 
 
 def adapter_plan(adapter: str | None) -> dict | None:
@@ -132,7 +138,7 @@ def generate_dataset(spec: DatasetSpec, config: GenerateConfig, on_event: Callab
             path.parent.mkdir(parents=True, exist_ok=True)
             row = {"file_name": item["file_name"], "label": item["label"], "prompt": item["prompt"],
                    "seed": item["seed"], "variables": item["variables"], "model": config.model,
-                   "adapter_sha256": sampler.adapter_id, "plan": adapter_plan(adapter), "backend": backend,
+                   "adapter_sha256": adapter_sha256(adapter), "plan": adapter_plan(adapter), "backend": backend,
                    "steps": config.steps,
                    "height": config.height, "width": config.width}
             save_png(image, path, {k: row[k] for k in ("prompt", "seed", "label", "adapter_sha256", "backend")})
