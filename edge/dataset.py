@@ -153,10 +153,11 @@ def generate_dataset(spec: DatasetSpec, config: GenerateConfig, on_event: Callab
     except _Stopped:
         stopped = True
         logger.info("dataset stopped after %d new image(s); run the same command again to resume", made)
+    final = _read_done(out)
     if not stopped:
-        _rewrite_metadata(out, items, _read_done(out))  # the spec's order
+        _rewrite_metadata(out, items, final)  # the spec's order
     counts = {}
-    for row in _read_done(out).values():
+    for row in final.values():
         counts[row["label"]] = counts.get(row["label"], 0) + 1
     return {"out": str(out), "images": len(items), "made": made, "kept": len(done), "stopped": stopped,
             "classes": counts, "seconds": time.perf_counter() - started,
@@ -168,7 +169,6 @@ def _rewrite_metadata(out: Path, items: list[dict], done: dict[str, dict]) -> No
     tmp = out / (METADATA + ".tmp")
     tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
     tmp.replace(out / METADATA)
-
 
 
 # ---- command line: `generate --dataset` (this module registers `generate`) ------------------------
